@@ -1,0 +1,39 @@
+"""The protocol's error types and the error codes carried on the wire."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    """Stable error codes, in gRPC's vocabulary, that a peer may act on."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    PERMISSION_DENIED = "permission_denied"
+    FAILED_PRECONDITION = "failed_precondition"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    UNAVAILABLE = "unavailable"
+    UNIMPLEMENTED = "unimplemented"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    """Base of every error the protocol layer raises.
+
+    After a ProtocolError the connection object is broken: every later call
+    raises again. `code` is what to tell the peer, if anything.
+    """
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.INVALID_ARGUMENT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes or messages that break the protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol does not allow."""
