@@ -1,0 +1,361 @@
+"""The async corral client: one mutual-TLS connection carrying many requests.
+
+    async with connect("127.0.0.1:7443", "var/pki/clients/admin") as client:
+        info = await client.info()
+        print(info.identity.name, info.cgroup)
+
+Theory of operation. `connect` opens the socket, runs the TLS handshake,
+sends hello and waits for the welcome: only a welcome means authenticated.
+With TLS 1.3 a server that refuses our certificate does so after our side
+of the handshake has finished, so the refusal (an error frame, a TLS alert
+or a bare EOF) arrives here, and each becomes one clear error. Then a reader
+task routes every reply to the request that waits for it, by id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import corral
+from corral.address import Address, AddressError, TCPAddress, parse_address
+from corral.client.errors import (
+    AuthenticationError,
+    ConfigError,
+    ConnectError,
+    CorralError,
+    ServerError,
+    TLSError,
+)
+from corral.protocol import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Cancel,
+    Connection,
+    Error,
+    ErrorCode,
+    Hello,
+    Message,
+    ProtocolError,
+    Request,
+    Result,
+    Role,
+    Signal,
+    Welcome,
+)
+from corral.streams import CLOSE_TIMEOUT, close_stream
+from corral.tls import Identity, TLSConfigError, client_context
+
+# Long enough for a loaded server on a slow link; short enough that a
+# script pointed at the wrong port does not hang.
+CONNECT_TIMEOUT = 10.0
+RECEIVE_SIZE = 64 * 1024
+# The name the dev server certificate always carries, used for unix sockets.
+UNIX_SERVER_NAME = "localhost"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What `info` reports: the server, who we are to it, and its counts."""
+
+    version: str
+    identity: Identity
+    cgroup: str
+    connections: int
+    jobs: int
+    raw: dict[str, Any] = field(compare=False, repr=False)
+
+    @classmethod
+    def from_value(cls, value: dict[str, Any]) -> ServerInfo:
+        try:
+            identity = value["identity"]
+            return cls(
+                version=str(value["version"]),
+                identity=Identity(name=str(identity["name"]), role=str(identity["role"])),
+                cgroup=str(value["cgroup"]),
+                connections=int(value["connections"]),
+                jobs=int(value["jobs"]),
+                raw=value,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TLSError(f"corrald sent an info reply of the wrong shape: {exc!r}") from None
+
+
+@dataclass(slots=True)
+class _Pending:
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: Message | CorralError | None = None
+    abandoned: bool = False
+
+
+def _os_reason(exc: OSError) -> str:
+    """The first human reason in an OSError, or in the group behind it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror[0].lower() + seen.strerror[1:]
+        if isinstance(seen, BaseExceptionGroup) and seen.exceptions:
+            seen = seen.exceptions[0]
+        else:
+            seen = seen.__cause__
+    return str(exc)
+
+
+def _alert_text(exc: ssl.SSLError) -> str:
+    """'TLSV1_ALERT_UNKNOWN_CA' -> 'unknown ca'."""
+    reason = (exc.reason or str(exc)).lower()
+    for prefix in ("tlsv13_alert_", "tlsv1_alert_", "sslv3_alert_"):
+        if reason.startswith(prefix):
+            return reason.removeprefix(prefix).replace("_", " ")
+    return reason.replace("_", " ")
+
+
+def _is_alert(exc: BaseException | None) -> bool:
+    return isinstance(exc, ssl.SSLError) and "alert" in (exc.reason or "").lower()
+
+
+async def _open_transport(address: Address, timeout: float) -> trio.SocketStream:
+    try:
+        with trio.fail_after(timeout):
+            if isinstance(address, TCPAddress):
+                return await trio.open_tcp_stream(address.host, address.port)
+            return await trio.open_unix_socket(address.path)
+    except trio.TooSlowError:
+        raise ConnectError(f"cannot connect to {address}: timed out after {timeout:g} s") from None
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {address}: {_os_reason(exc)}") from None
+
+
+class Client:
+    """A live, authenticated connection to corrald. Use `connect()` to get one."""
+
+    def __init__(
+        self,
+        tls: trio.SSLStream[trio.SocketStream],
+        conn: Connection,
+        address: Address,
+        welcome: Welcome,
+    ) -> None:
+        self.address = address
+        self.identity = Identity(name=welcome.name, role=welcome.role)
+        self.server = welcome.server
+        self._tls = tls
+        self._conn = conn
+        self._ids = count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._send_lock = trio.Lock()
+        self._closed: CorralError | None = None
+
+    # -- operations ----------------------------------------------------------
+
+    async def info(self) -> ServerInfo:
+        """The server's version and cgroup flavour, and who we are to it."""
+        return ServerInfo.from_value(await self.call("info"))
+
+    async def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run one request and return its result value.
+
+        Raises ServerError if corrald answers with an error, ConnectError if
+        the connection is lost. If the caller is cancelled, corrald is told
+        to cancel the request too.
+        """
+        if self._closed is not None:
+            raise self._closed
+        request_id = next(self._ids)
+        pending = _Pending()
+        self._pending[request_id] = pending
+        try:
+            await self._send(Request(id=request_id, op=op, args=args or {}))
+            await pending.done.wait()
+        except BaseException:
+            if not pending.done.is_set():
+                pending.abandoned = True
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(CLOSE_TIMEOUT),
+                    contextlib.suppress(CorralError),
+                ):
+                    await self._send(Cancel(id=request_id))
+            raise
+        reply = pending.reply
+        if isinstance(reply, CorralError):
+            raise reply
+        if isinstance(reply, Error):
+            raise ServerError(reply.code, reply.message)
+        if isinstance(reply, Result):
+            return reply.value
+        raise TLSError(f"unexpected reply to {op!r}: {type(reply).__name__}")
+
+    # -- plumbing ------------------------------------------------------------
+
+    async def _send(self, message: Message) -> None:
+        async with self._send_lock:
+            if self._closed is not None:
+                raise self._closed
+            try:
+                await self._tls.send_all(self._conn.send(message))
+            except ProtocolError as exc:
+                raise TLSError(f"cannot send to {self.address}: {exc}") from exc
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise self._close(ConnectError(f"connection to {self.address} lost")) from None
+
+    def _close(self, reason: CorralError) -> CorralError:
+        """Fail every waiting request with `reason`; later calls raise it too."""
+        if self._closed is None:
+            self._closed = reason
+        for request_id, pending in list(self._pending.items()):
+            pending.reply = self._closed
+            pending.done.set()
+            del self._pending[request_id]
+        return self._closed
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                event = self._conn.next_event()
+            except ProtocolError as exc:
+                self._close(TLSError(f"corrald at {self.address} broke the protocol: {exc}"))
+                return
+            if event is NEED_DATA:
+                try:
+                    data = await self._tls.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                self._conn.receive_data(bytes(data))
+                continue
+            if isinstance(event, Signal):  # PEER_CLOSED
+                self._close(ConnectError(f"corrald at {self.address} closed the connection"))
+                return
+            if isinstance(event, Error) and event.id is None:
+                self._close(ServerError(event.code, f"corrald: {event.message}"))
+                return
+            request_id = getattr(event, "id", None)
+            pending = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
+            if pending is not None:
+                pending.reply = event
+                pending.done.set()
+
+
+async def _handshake(
+    tls: trio.SSLStream[trio.SocketStream], address: Address, timeout: float
+) -> tuple[Connection, Welcome]:
+    """TLS handshake, hello, welcome: return the open protocol connection."""
+    conn = Connection(Role.CLIENT)
+    try:
+        with trio.fail_after(timeout):
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, ssl.SSLCertVerificationError):
+                    raise TLSError(
+                        f"cannot verify the server at {address}: {cause.verify_message}"
+                    ) from None
+                if _is_alert(cause):
+                    raise TLSError(
+                        f"TLS handshake with {address} failed: the server sent "
+                        f"'{_alert_text(cause)}'"  # type: ignore[arg-type]
+                    ) from None
+                detail = f": {cause}" if cause else ""
+                raise TLSError(f"TLS handshake with {address} failed{detail}") from None
+            agent = f"corral/{corral.__version__}"
+            try:
+                await tls.send_all(conn.send(Hello(version=PROTOCOL_VERSION, agent=agent)))
+            except trio.BrokenResourceError as exc:
+                raise _refusal(address, exc.__cause__) from None
+            while True:
+                try:
+                    event = conn.next_event()
+                except ProtocolError as exc:
+                    if exc.code is ErrorCode.FAILED_PRECONDITION:
+                        raise TLSError(f"corrald at {address}: {exc}") from None
+                    raise TLSError(f"corrald at {address} broke the protocol: {exc}") from None
+                if event is NEED_DATA:
+                    try:
+                        data = await tls.receive_some(RECEIVE_SIZE)
+                    except trio.BrokenResourceError as exc:
+                        raise _refusal(address, exc.__cause__) from None
+                    conn.receive_data(bytes(data))
+                elif isinstance(event, Welcome):
+                    return conn, event
+                elif isinstance(event, Error):
+                    raise _server_refusal(address, event)
+                else:  # PEER_CLOSED
+                    raise _refusal(address, None)
+    except trio.TooSlowError:
+        raise TLSError(
+            f"corrald at {address} did not finish the handshake in {timeout:g} s"
+        ) from None
+
+
+def _server_refusal(address: Address, error: Error) -> CorralError:
+    if error.code is ErrorCode.PERMISSION_DENIED:
+        return AuthenticationError(f"corrald at {address} refused our certificate: {error.message}")
+    if error.code is ErrorCode.FAILED_PRECONDITION:
+        return TLSError(f"corrald at {address}: {error.message}")
+    return ServerError(error.code, f"corrald at {address}: {error.message}")
+
+
+def _refusal(address: Address, cause: BaseException | None) -> CorralError:
+    """A server that ends the connection before the welcome has refused us."""
+    if isinstance(cause, ssl.SSLError) and _is_alert(cause):
+        return AuthenticationError(
+            f"corrald at {address} rejected our client certificate: {_alert_text(cause)}"
+        )
+    return AuthenticationError(
+        f"corrald at {address} closed the connection before accepting us; "
+        "is our certificate signed by its CA, and still valid?"
+    )
+
+
+@asynccontextmanager
+async def connect(
+    address: str | Address,
+    identity: str | os.PathLike[str],
+    *,
+    server_name: str | None = None,
+    timeout: float = CONNECT_TIMEOUT,
+) -> AsyncIterator[Client]:
+    """Connect and authenticate to corrald; close the connection on exit.
+
+    `identity` is a directory with ca.crt, client.crt and client.key.
+    `server_name` is the name to verify in the server's certificate
+    (default: the host of a TCP address, "localhost" for a unix socket).
+    Raises ConfigError, ConnectError, TLSError or AuthenticationError.
+    """
+    if isinstance(address, str):
+        try:
+            address = parse_address(address)
+        except AddressError as exc:
+            raise ConfigError(str(exc)) from None
+    try:
+        context = client_context(Path(identity))
+    except TLSConfigError as exc:
+        raise ConfigError(f"identity {os.fspath(identity)}: {exc}") from None
+    if server_name is None:
+        server_name = address.host if isinstance(address, TCPAddress) else UNIX_SERVER_NAME
+    transport = await _open_transport(address, timeout)
+    tls = trio.SSLStream(transport, context, server_hostname=server_name)
+    try:
+        conn, welcome = await _handshake(tls, address, timeout)
+        client = Client(tls, conn, address, welcome)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._read_loop)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        await close_stream(tls)
+
+
+__all__ = ["Client", "ServerInfo", "connect"]

@@ -1,0 +1,273 @@
+"""corrald's network side: listeners, TLS handshakes, sessions, shutdown.
+
+Theory of operation. Every accepted socket gets its own task. The task runs
+the TLS handshake under a deadline (a silent peer cannot hold a slot), then
+reads the identity from the verified client certificate. A peer with no
+acceptable identity, or one beyond the connection cap, gets one
+connection-level error frame saying why and is closed; everyone else gets a
+`Session`. A handshake the TLS layer itself refuses (unknown CA, expired,
+wrong key usage, TLS 1.2) has its alert flushed to the peer, so the client
+hears "unknown ca" rather than a bare EOF.
+
+Shutdown: stop accepting, tell every session goodbye (`unavailable`), give
+them `shutdown_grace` seconds to flush, then cancel what is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import corral
+from corral.address import Address
+from corral.protocol import Connection, Error, ErrorCode, Role
+from corral.shim.cgroup import Flavour, detect_flavour
+from corral.streams import CLOSE_TIMEOUT, GONE, close_stream
+from corral.supervisor.listeners import listener_address, open_listener, remove_unix_sockets
+from corral.supervisor.session import Handler, RequestContext, Session
+from corral.tls import Identity, IdentityError, identity_from_certificate
+
+log = logging.getLogger(__name__)
+
+# A slow client on a bad link still finishes a TLS 1.3 handshake in well
+# under a second; 10 s only ever catches peers that are not trying.
+HANDSHAKE_TIMEOUT = 10.0
+# Each session costs two tasks and a few KiB; 1024 stays far below the
+# default 1024-per-1024 fd limit corrald raises at start.
+MAX_CONNECTIONS = 1024
+# Enough for a shell with many background follows; bounds one peer's tasks.
+MAX_REQUESTS_PER_CONNECTION = 64
+# Over-cap peers still get a handshake and a clear refusal, up to this many
+# at once; beyond it they are closed at accept.
+MAX_REFUSING = 64
+# Time to flush goodbyes at shutdown before connections are cut.
+SHUTDOWN_GRACE = 5.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    state_dir: Path
+    pki_dir: Path
+    listen: Sequence[Address]
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    max_requests_per_connection: int = MAX_REQUESTS_PER_CONNECTION
+    shutdown_grace: float = SHUTDOWN_GRACE
+    mountinfo: Path = field(default=Path("/proc/self/mountinfo"))
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        name = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(name, tuple):
+        return f"{name[0]}:{name[1]}"
+    return "unix"
+
+
+async def _flush_alert(tls: trio.SSLStream[trio.SocketStream]) -> None:
+    """Send the TLS alert a failed server handshake left unsent.
+
+    trio marks the stream broken without sending what OpenSSL queued (the
+    alert saying why), so the client would see only EOF. The queued bytes
+    sit in trio's outgoing BIO; this reaches into it, and does nothing if a
+    later trio changes that.
+    """
+    outgoing = getattr(tls, "_outgoing", None)
+    if not isinstance(outgoing, ssl.MemoryBIO):
+        return
+    data = outgoing.read()
+    if data:
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            with contextlib.suppress(*GONE):
+                await tls.transport_stream.send_all(data)
+
+
+class Server:
+    """Serves corral sessions on a set of listeners until cancelled or shut down."""
+
+    def __init__(self, config: ServerConfig, ssl_context: ssl.SSLContext) -> None:
+        self.config = config
+        self._ssl_context = ssl_context
+        self.cgroup: Flavour = detect_flavour(config.mountinfo)
+        self._sessions: set[Session] = set()
+        self._connecting = 0  # in the TLS handshake, or being refused
+        self._accepted = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._accept_scope = trio.CancelScope()
+        self._shutting_down = False
+        self.addresses: list[Address] = []
+        self._operations: dict[str, Handler] = {"info": self._info}
+
+    # -- observation ---------------------------------------------------------
+
+    def statistics(self) -> dict[str, int]:
+        """Counts of connections, for `info` and tests."""
+        return {
+            "sessions": len(self._sessions),
+            "connecting": self._connecting,
+            "accepted": self._accepted,
+        }
+
+    def _live(self) -> int:
+        return len(self._sessions) + self._connecting
+
+    async def wait_idle(self) -> None:
+        """Return once no connection is open or being set up."""
+        await self._idle.wait()
+
+    # -- operations ----------------------------------------------------------
+
+    async def _info(self, context: RequestContext) -> dict[str, Any]:
+        jobs_dir = self.config.state_dir / "jobs"
+        jobs = sum(1 for _ in jobs_dir.iterdir()) if jobs_dir.is_dir() else 0
+        return {
+            "version": corral.__version__,
+            "identity": {"name": context.identity.name, "role": context.identity.role},
+            "cgroup": str(self.cgroup),
+            "connections": len(self._sessions),
+            "jobs": jobs,
+        }
+
+    # -- serving -------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on every configured address and serve until cancelled or shutdown().
+
+        Reports the bound addresses (real ports for port 0) once listening.
+        Raises ListenError if an address cannot be listened on.
+        """
+        listeners: list[trio.SocketListener] = []
+        try:
+            for address in self.config.listen:
+                listeners.extend(await open_listener(address))
+        except BaseException:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            raise
+        self.addresses = [listener_address(listener) for listener in listeners]
+        try:
+            async with trio.open_nursery() as handlers:
+                with self._accept_scope:
+                    async with trio.open_nursery() as acceptors:
+                        await acceptors.start(
+                            partial(
+                                trio.serve_listeners,
+                                self._handle,
+                                listeners,
+                                handler_nursery=handlers,
+                            )
+                        )
+                        task_status.started(self.addresses)
+                # Accepting stopped: shutdown() was called.
+                with trio.move_on_after(self.config.shutdown_grace):
+                    await self.wait_idle()
+                handlers.cancel_scope.cancel()
+        finally:
+            remove_unix_sockets(self.addresses)
+
+    def shutdown(self, reason: str = "corrald is shutting down") -> None:
+        """Stop accepting and say goodbye to every session; `serve` then returns."""
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        log.info("shutting down: %d sessions", len(self._sessions))
+        self._accept_scope.cancel()
+        for session in list(self._sessions):
+            session.shutdown(reason)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        # One exception escaping here would end serve_listeners: each
+        # connection's failures stay with it.
+        peer = _peer_name(stream)
+        if self._shutting_down or self._live() >= self.config.max_connections + MAX_REFUSING:
+            await trio.aclose_forcefully(stream)
+            return
+        over_cap = self._live() >= self.config.max_connections
+        self._accepted += 1
+        self._connecting += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        tls = trio.SSLStream(stream, self._ssl_context, server_side=True)
+        session: Session | None = None
+        try:
+            identity = await self._handshake(tls, peer)
+            if identity is None:
+                return
+            if isinstance(identity, IdentityError) or over_cap:
+                await self._refuse(tls, peer, identity)
+                return
+            session = Session(
+                tls,
+                identity,
+                peer=f"{identity.name}@{peer}",
+                server_name=f"corrald {corral.__version__}",
+                operations=self._operations,
+                max_requests=self.config.max_requests_per_connection,
+                hello_timeout=self.config.handshake_timeout,
+            )
+            self._connecting -= 1
+            self._sessions.add(session)
+            if self._shutting_down:
+                session.shutdown("corrald is shutting down")
+            log.info("%s: session opened (%s)", session.peer, identity.role)
+            await session.run()
+        except Exception:
+            log.exception("%s: connection failed", peer)
+        finally:
+            if session is None:
+                self._connecting -= 1
+            else:
+                self._sessions.discard(session)
+                log.info("%s: session closed", session.peer)
+            await close_stream(tls)
+            if self._live() == 0:
+                self._idle.set()
+
+    async def _handshake(
+        self, tls: trio.SSLStream[trio.SocketStream], peer: str
+    ) -> Identity | IdentityError | None:
+        """The peer's identity (or why it has none); None if the handshake failed."""
+        timeout = self.config.handshake_timeout
+        with trio.move_on_after(timeout) as scope:
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                log.info("%s: TLS handshake failed: %s", peer, exc.__cause__ or exc)
+                await _flush_alert(tls)
+                return None
+        if scope.cancelled_caught:
+            log.info("%s: dropped: TLS handshake not done in %.0f s", peer, timeout)
+            return None
+        try:
+            return identity_from_certificate(tls.getpeercert(binary_form=True))
+        except IdentityError as exc:
+            return exc
+
+    async def _refuse(
+        self, tls: trio.SSLStream[trio.SocketStream], peer: str, why: Identity | IdentityError
+    ) -> None:
+        """Tell the peer in one error frame why it may not have a session."""
+        if isinstance(why, IdentityError):
+            code, message = ErrorCode.PERMISSION_DENIED, str(why)
+        else:
+            limit = self.config.max_connections
+            code = ErrorCode.RESOURCE_EXHAUSTED
+            message = f"corrald is serving its maximum of {limit} connections; try again later"
+        log.info("%s: refused: %s", peer, message)
+        frame = Connection(Role.SERVER).send(Error(id=None, code=code, message=message))
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            with contextlib.suppress(*GONE):
+                await tls.send_all(frame)

@@ -1,0 +1,272 @@
+"""One client connection: the protocol driven over a TLS stream.
+
+Theory of operation. A session has three kinds of task:
+
+- the reader (the session's own task) receives bytes, feeds the sans-IO
+  `Connection` and acts on each event. It never waits for the writer: what
+  it must say itself (welcome, refusals) goes out with `send_nowait`, and if
+  the outgoing queue is full the peer is not reading and is dropped.
+- one task per request runs the operation and sends its reply; it may wait
+  for room in the outgoing queue, which is how a peer that stops reading
+  slows only its own requests.
+- the writer drains the outgoing queue onto the stream.
+
+When the reader ends (EOF, protocol error, shutdown) the request tasks are
+cancelled, the queue is closed, the writer sends what is left (a goodbye
+error, say) and the TLS stream is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from corral.protocol import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Cancel,
+    Connection,
+    Credit,
+    Error,
+    ErrorCode,
+    Hello,
+    Message,
+    ProtocolError,
+    Request,
+    Result,
+    Role,
+    Signal,
+    Welcome,
+)
+from corral.tls import Identity
+
+log = logging.getLogger(__name__)
+
+# One TLS record's worth of plaintext: fewer wake-ups than small reads.
+RECEIVE_SIZE = 64 * 1024
+# Frames queued for the writer; small, so a peer that stops reading is
+# noticed quickly and costs little memory.
+OUTGOING_FRAMES = 32
+# The writer coalesces queued frames up to this many bytes per send.
+WRITE_BATCH = 256 * 1024
+
+
+class OperationError(Exception):
+    """An operation failed in a way the client should hear about."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _PeerNotReading(Exception):
+    """The outgoing queue is full while the reader needs to send."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What an operation handler knows about the request it serves."""
+
+    identity: Identity
+    request: Request
+    session: Session
+
+
+Handler = Callable[[RequestContext], Awaitable[dict[str, Any]]]
+
+
+class Session:
+    """Serves one authenticated client until it leaves or the server stops."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        identity: Identity,
+        *,
+        peer: str,
+        server_name: str,
+        operations: dict[str, Handler],
+        max_requests: int,
+        hello_timeout: float,
+    ) -> None:
+        self.identity = identity
+        self.peer = peer
+        self._stream = stream
+        self._server_name = server_name
+        self._operations = operations
+        self._max_requests = max_requests
+        self._hello_timeout = hello_timeout
+        self._conn = Connection(Role.SERVER)
+        self._send_channel, self._receive_channel = trio.open_memory_channel[bytes](OUTGOING_FRAMES)
+        self._room = trio.lowlevel.ParkingLot()
+        self._in_flight: dict[int, trio.CancelScope] = {}
+        self._reader_scope = trio.CancelScope()
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "requests_in_flight": len(self._in_flight),
+            "queued_frames": self._send_channel.statistics().current_buffer_used,
+        }
+
+    # -- sending -----------------------------------------------------------
+
+    def _send_nowait(self, message: Message) -> None:
+        """Queue `message` now; _PeerNotReading if the queue is full."""
+        if self._send_channel.statistics().current_buffer_used >= OUTGOING_FRAMES:
+            raise _PeerNotReading
+        self._send_channel.send_nowait(self._conn.send(message))
+
+    async def send(self, message: Message) -> None:
+        """Queue `message`, waiting while the peer is not reading fast enough."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._send_channel.statistics().current_buffer_used >= OUTGOING_FRAMES:
+            await self._room.park()
+        # No checkpoint between encoding and queueing: frames leave in the
+        # order the protocol state machine saw them.
+        self._send_channel.send_nowait(self._conn.send(message))
+
+    async def _write_loop(self) -> None:
+        async with self._receive_channel:
+            async for first in self._receive_channel:
+                batch = [first]
+                size = len(first)
+                while size < WRITE_BATCH:
+                    try:
+                        frame = self._receive_channel.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    batch.append(frame)
+                    size += len(frame)
+                self._room.unpark_all()
+                try:
+                    await self._stream.send_all(b"".join(batch))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._reader_scope.cancel()
+                    return
+
+    # -- the session -------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until the peer leaves, breaks the protocol, or `shutdown()`."""
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self._write_loop)
+            try:
+                with self._reader_scope:
+                    async with trio.open_nursery() as requests:
+                        await self._read_loop(requests)
+                        requests.cancel_scope.cancel()
+            except* _PeerNotReading:
+                log.info("%s: dropped: not reading its replies", self.peer)
+            finally:
+                self._send_channel.close()
+
+    def shutdown(self, message: str) -> None:
+        """Say goodbye with `message` and end the session (without waiting)."""
+        with contextlib.suppress(_PeerNotReading, ProtocolError, trio.ClosedResourceError):
+            self._send_nowait(Error(id=None, code=ErrorCode.UNAVAILABLE, message=message))
+        self._reader_scope.cancel()
+
+    async def _receive(self) -> bytes:
+        try:
+            return bytes(await self._stream.receive_some(RECEIVE_SIZE))
+        except trio.BrokenResourceError:
+            return b""
+
+    async def _read_loop(self, requests: trio.Nursery) -> None:
+        with trio.move_on_after(self._hello_timeout) as hello_scope:
+            welcomed = await self._read_events(requests, until_welcome=True)
+        if hello_scope.cancelled_caught:
+            log.info("%s: dropped: no hello within %.0f s", self.peer, self._hello_timeout)
+            return
+        if welcomed:
+            await self._read_events(requests, until_welcome=False)
+
+    async def _read_events(self, requests: trio.Nursery, *, until_welcome: bool) -> bool:
+        """Handle events until EOF or an error (False), or the welcome if asked (True)."""
+        while True:
+            try:
+                event = self._conn.next_event()
+            except ProtocolError as exc:
+                log.info("%s: protocol error: %s", self.peer, exc)
+                self._send_nowait(Error(id=None, code=exc.code, message=str(exc)))
+                return False
+            if event is NEED_DATA:
+                self._conn.receive_data(await self._receive())
+                continue
+            if isinstance(event, Signal):  # PEER_CLOSED
+                return False
+            if isinstance(event, Error):  # the client's goodbye
+                return False
+            self._dispatch(event, requests)
+            if until_welcome and isinstance(event, Hello):
+                return True
+
+    def _dispatch(self, event: Message, requests: trio.Nursery) -> None:
+        match event:
+            case Hello():
+                self._send_nowait(
+                    Welcome(
+                        version=PROTOCOL_VERSION,
+                        server=self._server_name,
+                        name=self.identity.name,
+                        role=self.identity.role,
+                    )
+                )
+            case Request(id=request_id, op=op):
+                handler = self._operations.get(op)
+                if handler is None:
+                    message = f"unknown operation {op!r}"
+                    self._send_nowait(
+                        Error(id=request_id, code=ErrorCode.UNIMPLEMENTED, message=message)
+                    )
+                elif len(self._in_flight) >= self._max_requests:
+                    limit = self._max_requests
+                    message = f"too many requests in flight on this connection (limit {limit})"
+                    self._send_nowait(
+                        Error(id=request_id, code=ErrorCode.RESOURCE_EXHAUSTED, message=message)
+                    )
+                else:
+                    scope = trio.CancelScope()
+                    self._in_flight[request_id] = scope
+                    context = RequestContext(identity=self.identity, request=event, session=self)
+                    requests.start_soon(self._serve_request, handler, context, scope)
+            case Cancel(id=request_id):
+                if request_scope := self._in_flight.get(request_id):
+                    request_scope.cancel()
+            case Credit():
+                pass  # the Connection keeps the count; streams read it
+            case _:
+                raise AssertionError(f"unexpected event {event!r}")  # Connection forbids it
+
+    async def _serve_request(
+        self, handler: Handler, context: RequestContext, scope: trio.CancelScope
+    ) -> None:
+        request_id = context.request.id
+        reply: Message
+        try:
+            with scope:
+                value = await handler(context)
+            if scope.cancelled_caught:
+                reply = Error(id=request_id, code=ErrorCode.CANCELLED, message="cancelled")
+            else:
+                reply = Result(id=request_id, value=value)
+        except OperationError as exc:
+            reply = Error(id=request_id, code=exc.code, message=str(exc))
+        except Exception:
+            log.exception("%s: request %d (%s) failed", self.peer, request_id, context.request.op)
+            reply = Error(
+                id=request_id,
+                code=ErrorCode.INTERNAL,
+                message=f"internal error in {context.request.op!r}; see corrald's log",
+            )
+        finally:
+            del self._in_flight[request_id]
+        try:
+            await self.send(reply)
+        except (ProtocolError, trio.ClosedResourceError):
+            log.debug("%s: reply to request %d dropped: connection closing", self.peer, request_id)

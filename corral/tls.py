@@ -1,0 +1,119 @@
+"""Mutual TLS for corral: the contexts both ends use and the identity in a certificate.
+
+TLS 1.3 only, on both sides. The server asks for a client certificate and
+verifies any it is given against the corral CA; a missing certificate is let
+through the handshake (CERT_OPTIONAL) only so that the session can answer
+with a clear `permission_denied` instead of a bare TLS failure. Identity
+comes from the verified certificate alone: name = CN, role = OU.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from corral.pki import ROLES, PKIError, validate_client_name
+
+
+class TLSConfigError(Exception):
+    """A certificate, key or CA file could not be loaded."""
+
+
+class IdentityError(Exception):
+    """A verified certificate does not name an acceptable corral identity."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a peer is: its certificate's CN and OU."""
+
+    name: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def _tls13_only(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    return context
+
+
+def _load(context: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> None:
+    for path in (ca, cert, key):
+        if not path.is_file():
+            raise TLSConfigError(f"missing TLS file {path}")
+    try:
+        context.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError(f"cannot load CA certificate {ca}: {exc}") from exc
+    try:
+        context.load_cert_chain(certfile=cert, keyfile=key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError(f"cannot load certificate {cert} with key {key}: {exc}") from exc
+
+
+def server_context(pki_dir: Path) -> ssl.SSLContext:
+    """The server's context from PKI_DIR/{ca.crt,server.crt,server.key}."""
+    context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    context.verify_mode = ssl.CERT_OPTIONAL
+    _load(context, pki_dir / "ca.crt", pki_dir / "server.crt", pki_dir / "server.key")
+    return context
+
+
+def client_context(identity_dir: Path) -> ssl.SSLContext:
+    """A client's context from IDENTITY_DIR/{ca.crt,client.crt,client.key}.
+
+    It verifies the server's certificate against that CA and checks the
+    host name (PROTOCOL_TLS_CLIENT's defaults).
+    """
+    context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    _load(
+        context, identity_dir / "ca.crt", identity_dir / "client.crt", identity_dir / "client.key"
+    )
+    return context
+
+
+def identity_from_certificate(der: bytes | None) -> Identity:
+    """Return the identity in a peer certificate the TLS layer has verified.
+
+    Raises IdentityError, with a sentence for the peer, when there is no
+    certificate, it lacks the clientAuth usage, or it does not hold exactly
+    one CN with a valid name and exactly one OU naming a known role.
+    """
+    if der is None:
+        raise IdentityError("a client certificate is required")
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is None or ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+        raise IdentityError("client certificate lacks the clientAuth extended key usage")
+    names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if len(names) != 1:
+        raise IdentityError(f"client certificate must have exactly one CN, not {len(names)}")
+    try:
+        name = validate_client_name(names[0])
+    except PKIError as exc:
+        raise IdentityError(f"client certificate CN is not a valid name: {exc}") from None
+    roles = [
+        str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    ]
+    known = ", ".join(ROLES)
+    if not roles:
+        raise IdentityError(f"client certificate has no role (OU); expected one of {known}")
+    if len(roles) > 1:
+        raise IdentityError(
+            f"client certificate names several roles ({', '.join(roles)}); expected one of {known}"
+        )
+    if roles[0] not in ROLES:
+        raise IdentityError(f"client certificate role {roles[0]!r} is unknown; expected {known}")
+    return Identity(name=name, role=roles[0])
