@@ -71,6 +71,6 @@ def parse_address(text: str) -> Address:
         raise AddressError(f"invalid address {text!r}: missing host")
     if not port_text:
         return TCPAddress(host, DEFAULT_PORT)
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise AddressError(f"invalid address {text!r}: port must be a number from 0 to 65535")
     return TCPAddress(host, int(port_text))

@@ -60,7 +60,7 @@ def open_pair() -> tuple[Connection, Connection]:
 
 
 def frame(value: Any) -> bytes:
-    body = msgpack.packb(value, use_bin_type=True)
+    body: bytes = msgpack.packb(value, use_bin_type=True)
     return struct.pack(">I", len(body)) + body
 
 
@@ -117,9 +117,7 @@ def test_cancel_and_late_credit_are_tolerated_by_the_server() -> None:
     deliver(server.send(Error(id=1, code=ErrorCode.CANCELLED, message="cancelled")), client)
     # The cancel crossed the final reply: the server ignores it.
     assert deliver(wire, server) == [Cancel(id=1)]
-    assert deliver(frame({"t": "credit", "id": 1, "amount": 9}), server) == [
-        Credit(id=1, amount=9)
-    ]
+    assert deliver(frame({"t": "credit", "id": 1, "amount": 9}), server) == [Credit(id=1, amount=9)]
     assert server.credit(1) == 0
 
 
@@ -247,13 +245,31 @@ msgpack_values = st.recursive(
     | st.floats(allow_nan=False)
     | st.text(max_size=20)
     | st.binary(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 tags = st.sampled_from(["hello", "welcome", "req", "res", "err", "data", "end", "credit", "cancel"])
-keys = st.sampled_from(["t", "id", "op", "args", "value", "code", "message", "data", "offset",
-                        "amount", "version", "server", "name", "role", "agent"])
+keys = st.sampled_from(
+    [
+        "t",
+        "id",
+        "op",
+        "args",
+        "value",
+        "code",
+        "message",
+        "data",
+        "offset",
+        "amount",
+        "version",
+        "server",
+        "name",
+        "role",
+        "agent",
+    ]
+)
 messages_of_wrong_shape = st.dictionaries(keys, msgpack_values | tags, max_size=6)
 
 

@@ -101,8 +101,11 @@ def _os_reason(exc: OSError) -> str:
     """The first human reason in an OSError, or in the group behind it."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror[0].lower() + seen.strerror[1:]
+        if isinstance(seen, OSError) and (seen.errno or seen.strerror):
+            # trio's strerror repeats the address; the errno says it plainly.
+            # (Name lookup errors have negative errnos and their own text.)
+            reason = os.strerror(seen.errno) if seen.errno and seen.errno > 0 else seen.strerror
+            return str(reason)[0].lower() + str(reason)[1:]
         if isinstance(seen, BaseExceptionGroup) and seen.exceptions:
             seen = seen.exceptions[0]
         else:
@@ -320,14 +323,15 @@ def _refusal(address: Address, cause: BaseException | None) -> CorralError:
 @asynccontextmanager
 async def connect(
     address: str | Address,
-    identity: str | os.PathLike[str],
+    identity: str | os.PathLike[str] | ssl.SSLContext,
     *,
     server_name: str | None = None,
     timeout: float = CONNECT_TIMEOUT,
 ) -> AsyncIterator[Client]:
     """Connect and authenticate to corrald; close the connection on exit.
 
-    `identity` is a directory with ca.crt, client.crt and client.key.
+    `identity` is a directory with ca.crt, client.crt and client.key, or
+    a client SSLContext built elsewhere (keys from a vault, say; tests).
     `server_name` is the name to verify in the server's certificate
     (default: the host of a TCP address, "localhost" for a unix socket).
     Raises ConfigError, ConnectError, TLSError or AuthenticationError.
@@ -337,10 +341,13 @@ async def connect(
             address = parse_address(address)
         except AddressError as exc:
             raise ConfigError(str(exc)) from None
-    try:
-        context = client_context(Path(identity))
-    except TLSConfigError as exc:
-        raise ConfigError(f"identity {os.fspath(identity)}: {exc}") from None
+    if isinstance(identity, ssl.SSLContext):
+        context = identity
+    else:
+        try:
+            context = client_context(Path(identity))
+        except TLSConfigError as exc:
+            raise ConfigError(f"identity {os.fspath(identity)}: {exc}") from None
     if server_name is None:
         server_name = address.host if isinstance(address, TCPAddress) else UNIX_SERVER_NAME
     transport = await _open_transport(address, timeout)

@@ -105,7 +105,7 @@ class Server:
         self._idle = trio.Event()
         self._idle.set()
         self._accept_scope = trio.CancelScope()
-        self._shutting_down = False
+        self.shutting_down = False
         self.addresses: list[Address] = []
         self._operations: dict[str, Handler] = {"info": self._info}
 
@@ -180,9 +180,9 @@ class Server:
 
     def shutdown(self, reason: str = "corrald is shutting down") -> None:
         """Stop accepting and say goodbye to every session; `serve` then returns."""
-        if self._shutting_down:
+        if self.shutting_down:
             return
-        self._shutting_down = True
+        self.shutting_down = True
         log.info("shutting down: %d sessions", len(self._sessions))
         self._accept_scope.cancel()
         for session in list(self._sessions):
@@ -192,7 +192,7 @@ class Server:
         # One exception escaping here would end serve_listeners: each
         # connection's failures stay with it.
         peer = _peer_name(stream)
-        if self._shutting_down or self._live() >= self.config.max_connections + MAX_REFUSING:
+        if self.shutting_down or self._live() >= self.config.max_connections + MAX_REFUSING:
             await trio.aclose_forcefully(stream)
             return
         over_cap = self._live() >= self.config.max_connections
@@ -220,7 +220,7 @@ class Server:
             )
             self._connecting -= 1
             self._sessions.add(session)
-            if self._shutting_down:
+            if self.shutting_down:
                 session.shutdown("corrald is shutting down")
             log.info("%s: session opened (%s)", session.peer, identity.role)
             await session.run()

@@ -43,6 +43,7 @@ from corral.protocol import (
     Signal,
     Welcome,
 )
+from corral.streams import CLOSE_TIMEOUT
 from corral.tls import Identity
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,9 @@ class Session:
                 log.info("%s: dropped: not reading its replies", self.peer)
             finally:
                 self._send_channel.close()
+                # The writer flushes what is queued (a goodbye), but a peer
+                # that does not read must not keep the session alive.
+                outer.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
 
     def shutdown(self, message: str) -> None:
         """Say goodbye with `message` and end the session (without waiting)."""
@@ -181,7 +185,12 @@ class Session:
         with trio.move_on_after(self._hello_timeout) as hello_scope:
             welcomed = await self._read_events(requests, until_welcome=True)
         if hello_scope.cancelled_caught:
-            log.info("%s: dropped: no hello within %.0f s", self.peer, self._hello_timeout)
+            message = f"no hello within {self._hello_timeout:g} s; closing"
+            log.info("%s: dropped: %s", self.peer, message)
+            with contextlib.suppress(_PeerNotReading, ProtocolError):
+                self._send_nowait(
+                    Error(id=None, code=ErrorCode.FAILED_PRECONDITION, message=message)
+                )
             return
         if welcomed:
             await self._read_events(requests, until_welcome=False)
@@ -264,9 +273,14 @@ class Session:
                 code=ErrorCode.INTERNAL,
                 message=f"internal error in {context.request.op!r}; see corrald's log",
             )
-        finally:
+        except BaseException:
             del self._in_flight[request_id]
+            raise
+        # The request counts against the cap until its reply is queued, so
+        # a peer that does not read cannot pile up finished requests.
         try:
             await self.send(reply)
         except (ProtocolError, trio.ClosedResourceError):
             log.debug("%s: reply to request %d dropped: connection closing", self.peer, request_id)
+        finally:
+            del self._in_flight[request_id]

@@ -1,0 +1,260 @@
+"""`corral`: the command-line client.
+
+Every command is a small async function taking the parsed arguments and an
+output; errors are `CorralError`s, turned into one line on stderr and the
+exit status their class names (see `corral.client.errors` and the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+import corral
+from corral import pki
+from corral.client.client import CONNECT_TIMEOUT, ServerInfo, connect
+from corral.client.errors import (
+    EXIT_CONFIG,
+    EXIT_NOPERM,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    ConfigError,
+    CorralError,
+)
+
+DEFAULT_ADDR = "127.0.0.1:7443"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+
+EPILOG = f"""\
+environment:
+  CORRAL_ADDR       address of corrald when --addr is not given (default {DEFAULT_ADDR})
+  CORRAL_IDENTITY   identity directory when --identity is not given
+
+exit statuses:
+  0    success
+  1    corrald answered with an error
+  {EXIT_USAGE}    the command line is wrong
+  {EXIT_UNAVAILABLE}   corrald cannot be reached, or the connection was lost
+  76   TLS failed: the server could not be verified, or protocol versions differ
+  {EXIT_NOPERM}   corrald refused our certificate, or the operation
+  {EXIT_CONFIG}   a local setting is wrong: address, identity directory, PKI files
+  130  interrupted
+
+examples:
+  export CORRAL_ADDR=127.0.0.1:7443 CORRAL_IDENTITY=var/pki/clients/admin
+  corral info
+  corral --addr unix:var/corrald.sock --json info
+  corral certs init /etc/corral/pki --server-name corral.example.com
+  corral certs issue --pki /etc/corral/pki carol --role user
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors look like ours: `corral: error: ...`, status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"corral: error: {message}\n")
+
+
+def _connection_options() -> _Parser:
+    """Options every talking command accepts, before or after its name."""
+    parent = _Parser(add_help=False)
+    group = parent.add_argument_group("connection")
+    # SUPPRESS keeps a subcommand's unset option from hiding the global one.
+    group.add_argument(
+        "--addr",
+        default=argparse.SUPPRESS,
+        metavar="ADDR",
+        help="corrald's address: HOST:PORT, [IPV6]:PORT or unix:PATH",
+    )
+    group.add_argument(
+        "--identity",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="directory with ca.crt, client.crt and client.key",
+    )
+    group.add_argument(
+        "--server-name",
+        default=argparse.SUPPRESS,
+        metavar="NAME",
+        help="name to verify in corrald's certificate (default: the address's host)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help=f"give up connecting after this long (default {CONNECT_TIMEOUT:g})",
+    )
+    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    connection = _connection_options()
+    parser = _Parser(
+        prog="corral",
+        description="Run and watch isolated jobs on a corrald host, over mutual TLS.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[connection],
+    )
+    parser.add_argument("--version", action="version", version=f"corral {corral.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    info = commands.add_parser(
+        "info",
+        parents=[connection],
+        help="show corrald's version, who you are to it, and its counts",
+        description="Show corrald's version, your identity as it sees you, "
+        "the cgroup flavour it runs jobs with, and its counts.",
+        epilog="example:\n  corral --addr 127.0.0.1:7443 --identity var/pki/clients/admin info",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    info.set_defaults(run=cmd_info)
+
+    certs = commands.add_parser(
+        "certs",
+        help="create a development PKI and client identities",
+        description="Create a CA, corrald's certificate and client identities.",
+    )
+    certs_commands = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
+    init = certs_commands.add_parser(
+        "init",
+        help="create a CA, a server certificate and the admin, alice and bob identities",
+        description="Create DIR/ca.{crt,key}, DIR/server.{crt,key} and client identities "
+        "DIR/clients/{admin,alice,bob}. The server certificate names localhost, "
+        "127.0.0.1, ::1 and every --server-name.",
+        epilog="example:\n  corral certs init /etc/corral/pki --server-name corral.example.com",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    init.add_argument("directory", type=Path, metavar="DIR")
+    init.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        dest="server_names",
+        help="another DNS name or IP address for the server certificate (repeatable)",
+    )
+    init.add_argument("--force", action="store_true", help="replace existing keys and certificates")
+    init.set_defaults(run=cmd_certs_init)
+
+    issue = certs_commands.add_parser(
+        "issue",
+        help="issue another client identity",
+        description="Issue a client identity DIR/clients/NAME signed by the CA in DIR.",
+        epilog="example:\n  corral certs issue --pki /etc/corral/pki carol --role user",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    issue.add_argument("--pki", type=Path, required=True, metavar="DIR", help="the PKI directory")
+    issue.add_argument("name", metavar="NAME", help="the client's name (its certificate's CN)")
+    issue.add_argument("--role", required=True, choices=pki.ROLES, help="the client's role")
+    issue.add_argument("--force", action="store_true", help="replace an existing identity")
+    issue.set_defaults(run=cmd_certs_issue)
+    return parser
+
+
+# -- connection settings -------------------------------------------------------
+
+
+def _setting(args: argparse.Namespace, name: str, env: str) -> str | None:
+    value: str | None = getattr(args, name, None)
+    if value is None:
+        value = os.environ.get(env) or None
+    return value
+
+
+def _connect_args(args: argparse.Namespace) -> dict[str, Any]:
+    identity = _setting(args, "identity", "CORRAL_IDENTITY")
+    if identity is None:
+        raise ConfigError("no identity: pass --identity DIR or set CORRAL_IDENTITY")
+    return {
+        "address": _setting(args, "addr", "CORRAL_ADDR") or DEFAULT_ADDR,
+        "identity": identity,
+        "server_name": getattr(args, "server_name", None),
+        "timeout": getattr(args, "timeout", CONNECT_TIMEOUT),
+    }
+
+
+def _print_json(value: Any, out: TextIO) -> None:
+    json.dump(value, out, indent=2, sort_keys=True)
+    out.write("\n")
+
+
+# -- commands ------------------------------------------------------------------
+
+
+async def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
+    async with connect(**_connect_args(args)) as client:
+        info: ServerInfo = await client.info()
+    if getattr(args, "json", False):
+        _print_json(info.raw, out)
+        return 0
+    rows = [
+        ("server", f"corrald {info.version} at {client.address}"),
+        ("you", f"{info.identity.name} ({info.identity.role})"),
+        ("cgroup", info.cgroup),
+        ("connections", str(info.connections)),
+        ("jobs", str(info.jobs)),
+    ]
+    width = max(len(label) for label, _ in rows) + 1
+    for label, value in rows:
+        out.write(f"{label + ':':<{width}} {value}\n")
+    return 0
+
+
+async def cmd_certs_init(args: argparse.Namespace, out: TextIO) -> int:
+    directory: Path = args.directory
+    try:
+        pki.init_pki(directory, args.server_names, force=args.force)
+    except pki.PKIError as exc:
+        raise ConfigError(str(exc)) from None
+    out.write(f"wrote a CA, a server certificate and clients {_default_clients()} in {directory}\n")
+    return 0
+
+
+async def cmd_certs_issue(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        path = pki.issue_client(args.pki, args.name, args.role, force=args.force)
+    except pki.PKIError as exc:
+        raise ConfigError(str(exc)) from None
+    out.write(f"wrote identity {args.name} ({args.role}) in {path}\n")
+    return 0
+
+
+def _default_clients() -> str:
+    return ", ".join(name for name, _ in pki.DEFAULT_CLIENTS)
+
+
+# -- entry point ---------------------------------------------------------------
+
+
+def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run one command line; return the exit status. Errors go to stderr."""
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = trio.run(args.run, args, out or sys.stdout)
+    except CorralError as exc:
+        sys.stderr.write(f"corral: error: {exc}\n")
+        return int(exc.exit_status)
+    except KeyboardInterrupt:
+        sys.stderr.write("corral: interrupted\n")
+        return EXIT_INTERRUPTED
+    return status
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

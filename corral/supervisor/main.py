@@ -1,0 +1,300 @@
+"""`corrald`: the daemon's entry point.
+
+Everything that must happen before trio starts happens in `main()`, in
+order: parse flags, prepare the state directory, load (or, with
+`--init-pki`, create) the PKI, raise the open-file limit. Then one trio run
+serves until SIGINT or SIGTERM: the first signal shuts down gracefully
+(stop accepting, say goodbye to every session), a second one cuts it short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import shutil
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+import corral
+from corral import pki
+from corral.address import Address, AddressError, TCPAddress, UnixAddress, parse_address
+from corral.supervisor.listeners import ListenError
+from corral.supervisor.server import (
+    HANDSHAKE_TIMEOUT,
+    MAX_CONNECTIONS,
+    MAX_REQUESTS_PER_CONNECTION,
+    Server,
+    ServerConfig,
+)
+from corral.tls import TLSConfigError, server_context
+
+log = logging.getLogger("corrald")
+
+DEFAULT_STATE_DIR = Path("/var/lib/corral")
+DEFAULT_TCP = "127.0.0.1:7443"
+SOCKET_NAME = "corrald.sock"
+
+EXIT_CONFIG = 78  # sysexits EX_CONFIG: flags, state directory or PKI unusable
+EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: cannot listen
+
+EPILOG = f"""\
+With no --listen, corrald listens on {DEFAULT_TCP} and on unix:STATE/{SOCKET_NAME}.
+
+examples:
+  corrald --state-dir var --init-pki
+  corrald --state-dir /var/lib/corral --pki /etc/corral/pki \\
+          --listen 0.0.0.0:7443 --listen unix:/run/corrald.sock
+"""
+
+
+class StartupError(Exception):
+    """corrald cannot start; `str()` says why, `status` is the exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_CONFIG) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _positive(kind: type[int] | type[float]) -> type:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse  # type: ignore[return-value]
+
+
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corrald",
+        description="The corral daemon: runs isolated, limited jobs for clients over mutual TLS.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"corrald {corral.__version__}")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"where jobs live (default {DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument(
+        "--pki",
+        type=Path,
+        metavar="DIR",
+        help="directory with ca.crt, server.crt and server.key (default STATE/pki)",
+    )
+    parser.add_argument(
+        "--init-pki",
+        action="store_true",
+        help="create a development PKI in the --pki directory if it has none",
+    )
+    parser.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        dest="server_names",
+        help="extra name for the server certificate --init-pki creates (repeatable)",
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        type=_address,
+        metavar="ADDR",
+        help="HOST:PORT, [IPV6]:PORT or unix:PATH to listen on (repeatable)",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=_positive(float),
+        default=HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="drop peers that have not finished TLS and hello by then "
+        f"(default {HANDSHAKE_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help=f"connections served at once; more are refused (default {MAX_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--max-requests",
+        type=_positive(int),
+        default=MAX_REQUESTS_PER_CONNECTION,
+        metavar="N",
+        help=f"requests in flight per connection (default {MAX_REQUESTS_PER_CONNECTION})",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much to log to stderr (default info)",
+    )
+    return parser
+
+
+def _prepare_state_dir(state_dir: Path) -> Path:
+    """Create the state directory and its jobs/ (0700); return it absolute."""
+    state_dir = state_dir.absolute()
+    try:
+        for directory in (state_dir, state_dir / "jobs"):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not directory.is_dir():
+                raise StartupError(f"state directory {directory} is not a directory")
+    except OSError as exc:
+        raise StartupError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
+    return state_dir
+
+
+def _prepare_pki(pki_dir: Path, *, create: bool, server_names: Sequence[str]) -> None:
+    if create and not (pki_dir / pki.CA_CERT_FILE).exists():
+        try:
+            pki.init_pki(pki_dir, server_names)
+        except pki.PKIError as exc:
+            raise StartupError(f"cannot create a PKI in {pki_dir}: {exc}") from None
+        log.info("created a development PKI in %s", pki_dir)
+    elif not (pki_dir / pki.CA_CERT_FILE).exists():
+        raise StartupError(
+            f"no PKI in {pki_dir}: run `corral certs init {pki_dir}`, "
+            "or start corrald with --init-pki"
+        )
+
+
+def _raise_fd_limit() -> None:
+    """Every connection is an fd: take the hard limit as our soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+
+
+def _path_setting() -> str:
+    """`PATH=...:$PATH ` if the `corral` next to us is not the one on PATH."""
+    bin_dir = Path(sys.executable).parent
+    ours = bin_dir / "corral"
+    if not ours.exists() or shutil.which("corral") == str(ours):
+        return ""
+    return f"PATH={bin_dir}:$PATH "
+
+
+def banner(server: Server, pki_dir: Path) -> str:
+    """What a person starting corrald by hand wants to read."""
+    listening = ", ".join(str(a) for a in server.addresses)
+    lines = [
+        f"corrald {corral.__version__} listening on {listening}",
+        f"state {server.config.state_dir}, PKI {pki_dir}, cgroup {server.cgroup}",
+    ]
+    admin = pki_dir / pki.CLIENTS_DIR / "admin"
+    tcp = [a for a in server.addresses if isinstance(a, TCPAddress)]
+    unix = [a for a in server.addresses if isinstance(a, UnixAddress)]
+    address = tcp[0] if tcp else (unix[0] if unix else None)
+    if admin.is_dir() and address is not None:
+        lines += [
+            "to talk to it as the admin, paste this in another terminal:",
+            f"  export {_path_setting()}CORRAL_ADDR={address} CORRAL_IDENTITY={admin}",
+        ]
+    return "\n".join(lines)
+
+
+async def serve(server: Server, pki_dir: Path) -> str | None:
+    """Serve until a signal: the first SIGINT/SIGTERM shuts down, a second cancels.
+
+    Returns why corrald could not listen, or None after a clean stop.
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(_serve_then_stop, server, nursery.cancel_scope)
+            except ListenError as exc:
+                return str(exc)
+            print(banner(server, pki_dir), flush=True)
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if server.shutting_down:
+                    log.warning("%s again: stopping now", name)
+                    nursery.cancel_scope.cancel()
+                    break
+                log.info("%s: shutting down", name)
+                server.shutdown()
+    return None
+
+
+async def _serve_then_stop(
+    server: Server,
+    done: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await server.serve(task_status=task_status)
+    done.cancel()
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s corrald %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        state_dir = _prepare_state_dir(args.state_dir)
+        pki_dir = (args.pki or state_dir / "pki").absolute()
+        _prepare_pki(pki_dir, create=args.init_pki, server_names=args.server_names)
+        try:
+            context = server_context(pki_dir)
+        except TLSConfigError as exc:
+            raise StartupError(str(exc)) from None
+        listen = args.listen or [
+            parse_address(DEFAULT_TCP),
+            UnixAddress(str(state_dir / SOCKET_NAME)),
+        ]
+        _raise_fd_limit()
+        config = ServerConfig(
+            state_dir=state_dir,
+            pki_dir=pki_dir,
+            listen=listen,
+            handshake_timeout=args.handshake_timeout,
+            max_connections=args.max_connections,
+            max_requests_per_connection=args.max_requests,
+        )
+        server = Server(config, context)
+        failure = trio.run(serve, server, pki_dir)
+    except StartupError as exc:
+        sys.stderr.write(f"corrald: error: {exc}\n")
+        return exc.status
+    if failure is not None:
+        sys.stderr.write(f"corrald: error: {failure}\n")
+        return EXIT_UNAVAILABLE
+    log.info("stopped")
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The `corral` and `corrald` commands, run as a person runs them: as processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from corral import pki
+from corral.client import cli
+
+from .conftest import Daemon, identity, start_corrald
+
+CORRAL = [sys.executable, "-m", "corral.client.cli"]
+
+
+def corral(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    environment.update(env or {})
+    return subprocess.run(
+        [*CORRAL, *args], capture_output=True, text=True, env=environment, timeout=60, check=False
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+# -- corral info -----------------------------------------------------------------
+
+
+def test_info_from_the_environment(corrald: Daemon, pki_dir: Path) -> None:
+    env = {"CORRAL_ADDR": corrald.tcp, "CORRAL_IDENTITY": str(identity(pki_dir, "admin"))}
+    result = corral("info", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert lines["you"].strip() == "admin (admin)"
+    assert lines["cgroup"].strip() in {"v1", "v2"}
+    assert corrald.tcp in lines["server"]
+
+
+def test_json_info_over_the_unix_socket_flags_beat_environment(
+    corrald: Daemon, pki_dir: Path
+) -> None:
+    env = {"CORRAL_ADDR": "127.0.0.1:1", "CORRAL_IDENTITY": str(identity(pki_dir, "admin"))}
+    result = corral(
+        "--addr",
+        corrald.unix,
+        "info",
+        "--json",
+        "--identity",
+        str(identity(pki_dir, "alice")),
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["identity"] == {"name": "alice", "role": "user"}
+    assert info["cgroup"] in {"v1", "v2"}
+    assert info["version"]
+    assert result.stderr == ""
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_connection_refused(pki_dir: Path) -> None:
+    port = free_port()
+    result = corral(
+        "--addr", f"127.0.0.1:{port}", "--identity", str(identity(pki_dir, "bob")), "info"
+    )
+    assert result.returncode == 69
+    assert (
+        error_line(result)
+        == f"corral: error: cannot connect to 127.0.0.1:{port}: connection refused"
+    )
+
+
+def test_certificate_from_another_ca(corrald: Daemon, pki_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    pki.init_pki(other)
+    # Trust the real server, present a client certificate it cannot verify.
+    stranger = other / pki.CLIENTS_DIR / "admin"
+    (stranger / pki.CA_CERT_FILE).write_bytes((pki_dir / pki.CA_CERT_FILE).read_bytes())
+    result = corral("--addr", corrald.tcp, "--identity", str(stranger), "info")
+    assert result.returncode == 77
+    assert "rejected our client certificate: unknown ca" in error_line(result)
+
+
+def test_server_from_another_ca(corrald: Daemon, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    pki.init_pki(other)
+    result = corral("--addr", corrald.tcp, "--identity", str(other / "clients" / "admin"), "info")
+    assert result.returncode == 76
+    assert f"cannot verify the server at {corrald.tcp}" in error_line(result)
+
+
+def test_wrong_server_name(corrald: Daemon, pki_dir: Path) -> None:
+    result = corral(
+        "--addr", corrald.tcp, "--identity", str(identity(pki_dir, "admin")),
+        "--server-name", "elsewhere.example", "info",
+    )  # fmt: skip
+    assert result.returncode == 76
+    assert "mismatch" in error_line(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["info"], 78, "no identity: pass --identity DIR or set CORRAL_IDENTITY"),
+        (["--identity", "/nonexistent", "info"], 78, "missing TLS file /nonexistent/ca.crt"),
+        (["--addr", "localhost:http", "--identity", "x", "info"], 78, "port must be a number"),
+        ([], 2, "the following arguments are required: COMMAND"),
+        (["launch"], 2, "invalid choice: 'launch'"),
+    ],
+)
+def test_bad_settings(args: list[str], status: int, message: str) -> None:
+    result = corral(*args)
+    assert result.returncode == status
+    assert message in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("corral: error: ")
+
+
+def test_help_documents_exit_statuses_and_examples() -> None:
+    result = corral("--help")
+    assert result.returncode == 0
+    for text in ("exit statuses", "69", "77", "CORRAL_IDENTITY", "corral info"):
+        assert text in result.stdout
+
+
+# -- corral certs ------------------------------------------------------------------
+
+
+def test_certs_init_and_issue(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = tmp_path / "pki"
+    assert cli.run(["certs", "init", str(directory), "--server-name", "corral.example"]) == 0
+    for name in ("admin", "alice", "bob"):
+        key = directory / "clients" / name / "client.key"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert cli.run(["certs", "issue", "--pki", str(directory), "carol", "--role", "user"]) == 0
+    assert (directory / "clients" / "carol" / "client.crt").is_file()
+    assert "carol (user)" in capsys.readouterr().out
+
+    # Keys are never overwritten silently.
+    key = directory / "ca.key"
+    before = key.read_bytes()
+    assert cli.run(["certs", "init", str(directory)]) == 78
+    assert "--force" in capsys.readouterr().err
+    assert key.read_bytes() == before
+    assert cli.run(["certs", "issue", "--pki", str(directory), "carol", "--role", "user"]) == 78
+    assert cli.run(["certs", "init", str(directory), "--force"]) == 0
+    assert key.read_bytes() != before
+
+
+def test_certs_issue_refuses_an_unknown_role(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.run(["certs", "issue", "--pki", str(tmp_path), "carol", "--role", "root"])
+    assert caught.value.code == 2
+    assert not (tmp_path / "clients").exists()
+
+
+# -- corrald -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_corrald_stops_cleanly_on_a_signal(corrald: Daemon, signum: int) -> None:
+    corrald.process.send_signal(signum)
+    _, stderr = corrald.process.communicate(timeout=30)
+    assert corrald.process.returncode == 0, stderr
+    assert "shutting down" in stderr
+    assert not Path(corrald.unix.removeprefix("unix:")).exists()
+
+
+def test_corrald_creates_a_dev_pki_and_its_paste_line_works(short_dir: Path) -> None:
+    state = short_dir / "var"
+    process = start_corrald("--state-dir", str(state), "--init-pki", "--listen", "127.0.0.1:0")
+    try:
+        assert process.stdout is not None
+        banner = [process.stdout.readline() for _ in range(4)]
+        paste = banner[3].strip()
+        # What a person does in a second terminal: paste, then ask.
+        shell = subprocess.run(
+            ["bash", "-c", f"{paste} && corral info"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(short_dir)},
+        )
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert shell.returncode == 0, (banner, shell.stderr)
+    assert "admin (admin)" in shell.stdout
+    admin = state / "pki" / "clients" / "admin"
+    assert admin.is_dir()
+    assert paste.startswith("export ")
+    assert paste.endswith(f"CORRAL_IDENTITY={admin}")
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+def test_corrald_without_a_pki_says_what_to_do(short_dir: Path) -> None:
+    process = start_corrald("--state-dir", str(short_dir), "--listen", "127.0.0.1:0")
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 78
+    assert f"no PKI in {short_dir}/pki: run `corral certs init" in stderr
+
+
+def test_corrald_refuses_an_address_in_use(corrald: Daemon, pki_dir: Path, short_dir: Path) -> None:
+    process = start_corrald("--state-dir", str(short_dir / "second"), "--pki", str(pki_dir),
+                            "--listen", corrald.tcp)  # fmt: skip
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 69
+    assert f"cannot listen on {corrald.tcp}" in stderr
+    # The first one is unharmed.
+    result = corral("--addr", corrald.tcp, "--identity", str(identity(pki_dir, "bob")), "info")
+    assert result.returncode == 0, result.stderr

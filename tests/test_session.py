@@ -1,0 +1,181 @@
+"""One session driven over an in-memory stream, with handlers made for the test.
+
+No TLS here: the session only sees a byte stream, and in-memory streams let
+the tests hold a handler open or stop reading exactly when they want.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from corral.protocol import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Cancel,
+    Connection,
+    Error,
+    ErrorCode,
+    Hello,
+    Message,
+    Request,
+    Result,
+    Role,
+    Welcome,
+)
+from corral.supervisor.session import OUTGOING_FRAMES, Handler, RequestContext, Session
+from corral.tls import Identity
+
+
+class Peer:
+    """The client end: a Connection over the other half of the stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = Connection(Role.CLIENT)
+
+    async def send(self, message: Message) -> None:
+        await self.stream.send_all(self.conn.send(message))
+
+    async def receive(self) -> Message | None:
+        """The next message, or None once the session has closed."""
+        while True:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                self.conn.receive_data(bytes(await self.stream.receive_some(65536)))
+            elif isinstance(event, Message):
+                return event
+            else:
+                return None
+
+
+@asynccontextmanager
+async def session(
+    operations: dict[str, Handler], *, max_requests: int = 4
+) -> AsyncIterator[tuple[Peer, Session]]:
+    server_end, client_end = trio.testing.memory_stream_pair()
+    serving = Session(
+        server_end,
+        Identity(name="alice", role="user"),
+        peer="alice@test",
+        server_name="corrald test",
+        operations=operations,
+        max_requests=max_requests,
+        hello_timeout=10,
+    )
+    peer = Peer(client_end)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serving.run)
+        await peer.send(Hello(version=PROTOCOL_VERSION, agent="test"))
+        welcome = await peer.receive()
+        assert isinstance(welcome, Welcome)
+        assert (welcome.name, welcome.role) == ("alice", "user")
+        yield peer, serving
+        nursery.cancel_scope.cancel()
+
+
+async def echo(context: RequestContext) -> dict[str, Any]:
+    return {"args": context.request.args}
+
+
+async def test_replies_echo_request_ids() -> None:
+    async with session({"echo": echo}) as (peer, _):
+        for request_id in (7, 3, 2**64 - 1):
+            await peer.send(Request(id=request_id, op="echo", args={"n": request_id}))
+            assert await peer.receive() == Result(id=request_id, value={"args": {"n": request_id}})
+
+
+async def test_requests_over_the_cap_are_resource_exhausted() -> None:
+    release = trio.Event()
+
+    async def block(context: RequestContext) -> dict[str, Any]:
+        await release.wait()
+        return {}
+
+    async with session({"block": block}, max_requests=2) as (peer, serving):
+        for request_id in (1, 2, 3):
+            await peer.send(Request(id=request_id, op="block", args={}))
+        refused = await peer.receive()
+        assert isinstance(refused, Error)
+        assert (refused.id, refused.code) == (3, ErrorCode.RESOURCE_EXHAUSTED)
+        assert "limit 2" in refused.message
+        assert serving.statistics()["requests_in_flight"] == 2
+        release.set()
+        replies = [await peer.receive(), await peer.receive()]
+        assert sorted(replies, key=repr) == [Result(id=1, value={}), Result(id=2, value={})]
+
+
+async def test_cancel_ends_a_request_with_cancelled() -> None:
+    started = trio.Event()
+
+    async def forever(context: RequestContext) -> dict[str, Any]:
+        started.set()
+        await trio.sleep_forever()
+        raise AssertionError("not reached")
+
+    async with session({"forever": forever, "echo": echo}) as (peer, serving):
+        await peer.send(Request(id=1, op="forever", args={}))
+        await started.wait()
+        await peer.send(Cancel(id=1))
+        reply = await peer.receive()
+        assert isinstance(reply, Error)
+        assert (reply.id, reply.code) == (1, ErrorCode.CANCELLED)
+        assert serving.statistics()["requests_in_flight"] == 0
+
+
+async def test_a_failing_handler_is_internal_and_the_session_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken(context: RequestContext) -> dict[str, Any]:
+        raise ZeroDivisionError("oops")
+
+    async with session({"broken": broken, "echo": echo}) as (peer, _):
+        await peer.send(Request(id=1, op="broken", args={}))
+        reply = await peer.receive()
+        assert isinstance(reply, Error)
+        assert (reply.id, reply.code) == (1, ErrorCode.INTERNAL)
+        assert "oops" not in reply.message  # internals stay in the log
+        await peer.send(Request(id=2, op="echo", args={}))
+        assert await peer.receive() == Result(id=2, value={"args": {}})
+    assert "ZeroDivisionError" in caplog.text
+
+
+async def test_a_peer_that_stops_reading_is_dropped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def chatty(context: RequestContext) -> dict[str, Any]:
+        return {"padding": b"x" * 4096}
+
+    # A lockstep stream holds no bytes: a peer that does not read blocks
+    # the session's writer at once, as a full TCP window would.
+    server_end, client_end = trio.testing.lockstep_stream_pair()
+    serving = Session(
+        server_end,
+        Identity(name="alice", role="user"),
+        peer="alice@test",
+        server_name="corrald test",
+        operations={"chatty": chatty},
+        max_requests=4,
+        hello_timeout=10,
+    )
+    peer = Peer(client_end)
+
+    async def flood() -> None:
+        await peer.send(Hello(version=PROTOCOL_VERSION, agent="test"))
+        assert isinstance(await peer.receive(), Welcome)
+        # Far more requests than the outgoing queue holds, never reading:
+        # the queue fills with replies and refusals, and the session drops us.
+        for request_id in range(1, OUTGOING_FRAMES * 4):
+            await peer.send(Request(id=request_id, op="chatty", args={}))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            await serving.run()
+            assert serving.statistics()["requests_in_flight"] == 0
+            nursery.cancel_scope.cancel()

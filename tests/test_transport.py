@@ -1,0 +1,424 @@
+"""corrald over real sockets and real TLS: who gets in, who is refused, and why."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from corral import pki
+from corral.address import Address, TCPAddress, UnixAddress
+from corral.client.client import connect
+from corral.client.errors import AuthenticationError, ConnectError, ServerError, TLSError
+from corral.protocol import Error, ErrorCode, Message
+from corral.protocol.codec import HEADER, decode_body
+from corral.protocol.messages import from_wire
+from corral.supervisor.server import Server
+from corral.tls import client_context
+
+from .conftest import identity, make_server
+
+
+def tcp(server: Server) -> TCPAddress:
+    return next(a for a in server.addresses if isinstance(a, TCPAddress))
+
+
+def unix(server: Server) -> UnixAddress:
+    return next(a for a in server.addresses if isinstance(a, UnixAddress))
+
+
+async def assert_serves(server: Server, pki_dir: Path, name: str = "alice") -> None:
+    """A good client still gets `info` from the server."""
+    async with connect(tcp(server), identity(pki_dir, name)) as client:
+        info = await client.info()
+    assert info.identity.name == name
+
+
+# -- who gets in -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", [tcp, unix])
+@pytest.mark.parametrize(("name", "role"), [("admin", "admin"), ("alice", "user")])
+async def test_info_over_tcp_and_unix(
+    server: Server,
+    pki_dir: Path,
+    transport: Callable[[Server], Address],
+    name: str,
+    role: str,
+) -> None:
+    async with connect(transport(server), identity(pki_dir, name)) as client:
+        assert (client.identity.name, client.identity.role) == (name, role)
+        info = await client.info()
+    assert info.identity.name == name
+    assert info.identity.role == role
+    assert info.version
+    assert info.cgroup in {"v1", "v2"}
+    assert info.connections == 1
+    assert info.jobs == 0
+
+
+async def test_many_requests_on_one_connection(server: Server, pki_dir: Path) -> None:
+    async with connect(tcp(server), identity(pki_dir, "bob")) as client:
+        results: list[str] = []
+
+        async def ask() -> None:
+            results.append((await client.info()).identity.name)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(ask)
+    assert results == ["bob"] * 50
+
+
+async def test_unknown_operation_is_unimplemented(server: Server, pki_dir: Path) -> None:
+    async with connect(tcp(server), identity(pki_dir, "alice")) as client:
+        with pytest.raises(ServerError, match="frobnicate") as caught:
+            await client.call("frobnicate")
+        assert caught.value.code is ErrorCode.UNIMPLEMENTED
+        assert (await client.info()).identity.name == "alice"
+
+
+# -- who is refused, and the server goes on serving -------------------------------
+
+NOW = datetime.now(UTC)
+
+
+def other_ca() -> tuple[object, object]:
+    return pki.make_ca()
+
+
+def write_client(
+    directory: Path,
+    pki_dir: Path,
+    *,
+    name: str = "mallory",
+    role: str | None = "admin",
+    extra_ous: tuple[str, ...] = (),
+    eku: tuple[object, ...] | None = (ExtendedKeyUsageOID.CLIENT_AUTH,),
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+    foreign_ca: bool = False,
+) -> Path:
+    """An identity directory holding a certificate with the given flaws."""
+    ca_key, ca_cert = pki.make_ca() if foreign_ca else pki.load_ca(pki_dir)
+    key, cert = pki.make_client_cert(
+        ca_key,
+        ca_cert,
+        name,
+        role,
+        extra_ous=extra_ous,
+        eku=eku,  # type: ignore[arg-type]
+        not_before=not_before,
+        not_after=not_after,
+    )
+    # The client trusts the real CA, so only the server's verdict is tested.
+    real_ca = pki.load_ca(pki_dir)[1]
+    pki.write_identity(directory, real_ca, key, cert)
+    return directory
+
+
+# Refused by the TLS layer: the server's alert reaches the client.
+TLS_REFUSALS = {
+    "other CA claiming admin": ({"foreign_ca": True}, "unknown ca"),
+    "expired": ({"not_after": NOW - timedelta(days=1)}, "certificate expired"),
+    "not yet valid": (
+        {"not_before": NOW + timedelta(days=1), "not_after": NOW + timedelta(days=30)},
+        "bad certificate",
+    ),
+    "serverAuth only": ({"eku": (ExtendedKeyUsageOID.SERVER_AUTH,)}, "unsupported certificate"),
+}
+
+# Verified, but no acceptable identity: corrald's own permission_denied.
+IDENTITY_REFUSALS = {
+    "no role": ({"role": None}, "no role"),
+    "unknown role": ({"role": "root"}, "role 'root' is unknown"),
+    "several roles": ({"role": "user", "extra_ous": ("admin",)}, "several roles"),
+    "no extended key usage": ({"eku": None}, "lacks the clientAuth"),
+}
+
+
+@pytest.mark.parametrize(("flaws", "alert"), TLS_REFUSALS.values(), ids=TLS_REFUSALS.keys())
+async def test_tls_layer_refuses_bad_certificates(
+    server: Server, pki_dir: Path, tmp_path: Path, flaws: dict[str, object], alert: str
+) -> None:
+    bad = write_client(tmp_path / "bad", pki_dir, **flaws)  # type: ignore[arg-type]
+    with pytest.raises(AuthenticationError) as caught:
+        async with connect(tcp(server), bad) as client:
+            await client.info()
+    assert f"rejected our client certificate: {alert}" in str(caught.value)
+    await assert_serves(server, pki_dir)
+
+
+@pytest.mark.parametrize(("flaws", "why"), IDENTITY_REFUSALS.values(), ids=IDENTITY_REFUSALS.keys())
+@pytest.mark.parametrize("transport", [tcp, unix])
+async def test_certificates_without_an_identity_are_refused(  # noqa: PLR0917 - fixtures
+    server: Server,
+    pki_dir: Path,
+    tmp_path: Path,
+    flaws: dict[str, object],
+    why: str,
+    transport: Callable[[Server], Address],
+) -> None:
+    bad = write_client(tmp_path / "bad", pki_dir, **flaws)  # type: ignore[arg-type]
+    with pytest.raises(AuthenticationError, match="refused our certificate") as caught:
+        async with connect(transport(server), bad) as client:
+            await client.info()
+    assert why in str(caught.value)
+    assert caught.value.exit_status == 77
+    await assert_serves(server, pki_dir)
+
+
+async def test_no_client_certificate_is_refused(server: Server, pki_dir: Path) -> None:
+    context = ssl.create_default_context(cafile=pki_dir / pki.CA_CERT_FILE)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    with pytest.raises(AuthenticationError, match="a client certificate is required"):
+        async with connect(tcp(server), context) as client:
+            await client.info()
+    await assert_serves(server, pki_dir)
+
+
+async def test_tls12_is_refused(server: Server, pki_dir: Path) -> None:
+    context = client_context(identity(pki_dir, "admin"))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(TLSError, match="protocol version"):
+        async with connect(tcp(server), context) as client:
+            await client.info()
+    await assert_serves(server, pki_dir)
+
+
+# -- the client checks the server ---------------------------------------------------
+
+
+async def test_client_refuses_a_server_from_another_ca(
+    nursery: trio.Nursery, pki_dir: Path, short_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    other = tmp_path_factory.mktemp("other-pki")
+    pki.init_pki(other)
+    impostor = make_server(other, short_dir)
+    await nursery.start(impostor.serve)
+    with pytest.raises(TLSError, match=r"cannot verify the server at .*certificate"):
+        async with connect(tcp(impostor), identity(pki_dir, "admin")):
+            pass
+    impostor.shutdown()
+
+
+async def test_client_refuses_a_server_with_another_name(server: Server, pki_dir: Path) -> None:
+    with pytest.raises(TLSError, match=r"cannot verify the server .*[Hh]ostname mismatch"):
+        async with connect(tcp(server), identity(pki_dir, "admin"), server_name="corral.example"):
+            pass
+
+
+async def test_connection_refused_is_one_clear_line(pki_dir: Path) -> None:
+    with trio.socket.socket() as probe:  # a port nobody listens on
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConnectError) as caught:
+        async with connect(f"127.0.0.1:{port}", identity(pki_dir, "admin")):
+            pass
+    assert str(caught.value) == f"cannot connect to 127.0.0.1:{port}: connection refused"
+    assert caught.value.exit_status == 69
+
+
+# -- slow and silent peers ---------------------------------------------------------
+
+
+async def test_silent_peer_is_dropped_at_the_handshake_timeout(
+    server: Server, pki_dir: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    timeout = server.config.handshake_timeout
+    silent = await trio.open_tcp_stream("127.0.0.1", tcp(server).port)
+    async with silent:
+        while server.statistics()["connecting"] == 0:
+            await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(timeout - 0.1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.statistics()["connecting"] == 1, "dropped before the timeout"
+        mock_clock.jump(0.2)
+        assert await silent.receive_some(1024) == b""
+    await server.wait_idle()
+    assert server.statistics()["connecting"] == 0
+
+
+async def test_peer_that_never_says_hello_is_dropped(
+    server: Server, pki_dir: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    context = client_context(identity(pki_dir, "alice"))
+    stream = await trio.open_tcp_stream("127.0.0.1", tcp(server).port)
+    tls = trio.SSLStream(stream, context, server_hostname="127.0.0.1")
+    async with tls:
+        await tls.do_handshake()
+        while server.statistics()["sessions"] == 0:
+            await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(server.config.handshake_timeout + 0.1)
+        received = b""
+        while chunk := await tls.receive_some(1024):
+            received += chunk
+    assert b"hello" in received  # the goodbye says what was missing
+    await server.wait_idle()
+
+
+async def test_connections_over_the_cap_are_refused_with_resource_exhausted(
+    nursery: trio.Nursery, pki_dir: Path, short_dir: Path
+) -> None:
+    capped = make_server(pki_dir, short_dir, max_connections=2)
+    await nursery.start(capped.serve)
+    async with (
+        connect(tcp(capped), identity(pki_dir, "alice")) as first,
+        connect(tcp(capped), identity(pki_dir, "bob")) as second,
+    ):
+        with pytest.raises(ServerError, match="maximum of 2 connections") as caught:
+            async with connect(tcp(capped), identity(pki_dir, "admin")):
+                pass
+        assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
+        assert (await first.info()).connections == 2
+        assert (await second.info()).identity.name == "bob"
+    await capped.wait_idle()
+    await assert_serves(capped, pki_dir)
+    capped.shutdown()
+
+
+async def test_shutdown_says_goodbye_to_sessions(server: Server, pki_dir: Path) -> None:
+    async with connect(tcp(server), identity(pki_dir, "alice")) as client:
+        await client.info()
+        server.shutdown()
+        await server.wait_idle()
+        with pytest.raises(ServerError, match="shutting down") as caught:
+            await client.info()
+        assert caught.value.code is ErrorCode.UNAVAILABLE
+        assert caught.value.exit_status == 69
+    await server.wait_idle()
+    with pytest.raises(ConnectError):
+        async with connect(tcp(server), identity(pki_dir, "alice")):
+            pass
+    assert not os.path.exists(unix(server).path)
+
+
+# -- load ---------------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def live_tasks() -> int:
+    def count(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(count(child) for n in task.child_nurseries for child in n.child_tasks)
+
+    return count(trio.lowlevel.current_root_task())  # type: ignore[arg-type]
+
+
+async def test_200_concurrent_clients_and_back_to_baseline(server: Server, pki_dir: Path) -> None:
+    await assert_serves(server, pki_dir)
+    await server.wait_idle()
+    await trio.testing.wait_all_tasks_blocked()
+    fds, tasks = open_fds(), live_tasks()
+
+    names: list[str] = []
+    everyone_connected = trio.Event()
+
+    async def client(name: str) -> None:
+        async with connect(tcp(server), identity(pki_dir, name)) as client:
+            names.append((await client.info()).identity.name)
+            if len(names) == 200:
+                everyone_connected.set()
+            await everyone_connected.wait()  # all 200 sessions open at once
+
+    async with trio.open_nursery() as nursery:
+        for i in range(200):
+            nursery.start_soon(client, ("admin", "alice", "bob")[i % 3])
+        await everyone_connected.wait()
+        assert server.statistics()["sessions"] == 200
+    assert len(names) == 200
+
+    await server.wait_idle()
+    await trio.testing.wait_all_tasks_blocked()
+    assert server.statistics()["sessions"] == 0
+    assert open_fds() == fds
+    assert live_tasks() == tasks
+
+
+# -- garbage ------------------------------------------------------------------------
+
+
+def decode_frames(data: bytes) -> list[Message]:
+    """The messages in `data`, which must be whole frames."""
+    messages = []
+    while data:
+        (size,) = HEADER.unpack_from(data)
+        messages.append(from_wire(decode_body(data[HEADER.size : HEADER.size + size])))
+        data = data[HEADER.size + size :]
+    return messages
+
+
+async def send_garbage(pki_dir: Path, directory: Path, garbage: bytes, over_tls: bool) -> bytes:
+    """Send `garbage` to a fresh server while good clients work; return its answer.
+
+    The server's hello timeout is short, so a garbage prefix that promises
+    more bytes ends with a timeout goodbye instead of a wait.
+    """
+    server = make_server(pki_dir, directory, handshake_timeout=0.25)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", tcp(server).port)
+        if over_tls:
+            context = client_context(identity(pki_dir, "bob"))
+            stream = trio.SSLStream(stream, context, server_hostname="127.0.0.1")
+        received = b""
+        with trio.fail_after(10):
+            async with stream, trio.open_nursery() as inner:
+                inner.start_soon(assert_serves, server, pki_dir)
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(garbage)
+                    while chunk := await stream.receive_some(65536):
+                        received += chunk
+            await assert_serves(server, pki_dir)
+        server.shutdown()
+    return received
+
+
+def framed(body: bytes) -> bytes:
+    return HEADER.pack(len(body)) + body
+
+
+wrong_shapes = st.dictionaries(
+    st.sampled_from(["t", "id", "op", "args", "version", "agent", "code", "amount"]),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    max_size=5,
+).map(lambda value: framed(msgpack.packb(value, use_bin_type=True)))
+garbage = st.one_of(
+    st.binary(min_size=1, max_size=256),
+    st.binary(max_size=256).map(framed),
+    wrong_shapes,
+    st.lists(wrong_shapes, min_size=2, max_size=4).map(b"".join),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(garbage=garbage, over_tls=st.booleans())
+def test_server_answers_garbage_with_an_error_or_a_close(
+    pki_dir: Path, garbage: bytes, over_tls: bool
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="corral-") as directory:
+        received = trio.run(send_garbage, pki_dir, Path(directory), garbage, over_tls)
+    if over_tls:
+        # Nothing, or one connection-level error: never a welcome or a reply.
+        messages = decode_frames(received)
+        assert len(messages) <= 1
+        assert all(isinstance(m, Error) and m.id is None for m in messages)
