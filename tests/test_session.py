@@ -54,13 +54,12 @@ class Peer:
                 return None
 
 
-@asynccontextmanager
-async def session(
-    operations: dict[str, Handler], *, max_requests: int = 4
-) -> AsyncIterator[tuple[Peer, Session]]:
-    server_end, client_end = trio.testing.memory_stream_pair()
-    serving = Session(
-        server_end,
+def make_session(
+    stream: trio.abc.Stream, operations: dict[str, Handler], max_requests: int = 4
+) -> Session:
+    """A session for alice (user) over `stream`."""
+    return Session(
+        stream,
         Identity(name="alice", role="user"),
         peer="alice@test",
         server_name="corrald test",
@@ -68,6 +67,14 @@ async def session(
         max_requests=max_requests,
         hello_timeout=10,
     )
+
+
+@asynccontextmanager
+async def session(
+    operations: dict[str, Handler], *, max_requests: int = 4
+) -> AsyncIterator[tuple[Peer, Session]]:
+    server_end, client_end = trio.testing.memory_stream_pair()
+    serving = make_session(server_end, operations, max_requests)
     peer = Peer(client_end)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serving.run)
@@ -154,15 +161,7 @@ async def test_a_peer_that_stops_reading_is_dropped(
     # A lockstep stream holds no bytes: a peer that does not read blocks
     # the session's writer at once, as a full TCP window would.
     server_end, client_end = trio.testing.lockstep_stream_pair()
-    serving = Session(
-        server_end,
-        Identity(name="alice", role="user"),
-        peer="alice@test",
-        server_name="corrald test",
-        operations={"chatty": chatty},
-        max_requests=4,
-        hello_timeout=10,
-    )
+    serving = make_session(server_end, {"chatty": chatty})
     peer = Peer(client_end)
 
     async def flood() -> None:
