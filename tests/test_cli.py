@@ -12,9 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from corral import pki
 from corral.client import cli
+from corral.client.client import connect
+from corral.client.errors import ServerError
 
 from .conftest import Daemon, identity, start_corrald
 
@@ -125,6 +128,8 @@ def test_wrong_server_name(corrald: Daemon, pki_dir: Path) -> None:
         (["--addr", "localhost:http", "--identity", "x", "info"], 78, "port must be a number"),
         ([], 2, "the following arguments are required: COMMAND"),
         (["launch"], 2, "invalid choice: 'launch'"),
+        (["--timeout", "-1", "info"], 2, "must be between 0 and 86400 seconds"),
+        (["--timeout", "nan", "info"], 2, "must be between 0 and 86400 seconds"),
     ],
 )
 def test_bad_settings(args: list[str], status: int, message: str) -> None:
@@ -229,3 +234,32 @@ def test_corrald_refuses_an_address_in_use(corrald: Daemon, pki_dir: Path, short
     # The first one is unharmed.
     result = corral("--addr", corrald.tcp, "--identity", str(identity(pki_dir, "bob")), "info")
     assert result.returncode == 0, result.stderr
+
+
+def test_identity_pointing_at_the_pki_says_which_directory(pki_dir: Path) -> None:
+    result = corral("--identity", str(pki_dir), "info")
+    assert result.returncode == 78
+    assert f"use a client's, e.g. {pki_dir}/clients/admin" in error_line(result)
+
+
+async def test_corrald_says_goodbye_to_open_sessions_on_sigterm(
+    corrald: Daemon, pki_dir: Path
+) -> None:
+    async with connect(corrald.tcp, identity(pki_dir, "alice")) as client:
+        await client.info()
+        corrald.process.send_signal(signal.SIGTERM)
+        with pytest.raises(ServerError, match="shutting down") as caught:
+            await client.info()
+        assert caught.value.exit_status == 69
+    assert await trio.to_thread.run_sync(corrald.process.wait, 30) == 0
+
+
+def test_corrald_that_cannot_listen_leaves_no_socket_behind(
+    corrald: Daemon, pki_dir: Path, short_dir: Path
+) -> None:
+    socket_path = short_dir / "second.sock"
+    process = start_corrald("--state-dir", str(short_dir / "second"), "--pki", str(pki_dir),
+                            "--listen", f"unix:{socket_path}", "--listen", corrald.tcp)  # fmt: skip
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 69, stderr
+    assert not socket_path.exists()

@@ -6,6 +6,7 @@ the tests hold a handler open or stop reading exactly when they want.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -152,9 +153,70 @@ async def test_a_failing_handler_is_internal_and_the_session_goes_on(
     assert "ZeroDivisionError" in caplog.text
 
 
-async def test_a_peer_that_stops_reading_is_dropped(
+async def test_a_reply_too_large_to_send_becomes_internal() -> None:
+    async def huge(context: RequestContext) -> dict[str, Any]:
+        return {"blob": b"x" * (2 << 20)}  # beyond the 1 MiB frame limit
+
+    async with session({"huge": huge, "echo": echo}) as (peer, _):
+        await peer.send(Request(id=1, op="huge", args={}))
+        reply = await peer.receive()
+        assert isinstance(reply, Error)
+        assert (reply.id, reply.code) == (1, ErrorCode.INTERNAL)
+        assert "could not be sent" in reply.message
+        await peer.send(Request(id=2, op="echo", args={}))
+        assert await peer.receive() == Result(id=2, value={"args": {}})
+
+
+async def test_a_huge_unknown_operation_name_is_answered_briefly() -> None:
+    async with session({"echo": echo}) as (peer, _):
+        await peer.send(Request(id=1, op="\0" * 300_000, args={}))
+        reply = await peer.receive()
+        assert isinstance(reply, Error)
+        assert (reply.id, reply.code) == (1, ErrorCode.UNIMPLEMENTED)
+        assert "(300000 characters)" in reply.message
+        assert len(reply.message) < 400
+        await peer.send(Request(id=2, op="echo", args={}))
+        assert await peer.receive() == Result(id=2, value={"args": {}})
+
+
+async def test_a_slow_reader_is_not_mistaken_for_one_that_stopped(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    async def big(context: RequestContext) -> dict[str, Any]:
+        return {"padding": b"x" * 60_000}
+
+    server_end, client_end = trio.testing.lockstep_stream_pair()
+    serving = make_session(server_end, {"big": big}, max_requests=64)
+    peer = Peer(client_end)
+    replies: list[Message] = []
+
+    async def read_slowly() -> None:
+        while (message := await peer.receive()) is not None:
+            replies.append(message)
+            await trio.sleep(0.005)
+
+    with trio.fail_after(60):  # virtual seconds: a dropped session fails, not hangs
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serving.run)
+            await peer.send(Hello(version=PROTOCOL_VERSION, agent="test"))
+            assert isinstance(await peer.receive(), Welcome)
+            nursery.start_soon(read_slowly)
+            for request_id in range(1, 65):
+                await peer.send(Request(id=request_id, op="big", args={}))
+            # Replies back up the queue; a refusal still finds room in the reserve.
+            await peer.send(Request(id=65, op="unknown", args={}))
+            while len(replies) < 65:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert sum(isinstance(reply, Result) for reply in replies) == 64
+    assert next(r for r in replies if isinstance(r, Error)).code is ErrorCode.UNIMPLEMENTED
+
+
+async def test_a_peer_that_stops_reading_is_dropped(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="corral.supervisor.session")
+
     async def chatty(context: RequestContext) -> dict[str, Any]:
         return {"padding": b"x" * 4096}
 
@@ -178,3 +240,4 @@ async def test_a_peer_that_stops_reading_is_dropped(
             await serving.run()
             assert serving.statistics()["requests_in_flight"] == 0
             nursery.cancel_scope.cancel()
+    assert "dropped: not reading its replies" in caplog.text

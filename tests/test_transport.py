@@ -21,8 +21,23 @@ from hypothesis import strategies as st
 from corral import pki
 from corral.address import Address, TCPAddress, UnixAddress
 from corral.client.client import connect
-from corral.client.errors import AuthenticationError, ConnectError, ServerError, TLSError
-from corral.protocol import Error, ErrorCode, Message
+from corral.client.errors import (
+    AuthenticationError,
+    ConfigError,
+    ConnectError,
+    ServerError,
+    TLSError,
+)
+from corral.protocol import (
+    PROTOCOL_VERSION,
+    Connection,
+    Error,
+    ErrorCode,
+    Hello,
+    Message,
+    Role,
+    Welcome,
+)
 from corral.protocol.codec import HEADER, decode_body
 from corral.protocol.messages import from_wire
 from corral.supervisor.server import Server
@@ -154,11 +169,33 @@ async def test_tls_layer_refuses_bad_certificates(
     server: Server, pki_dir: Path, tmp_path: Path, flaws: dict[str, object], alert: str
 ) -> None:
     bad = write_client(tmp_path / "bad", pki_dir, **flaws)  # type: ignore[arg-type]
+    # A context, not the directory: connect() would refuse an out-of-date
+    # certificate itself, and this is about what the server does.
     with pytest.raises(AuthenticationError) as caught:
-        async with connect(tcp(server), bad) as client:
+        async with connect(tcp(server), client_context(bad)) as client:
             await client.info()
     assert f"rejected our client certificate: {alert}" in str(caught.value)
     await assert_serves(server, pki_dir)
+
+
+@pytest.mark.parametrize(
+    ("flaws", "why"),
+    [
+        ({"not_after": NOW - timedelta(days=1)}, "expired on"),
+        (
+            {"not_before": NOW + timedelta(days=1), "not_after": NOW + timedelta(days=3)},
+            "not valid until",
+        ),
+    ],
+)
+async def test_client_checks_its_own_certificate_dates_first(
+    server: Server, pki_dir: Path, tmp_path: Path, flaws: dict[str, object], why: str
+) -> None:
+    bad = write_client(tmp_path / "bad", pki_dir, **flaws)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=why):
+        async with connect(tcp(server), bad):
+            pass
+    assert server.statistics()["accepted"] == 0  # it did not even connect
 
 
 @pytest.mark.parametrize(("flaws", "why"), IDENTITY_REFUSALS.values(), ids=IDENTITY_REFUSALS.keys())
@@ -290,12 +327,45 @@ async def test_connections_over_the_cap_are_refused_with_resource_exhausted(
     capped.shutdown()
 
 
+async def test_peers_without_certificates_do_not_use_up_the_session_cap(
+    nursery: trio.Nursery, pki_dir: Path, short_dir: Path
+) -> None:
+    capped = make_server(pki_dir, short_dir, max_connections=2, max_handshakes=3)
+    await nursery.start(capped.serve)
+    silent = [await trio.open_tcp_stream("127.0.0.1", tcp(capped).port) for _ in range(2)]
+    while capped.statistics()["connecting"] < 2:
+        await trio.sleep(0.001)
+    # Two handshakes hang; the sessions' cap is untouched.
+    await assert_serves(capped, pki_dir)
+    # A third silent peer fills the handshake cap: a fourth is closed at accept.
+    silent.append(await trio.open_tcp_stream("127.0.0.1", tcp(capped).port))
+    while capped.statistics()["connecting"] < 3:
+        await trio.sleep(0.001)
+    with pytest.raises(ConnectError, match="may be overloaded") as caught:
+        async with connect(tcp(capped), identity(pki_dir, "admin")):
+            pass
+    assert caught.value.exit_status == 69
+    for stream in silent:
+        await stream.aclose()
+    await capped.wait_idle()
+    await assert_serves(capped, pki_dir)
+    capped.shutdown()
+
+
+async def test_an_error_in_the_callers_block_comes_out_as_itself(
+    server: Server, pki_dir: Path
+) -> None:
+    with pytest.raises(KeyError, match="mine"):
+        async with connect(tcp(server), identity(pki_dir, "alice")):
+            raise KeyError("mine")
+
+
 async def test_shutdown_says_goodbye_to_sessions(server: Server, pki_dir: Path) -> None:
     async with connect(tcp(server), identity(pki_dir, "alice")) as client:
         await client.info()
         server.shutdown()
         await server.wait_idle()
-        with pytest.raises(ServerError, match="shutting down") as caught:
+        with pytest.raises(ServerError, match=r"^corrald is shutting down$") as caught:
             await client.info()
         assert caught.value.code is ErrorCode.UNAVAILABLE
         assert caught.value.exit_status == 69
@@ -363,13 +433,19 @@ def decode_frames(data: bytes) -> list[Message]:
     return messages
 
 
-async def send_garbage(pki_dir: Path, directory: Path, garbage: bytes, over_tls: bool) -> bytes:
+async def send_garbage(
+    pki_dir: Path, directory: Path, garbage: bytes, over_tls: bool, hello_first: bool
+) -> bytes:
     """Send `garbage` to a fresh server while good clients work; return its answer.
 
     The server's hello timeout is short, so a garbage prefix that promises
-    more bytes ends with a timeout goodbye instead of a wait.
+    more bytes ends with a timeout goodbye instead of a wait. After a hello
+    the server may rightly wait for more: we stop listening after a quiet
+    half second (TLS cannot half-close to tell it we are done).
     """
     server = make_server(pki_dir, directory, handshake_timeout=0.25)
+    if hello_first:
+        garbage = Connection(Role.CLIENT).send(Hello(version=PROTOCOL_VERSION, agent="t")) + garbage
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", tcp(server).port)
@@ -382,8 +458,14 @@ async def send_garbage(pki_dir: Path, directory: Path, garbage: bytes, over_tls:
                 inner.start_soon(assert_serves, server, pki_dir)
                 with contextlib.suppress(trio.BrokenResourceError):
                     await stream.send_all(garbage)
-                    while chunk := await stream.receive_some(65536):
-                        received += chunk
+                    while True:
+                        with trio.move_on_after(0.5):
+                            chunk = await stream.receive_some(65536)
+                            if not chunk:
+                                break
+                            received += chunk
+                            continue
+                        break
             await assert_serves(server, pki_dir)
         server.shutdown()
     return received
@@ -393,32 +475,45 @@ def framed(body: bytes) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def packed(value: object) -> bytes:
+    return framed(msgpack.packb(value, use_bin_type=True))
+
+
+texts = st.text(max_size=8) | st.text(min_size=200, max_size=3000)
 wrong_shapes = st.dictionaries(
     st.sampled_from(["t", "id", "op", "args", "version", "agent", "code", "amount"]),
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.text(max_size=8)
-    | st.binary(max_size=8),
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | texts | st.binary(max_size=8),
     max_size=5,
-).map(lambda value: framed(msgpack.packb(value, use_bin_type=True)))
+).map(packed)
+requests = st.builds(
+    lambda request_id, op: packed({"t": "req", "id": request_id, "op": op, "args": {}}),
+    st.integers(0, 2**64 - 1),
+    texts,
+)
+unknown_tags = texts.map(lambda tag: packed({"t": tag}))
 garbage = st.one_of(
     st.binary(min_size=1, max_size=256),
     st.binary(max_size=256).map(framed),
     wrong_shapes,
-    st.lists(wrong_shapes, min_size=2, max_size=4).map(b"".join),
+    requests,
+    unknown_tags,
+    st.lists(wrong_shapes | requests, min_size=2, max_size=4).map(b"".join),
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(garbage=garbage, over_tls=st.booleans())
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(garbage=garbage, over_tls=st.booleans(), hello_first=st.booleans())
 def test_server_answers_garbage_with_an_error_or_a_close(
-    pki_dir: Path, garbage: bytes, over_tls: bool
+    pki_dir: Path, garbage: bytes, over_tls: bool, hello_first: bool
 ) -> None:
     with tempfile.TemporaryDirectory(prefix="corral-") as directory:
-        received = trio.run(send_garbage, pki_dir, Path(directory), garbage, over_tls)
+        received = trio.run(send_garbage, pki_dir, Path(directory), garbage, over_tls, hello_first)
     if over_tls:
-        # Nothing, or one connection-level error: never a welcome or a reply.
+        # Whole, valid frames only; at most one goodbye, and nothing after it.
         messages = decode_frames(received)
-        assert len(messages) <= 1
-        assert all(isinstance(m, Error) and m.id is None for m in messages)
+        goodbyes = [m for m in messages if isinstance(m, Error) and m.id is None]
+        assert len(goodbyes) <= 1
+        if goodbyes:
+            assert messages[-1] is goodbyes[0]
+        if not hello_first:
+            assert not any(isinstance(m, Welcome) for m in messages)

@@ -64,6 +64,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"corral: error: {message}\n")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 86400:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds: {text!r}")
+    return value
+
+
 def _connection_options() -> _Parser:
     """Options every talking command accepts, before or after its name."""
     parent = _Parser(add_help=False)
@@ -89,7 +99,7 @@ def _connection_options() -> _Parser:
     )
     group.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=argparse.SUPPRESS,
         metavar="SECONDS",
         help=f"give up connecting after this long (default {CONNECT_TIMEOUT:g})",

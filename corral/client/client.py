@@ -20,11 +20,13 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from itertools import count
 from pathlib import Path
 from typing import Any
 
 import trio
+from cryptography import x509
 
 import corral
 from corral.address import Address, AddressError, TCPAddress, parse_address
@@ -36,6 +38,7 @@ from corral.client.errors import (
     ServerError,
     TLSError,
 )
+from corral.pki import CLIENT_CERT_FILE
 from corral.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -61,6 +64,8 @@ CONNECT_TIMEOUT = 10.0
 RECEIVE_SIZE = 64 * 1024
 # The name the dev server certificate always carries, used for unix sockets.
 UNIX_SERVER_NAME = "localhost"
+# A send that makes no progress this long means corrald has stopped reading.
+SEND_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +99,6 @@ class ServerInfo:
 class _Pending:
     done: trio.Event = field(default_factory=trio.Event)
     reply: Message | CorralError | None = None
-    abandoned: bool = False
 
 
 def _os_reason(exc: OSError) -> str:
@@ -175,13 +179,14 @@ class Client:
             raise self._closed
         request_id = next(self._ids)
         pending = _Pending()
+        await self._send(Request(id=request_id, op=op, args=args or {}))
+        # No checkpoint since the send: the reply cannot have been routed yet.
         self._pending[request_id] = pending
         try:
-            await self._send(Request(id=request_id, op=op, args=args or {}))
             await pending.done.wait()
         except BaseException:
             if not pending.done.is_set():
-                pending.abandoned = True
+                del self._pending[request_id]
                 with (
                     trio.CancelScope(shield=True),
                     trio.move_on_after(CLOSE_TIMEOUT),
@@ -205,11 +210,19 @@ class Client:
             if self._closed is not None:
                 raise self._closed
             try:
-                await self._tls.send_all(self._conn.send(message))
+                frame = self._conn.send(message)
             except ProtocolError as exc:
                 raise TLSError(f"cannot send to {self.address}: {exc}") from exc
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise self._close(ConnectError(f"connection to {self.address} lost")) from None
+            # A send cancelled halfway would break the TLS stream for every
+            # request on it: finish it, unless corrald stops reading for long.
+            with trio.CancelScope(shield=True), trio.move_on_after(SEND_TIMEOUT) as timer:
+                try:
+                    await self._tls.send_all(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise self._close(ConnectError(f"connection to {self.address} lost")) from None
+            if timer.cancelled_caught:
+                message_text = f"corrald at {self.address} stopped reading for {SEND_TIMEOUT:g} s"
+                raise self._close(ConnectError(message_text))
 
     def _close(self, reason: CorralError) -> CorralError:
         """Fail every waiting request with `reason`; later calls raise it too."""
@@ -239,7 +252,7 @@ class Client:
                 self._close(ConnectError(f"corrald at {self.address} closed the connection"))
                 return
             if isinstance(event, Error) and event.id is None:
-                self._close(ServerError(event.code, f"corrald: {event.message}"))
+                self._close(ServerError(event.code, event.message))
                 return
             request_id = getattr(event, "id", None)
             pending = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
@@ -268,8 +281,13 @@ async def _handshake(
                         f"TLS handshake with {address} failed: the server sent "
                         f"'{_alert_text(cause)}'"  # type: ignore[arg-type]
                     ) from None
-                detail = f": {cause}" if cause else ""
-                raise TLSError(f"TLS handshake with {address} failed{detail}") from None
+                if cause is None or isinstance(cause, ssl.SSLEOFError):
+                    # Closed before any TLS was spoken: refused at accept.
+                    raise ConnectError(
+                        f"corrald at {address} closed the connection during the TLS "
+                        "handshake; it may be overloaded, try again"
+                    ) from None
+                raise TLSError(f"TLS handshake with {address} failed: {cause}") from None
             agent = f"corral/{corral.__version__}"
             try:
                 await tls.send_all(conn.send(Hello(version=PROTOCOL_VERSION, agent=agent)))
@@ -320,6 +338,34 @@ def _refusal(address: Address, cause: BaseException | None) -> CorralError:
     )
 
 
+def _identity_context(directory: Path) -> ssl.SSLContext:
+    """The TLS context for an identity directory, after checking our own certificate."""
+    shown = os.fspath(directory)
+    if (directory / "clients").is_dir() and not (directory / CLIENT_CERT_FILE).exists():
+        example = f"{shown}/clients/admin"
+        raise ConfigError(f"identity {shown} is a PKI directory; use a client's, e.g. {example}")
+    try:
+        context = client_context(directory)
+    except TLSConfigError as exc:
+        raise ConfigError(f"identity {shown}: {exc}") from None
+    try:
+        cert = x509.load_pem_x509_certificate((directory / CLIENT_CERT_FILE).read_bytes())
+    except (OSError, ValueError):
+        return context  # the TLS layer has loaded it; let the handshake judge
+    now = datetime.now(UTC)
+    if now < cert.not_valid_before_utc:
+        raise ConfigError(
+            f"our certificate {shown}/{CLIENT_CERT_FILE} is not valid until "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC; is this machine's clock right?"
+        )
+    if now > cert.not_valid_after_utc:
+        raise ConfigError(
+            f"our certificate {shown}/{CLIENT_CERT_FILE} expired on "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC; issue a new one"
+        )
+    return context
+
+
 @asynccontextmanager
 async def connect(
     address: str | Address,
@@ -344,10 +390,7 @@ async def connect(
     if isinstance(identity, ssl.SSLContext):
         context = identity
     else:
-        try:
-            context = client_context(Path(identity))
-        except TLSConfigError as exc:
-            raise ConfigError(f"identity {os.fspath(identity)}: {exc}") from None
+        context = _identity_context(Path(identity))
     if server_name is None:
         server_name = address.host if isinstance(address, TCPAddress) else UNIX_SERVER_NAME
     transport = await _open_transport(address, timeout)
@@ -355,12 +398,19 @@ async def connect(
     try:
         conn, welcome = await _handshake(tls, address, timeout)
         client = Client(tls, conn, address, welcome)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._read_loop)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._read_loop)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The reader never raises: the group only wraps what the caller's
+            # block raised. Hand that back as it was.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
     finally:
         await close_stream(tls)
 

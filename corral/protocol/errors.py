@@ -37,3 +37,14 @@ class RemoteProtocolError(ProtocolError):
 
 class LocalProtocolError(ProtocolError):
     """We tried to send something the protocol does not allow."""
+
+
+def shorten(text: str, limit: int = 64) -> str:
+    """repr() of a peer-chosen string, cut to `limit` characters, for messages.
+
+    Peers choose op names and tags; echoing them whole could make an error
+    message larger than a frame.
+    """
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from corral.protocol.errors import ErrorCode, RemoteProtocolError
+from corral.protocol.errors import ErrorCode, RemoteProtocolError, shorten
 
 PROTOCOL_VERSION = 1
 
@@ -204,4 +204,4 @@ def from_wire(wire: dict[str, Any]) -> Message:
             return Credit(id=_id(wire, tag), amount=_count(wire, "amount", tag))
         case "cancel":
             return Cancel(id=_id(wire, tag))
-    raise RemoteProtocolError(f"unknown message type {tag!r}")
+    raise RemoteProtocolError(f"unknown message type {shorten(tag)}")

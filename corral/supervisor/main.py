@@ -23,6 +23,7 @@ import trio
 import corral
 from corral import pki
 from corral.address import Address, AddressError, TCPAddress, UnixAddress, parse_address
+from corral.shim.cgroup import Flavour
 from corral.supervisor.listeners import ListenError
 from corral.supervisor.server import (
     HANDSHAKE_TIMEOUT,
@@ -171,7 +172,11 @@ def _prepare_pki(pki_dir: Path, *, create: bool, server_names: Sequence[str]) ->
         try:
             pki.init_pki(pki_dir, server_names)
         except pki.PKIError as exc:
-            raise StartupError(f"cannot create a PKI in {pki_dir}: {exc}") from None
+            reason = str(exc).replace(" (use --force)", "")
+            raise StartupError(
+                f"cannot create a PKI in {pki_dir}: {reason}; it holds part of one: remove it, "
+                f"or replace it with `corral certs init {pki_dir} --force`"
+            ) from None
         log.info("created a development PKI in %s", pki_dir)
     elif not (pki_dir / pki.CA_CERT_FILE).exists():
         raise StartupError(
@@ -281,6 +286,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             max_requests_per_connection=args.max_requests,
         )
         server = Server(config, context)
+        if server.cgroup is Flavour.NONE:
+            raise StartupError(
+                "no cgroup hierarchy is mounted at /sys/fs/cgroup; corral needs cgroup v1 or v2"
+            )
         failure = trio.run(serve, server, pki_dir)
     except StartupError as exc:
         sys.stderr.write(f"corrald: error: {exc}\n")

@@ -45,9 +45,10 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_CONNECTIONS = 1024
 # Enough for a shell with many background follows; bounds one peer's tasks.
 MAX_REQUESTS_PER_CONNECTION = 64
-# Over-cap peers still get a handshake and a clear refusal, up to this many
-# at once; beyond it they are closed at accept.
-MAX_REFUSING = 64
+# TLS handshakes in progress at once (each costs a task and OpenSSL state);
+# beyond it new peers are closed at accept. Separate from the session cap,
+# so peers that never present a certificate cannot lock out those who do.
+MAX_HANDSHAKES = 128
 # Time to flush goodbyes at shutdown before connections are cut.
 SHUTDOWN_GRACE = 5.0
 
@@ -59,6 +60,7 @@ class ServerConfig:
     listen: Sequence[Address]
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
+    max_handshakes: int = MAX_HANDSHAKES
     max_requests_per_connection: int = MAX_REQUESTS_PER_CONNECTION
     shutdown_grace: float = SHUTDOWN_GRACE
     mountinfo: Path = field(default=Path("/proc/self/mountinfo"))
@@ -154,6 +156,7 @@ class Server:
             for address in self.config.listen:
                 listeners.extend(await open_listener(address))
         except BaseException:
+            remove_unix_sockets([listener_address(listener) for listener in listeners])
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             raise
@@ -192,10 +195,10 @@ class Server:
         # One exception escaping here would end serve_listeners: each
         # connection's failures stay with it.
         peer = _peer_name(stream)
-        if self.shutting_down or self._live() >= self.config.max_connections + MAX_REFUSING:
+        if self.shutting_down or self._connecting >= self.config.max_handshakes:
+            log.info("%s: closed at accept: %d handshakes in progress", peer, self._connecting)
             await trio.aclose_forcefully(stream)
             return
-        over_cap = self._live() >= self.config.max_connections
         self._accepted += 1
         self._connecting += 1
         if self._idle.is_set():
@@ -206,7 +209,9 @@ class Server:
             identity = await self._handshake(tls, peer)
             if identity is None:
                 return
-            if isinstance(identity, IdentityError) or over_cap:
+            if isinstance(identity, IdentityError) or (
+                len(self._sessions) >= self.config.max_connections
+            ):
                 await self._refuse(tls, peer, identity)
                 return
             session = Session(
@@ -224,7 +229,9 @@ class Server:
                 session.shutdown("corrald is shutting down")
             log.info("%s: session opened (%s)", session.peer, identity.role)
             await session.run()
-        except Exception:
+        except* Exception:
+            # Plain or grouped (a session's tasks), never past this point:
+            # one connection's failure must not end the server.
             log.exception("%s: connection failed", peer)
         finally:
             if session is None:

@@ -41,8 +41,10 @@ from corral.protocol import (
     Result,
     Role,
     Signal,
+    State,
     Welcome,
 )
+from corral.protocol.errors import shorten
 from corral.streams import CLOSE_TIMEOUT
 from corral.tls import Identity
 
@@ -53,6 +55,10 @@ RECEIVE_SIZE = 64 * 1024
 # Frames queued for the writer; small, so a peer that stops reading is
 # noticed quickly and costs little memory.
 OUTGOING_FRAMES = 32
+# Of those, request replies may fill all but this many: the rest is the
+# reader's, for refusals it must send without waiting. A peer is dropped as
+# "not reading" only when even this reserve is full.
+READER_RESERVE = 8
 # The writer coalesces queued frames up to this many bytes per send.
 WRITE_BATCH = 256 * 1024
 
@@ -125,7 +131,8 @@ class Session:
     async def send(self, message: Message) -> None:
         """Queue `message`, waiting while the peer is not reading fast enough."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        while self._send_channel.statistics().current_buffer_used >= OUTGOING_FRAMES:
+        room = OUTGOING_FRAMES - READER_RESERVE
+        while self._send_channel.statistics().current_buffer_used >= room:
             await self._room.park()
         # No checkpoint between encoding and queueing: frames leave in the
         # order the protocol state machine saw them.
@@ -168,6 +175,21 @@ class Session:
                 # The writer flushes what is queued (a goodbye), but a peer
                 # that does not read must not keep the session alive.
                 outer.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+
+    async def _reply(self, reply: Result | Error) -> None:
+        """Send a request's reply; one that cannot be encoded becomes `internal`."""
+        try:
+            await self.send(reply)
+        except trio.ClosedResourceError:
+            log.debug("%s: reply dropped: connection closing", self.peer)
+        except ProtocolError as exc:
+            if self._conn.state is not State.OPEN or isinstance(reply, Error):
+                log.debug("%s: reply dropped: %s", self.peer, exc)
+                return
+            log.exception("%s: cannot send the reply to request %d", self.peer, reply.id)
+            message = f"the reply could not be sent: {exc}"
+            with contextlib.suppress(ProtocolError, trio.ClosedResourceError):
+                await self.send(Error(id=reply.id, code=ErrorCode.INTERNAL, message=message))
 
     def shutdown(self, message: str) -> None:
         """Say goodbye with `message` and end the session (without waiting)."""
@@ -229,7 +251,7 @@ class Session:
             case Request(id=request_id, op=op):
                 handler = self._operations.get(op)
                 if handler is None:
-                    message = f"unknown operation {op!r}"
+                    message = f"unknown operation {shorten(op)}"
                     self._send_nowait(
                         Error(id=request_id, code=ErrorCode.UNIMPLEMENTED, message=message)
                     )
@@ -256,7 +278,7 @@ class Session:
         self, handler: Handler, context: RequestContext, scope: trio.CancelScope
     ) -> None:
         request_id = context.request.id
-        reply: Message
+        reply: Result | Error
         try:
             with scope:
                 value = await handler(context)
@@ -271,7 +293,7 @@ class Session:
             reply = Error(
                 id=request_id,
                 code=ErrorCode.INTERNAL,
-                message=f"internal error in {context.request.op!r}; see corrald's log",
+                message=f"internal error in {shorten(context.request.op)}; see corrald's log",
             )
         except BaseException:
             del self._in_flight[request_id]
@@ -279,8 +301,6 @@ class Session:
         # The request counts against the cap until its reply is queued, so
         # a peer that does not read cannot pile up finished requests.
         try:
-            await self.send(reply)
-        except (ProtocolError, trio.ClosedResourceError):
-            log.debug("%s: reply to request %d dropped: connection closing", self.peer, request_id)
+            await self._reply(reply)
         finally:
             del self._in_flight[request_id]
