@@ -23,7 +23,7 @@ import trio
 import corral
 from corral import pki
 from corral.address import Address, AddressError, TCPAddress, UnixAddress, parse_address
-from corral.shim.cgroup import Flavour
+from corral.shim.cgroup import Flavour, detect_flavour
 from corral.supervisor.listeners import ListenError
 from corral.supervisor.server import (
     HANDSHAKE_TIMEOUT,
@@ -185,6 +185,13 @@ def _prepare_pki(pki_dir: Path, *, create: bool, server_names: Sequence[str]) ->
         )
 
 
+def _require_cgroups() -> None:
+    if detect_flavour() is Flavour.NONE:
+        raise StartupError(
+            "no cgroup hierarchy is mounted at /sys/fs/cgroup; corral needs cgroup v1 or v2"
+        )
+
+
 def _raise_fd_limit() -> None:
     """Every connection is an fd: take the hard limit as our soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -285,11 +292,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             max_connections=args.max_connections,
             max_requests_per_connection=args.max_requests,
         )
+        _require_cgroups()
         server = Server(config, context)
-        if server.cgroup is Flavour.NONE:
-            raise StartupError(
-                "no cgroup hierarchy is mounted at /sys/fs/cgroup; corral needs cgroup v1 or v2"
-            )
         failure = trio.run(serve, server, pki_dir)
     except StartupError as exc:
         sys.stderr.write(f"corrald: error: {exc}\n")
