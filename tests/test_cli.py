@@ -128,8 +128,8 @@ def test_wrong_server_name(corrald: Daemon, pki_dir: Path) -> None:
         (["--addr", "localhost:http", "--identity", "x", "info"], 78, "port must be a number"),
         ([], 2, "the following arguments are required: COMMAND"),
         (["launch"], 2, "invalid choice: 'launch'"),
-        (["--timeout", "-1", "info"], 2, "must be between 0 and 86400 seconds"),
-        (["--timeout", "nan", "info"], 2, "must be between 0 and 86400 seconds"),
+        (["--connect-timeout", "-1", "info"], 2, "must be between 0 and 86400 seconds"),
+        (["--connect-timeout", "nan", "info"], 2, "must be between 0 and 86400 seconds"),
     ],
 )
 def test_bad_settings(args: list[str], status: int, message: str) -> None:

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,7 +28,9 @@ from corral.client.errors import (
     EXIT_USAGE,
     ConfigError,
     CorralError,
+    ServerError,
 )
+from corral.client.units import format_age, format_size, parse_duration, parse_size, rfc3339
 
 DEFAULT_ADDR = "127.0.0.1:7443"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
@@ -54,6 +57,12 @@ examples:
   corral certs init /etc/corral/pki --server-name corral.example.com
   corral certs issue --pki /etc/corral/pki carol --role user
 """
+
+
+class UsageError(CorralError):
+    """The command line is wrong in a way argparse cannot see."""
+
+    exit_status = EXIT_USAGE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,7 +107,7 @@ def _connection_options() -> _Parser:
         help="name to verify in corrald's certificate (default: the address's host)",
     )
     group.add_argument(
-        "--timeout",
+        "--connect-timeout",
         type=_seconds,
         default=argparse.SUPPRESS,
         metavar="SECONDS",
@@ -130,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     info.set_defaults(run=cmd_info)
+
+    _job_commands(commands, connection)
 
     certs = commands.add_parser(
         "certs",
@@ -173,6 +184,113 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(text)
+
+
+def _cores(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of cores: {text!r}") from None
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
+    return name, value
+
+
+# (flag, wire name, parser, help)
+LIMIT_FLAGS = [
+    ("--cpu", "cpu", _cores, "CPU in cores, e.g. 0.5"),
+    ("--memory", "memory", _size, "memory, e.g. 256M (swap is off for jobs)"),
+    ("--io-read", "io_read_bps", _size, "disk reads per second, e.g. 10M"),
+    ("--io-write", "io_write_bps", _size, "disk writes per second, e.g. 10M"),
+    ("--io-read-iops", "io_read_iops", _count, "disk read operations per second"),
+    ("--io-write-iops", "io_write_iops", _count, "disk write operations per second"),
+    ("--pids", "pids", _count, "processes and threads at once (init counts)"),
+]
+
+
+def _subcommand(
+    commands: Any, name: str, connection: argparse.ArgumentParser, summary: str, example: str
+) -> argparse.ArgumentParser:
+    return commands.add_parser(  # type: ignore[no-any-return]
+        name,
+        parents=[connection],
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _job_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
+    start = _subcommand(
+        commands, "start", connection, "start a job and print its id",
+        "corral start --memory 256M --cpu 0.5 -- python3 -c 'print(42)'",
+    )  # fmt: skip
+    for flag, dest, kind, text in LIMIT_FLAGS:
+        start.add_argument(flag, dest=f"limit_{dest}", type=kind, metavar="N", help=text)
+    start.add_argument("--timeout", type=_duration, metavar="DURATION",
+                       help="stop the job after this long, e.g. 30s, 5m")  # fmt: skip
+    start.add_argument("--user", help="run as this user (admins only; default nobody)")
+    start.add_argument(
+        "--env",
+        action="append",
+        type=_env_pair,
+        metavar="NAME=VALUE",
+        help="an environment variable (repeatable; default: a small clean set)",
+    )
+    start.add_argument("--cwd", metavar="DIR", help="working directory (default /)")
+    start.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+    start.set_defaults(run=cmd_start)
+
+    stop = _subcommand(
+        commands, "stop", connection, "stop a job: SIGTERM, then SIGKILL after the grace",
+        "corral stop --grace 5s 3f2a9c",
+    )  # fmt: skip
+    stop.add_argument("--grace", type=_duration, metavar="DURATION",
+                      help="time between SIGTERM and SIGKILL (default 10s)")  # fmt: skip
+    stop.add_argument("id", metavar="ID", help="a job id or unique prefix")
+    stop.set_defaults(run=cmd_stop)
+
+    status = _subcommand(
+        commands, "status", connection, "show a job's state, exit status and usage",
+        "corral status 3f2a9c",
+    )  # fmt: skip
+    status.add_argument("id", metavar="ID", help="a job id or unique prefix")
+    status.set_defaults(run=cmd_status)
+
+    ps = _subcommand(commands, "ps", connection, "list jobs", "corral ps --all")
+    ps.add_argument("--all", action="store_true", help="every user's jobs (admins)")
+    ps.set_defaults(run=cmd_ps)
+
+    rm = _subcommand(
+        commands, "rm", connection, "remove a finished job and its output", "corral rm 3f2a9c"
+    )
+    rm.add_argument("id", metavar="ID", help="a job id or unique prefix")
+    rm.set_defaults(run=cmd_rm)
+
+
 # -- connection settings -------------------------------------------------------
 
 
@@ -191,7 +309,7 @@ def _connect_args(args: argparse.Namespace) -> dict[str, Any]:
         "address": _setting(args, "addr", "CORRAL_ADDR") or DEFAULT_ADDR,
         "identity": identity,
         "server_name": getattr(args, "server_name", None),
-        "timeout": getattr(args, "timeout", CONNECT_TIMEOUT),
+        "timeout": getattr(args, "connect_timeout", CONNECT_TIMEOUT),
     }
 
 
@@ -206,7 +324,7 @@ def _print_json(value: Any, out: TextIO) -> None:
 async def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     async with connect(**_connect_args(args)) as client:
         info: ServerInfo = await client.info()
-    if getattr(args, "json", False):
+    if _json(args):
         _print_json(info.raw, out)
         return 0
     rows = [
@@ -216,10 +334,107 @@ async def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
         ("connections", str(info.connections)),
         ("jobs", str(info.jobs)),
     ]
+    _print_rows(rows, out)
+    return 0
+
+
+async def cmd_start(args: argparse.Namespace, out: TextIO) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise UsageError("start needs a command: corral start [OPTIONS] -- COMMAND [ARG...]")
+    limits = {
+        dest: value
+        for _, dest, _, _ in LIMIT_FLAGS
+        if (value := getattr(args, f"limit_{dest}")) is not None
+    }
+    async with connect(**_connect_args(args)) as client:
+        job = await client.start(
+            [os.fsencode(arg) for arg in argv],
+            env=dict(args.env) if args.env else None,
+            cwd=args.cwd,
+            user=args.user,
+            limits=limits,
+            max_runtime=args.timeout,
+        )
+    if _json(args):
+        _print_json({"id": job.id}, out)
+    else:
+        out.write(f"{job.id}\n")
+    return 0
+
+
+async def cmd_stop(args: argparse.Namespace, out: TextIO) -> int:
+    async with connect(**_connect_args(args)) as client:
+        job = await client.stop(args.id, args.grace)
+    if _json(args):
+        _print_json(job.to_json(), out)
+    else:
+        out.write(f"{job.short_id} {job.state}: {job.reason}\n")
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    async with connect(**_connect_args(args)) as client:
+        job = await client.status(args.id)
+    if _json(args):
+        _print_json(job.to_json(), out)
+        return 0
+    usage = job.usage
+    rows = [
+        ("id", job.id),
+        ("owner", job.owner),
+        ("command", job.command),
+        ("state", job.state),
+        ("reason", job.reason),
+        ("created", rfc3339(job.created_at) or "-"),
+        ("started", rfc3339(job.started_at) or "-"),
+        ("finished", rfc3339(job.finished_at) or "-"),
+        ("limits", ", ".join(f"{k}={v}" for k, v in sorted(job.limits.items())) or "none"),
+        ("cpu", f"{usage.get('cpu_seconds', 0.0):.2f} s"),
+        ("memory peak", format_size(int(usage.get("memory_peak_bytes", 0)))),
+        ("io", f"{format_size(int(usage.get('io_read_bytes', 0)))} read, "
+               f"{format_size(int(usage.get('io_write_bytes', 0)))} written"),
+    ]  # fmt: skip
+    _print_rows(rows, out)
+    return 0
+
+
+async def cmd_ps(args: argparse.Namespace, out: TextIO) -> int:
+    async with connect(**_connect_args(args)) as client:
+        jobs = await client.list(everyone=args.all)
+    if _json(args):
+        _print_json([job.to_json() for job in jobs], out)
+        return 0
+    now = time.time_ns()
+    table = [("ID", "OWNER", "STATE", "AGE", "COMMAND")]
+    for job in jobs:
+        age = format_age((now - (job.created_at or now)) / 1e9)
+        table.append((job.short_id, job.owner, job.state, age, job.command))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        out.write("  ".join([*cells, row[4]]).rstrip() + "\n")
+    return 0
+
+
+async def cmd_rm(args: argparse.Namespace, out: TextIO) -> int:
+    async with connect(**_connect_args(args)) as client:
+        job_id = await client.remove(args.id)
+    if _json(args):
+        _print_json({"id": job_id}, out)
+    else:
+        out.write(f"{job_id}\n")
+    return 0
+
+
+def _json(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False))
+
+
+def _print_rows(rows: Sequence[tuple[str, str]], out: TextIO) -> None:
     width = max(len(label) for label, _ in rows) + 1
     for label, value in rows:
         out.write(f"{label + ':':<{width}} {value}\n")
-    return 0
 
 
 async def cmd_certs_init(args: argparse.Namespace, out: TextIO) -> int:
@@ -251,10 +466,18 @@ def _default_clients() -> str:
 def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run one command line; return the exit status. Errors go to stderr."""
     args = build_parser().parse_args(argv)
+    out = out or sys.stdout
     try:
-        status: int = trio.run(args.run, args, out or sys.stdout)
-    except CorralError as exc:
+        status: int = trio.run(args.run, args, out)
+    except UsageError as exc:
         sys.stderr.write(f"corral: error: {exc}\n")
+        return EXIT_USAGE
+    except CorralError as exc:
+        if _json(args):
+            code = str(exc.code) if isinstance(exc, ServerError) else type(exc).__name__
+            _print_json({"error": {"code": code, "message": str(exc)}}, out)
+        else:
+            sys.stderr.write(f"corral: error: {exc}\n")
         return int(exc.exit_status)
     except KeyboardInterrupt:
         sys.stderr.write("corral: interrupted\n")

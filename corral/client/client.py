@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +38,7 @@ from corral.client.errors import (
     ServerError,
     TLSError,
 )
+from corral.client.jobs import JobInfo
 from corral.pki import CLIENT_CERT_FILE
 from corral.protocol import (
     NEED_DATA,
@@ -167,6 +168,47 @@ class Client:
     async def info(self) -> ServerInfo:
         """The server's version and cgroup flavour, and who we are to it."""
         return ServerInfo.from_value(await self.call("info"))
+
+    async def start(
+        self,
+        argv: Sequence[str | bytes],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        limits: Mapping[str, int | float] | None = None,
+        max_runtime: float | None = None,
+    ) -> JobInfo:
+        """Start a job; return once its command runs (ServerError if it cannot)."""
+        args: dict[str, Any] = {"argv": list(argv), "limits": dict(limits or {})}
+        if env is not None:
+            args["env"] = dict(env)
+        if cwd is not None:
+            args["cwd"] = cwd
+        if user is not None:
+            args["user"] = user
+        if max_runtime is not None:
+            args["max_runtime"] = max_runtime
+        return JobInfo.from_wire((await self.call("start", args))["job"])
+
+    async def stop(self, job_id: str, grace: float | None = None) -> JobInfo:
+        """Stop a job (SIGTERM, then SIGKILL after `grace` s); return its final state."""
+        args: dict[str, Any] = {"id": job_id}
+        if grace is not None:
+            args["grace"] = grace
+        return JobInfo.from_wire((await self.call("stop", args))["job"])
+
+    async def status(self, job_id: str) -> JobInfo:
+        return JobInfo.from_wire((await self.call("status", {"id": job_id}))["job"])
+
+    async def list(self, *, everyone: bool = False) -> list[JobInfo]:
+        """Our jobs, oldest first; with `everyone` (admins only) every job."""
+        reply = await self.call("list", {"all": everyone})
+        return [JobInfo.from_wire(record) for record in reply.get("jobs", [])]
+
+    async def remove(self, job_id: str) -> str:
+        """Remove a finished job and its files; return its full id."""
+        return str((await self.call("remove", {"id": job_id}))["id"])
 
     async def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run one request and return its result value.

@@ -10,10 +10,12 @@ serves until SIGINT or SIGTERM: the first signal shuts down gracefully
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import resource
 import shutil
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +25,7 @@ import trio
 import corral
 from corral import pki
 from corral.address import Address, AddressError, TCPAddress, UnixAddress, parse_address
-from corral.shim.cgroup import Flavour, detect_flavour
+from corral.shim.cgroup import CgroupError, Flavour, check_host, detect_flavour
 from corral.supervisor.listeners import ListenError
 from corral.supervisor.server import (
     HANDSHAKE_TIMEOUT,
@@ -33,6 +35,8 @@ from corral.supervisor.server import (
     ServerConfig,
 )
 from corral.tls import TLSConfigError, server_context
+from corral.worker.manager import JobError, JobManager
+from corral.worker.spawner import Spawner, SpawnerError
 
 log = logging.getLogger("corrald")
 
@@ -186,10 +190,15 @@ def _prepare_pki(pki_dir: Path, *, create: bool, server_names: Sequence[str]) ->
 
 
 def _require_cgroups() -> None:
-    if detect_flavour() is Flavour.NONE:
+    flavour = detect_flavour()
+    if flavour is Flavour.NONE:
         raise StartupError(
             "no cgroup hierarchy is mounted at /sys/fs/cgroup; corral needs cgroup v1 or v2"
         )
+    try:
+        check_host(flavour)
+    except CgroupError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def _raise_fd_limit() -> None:
@@ -231,26 +240,37 @@ def banner(server: Server, pki_dir: Path) -> str:
     return "\n".join(lines)
 
 
-async def serve(server: Server, pki_dir: Path) -> str | None:
+async def serve(
+    config: ServerConfig, context: ssl.SSLContext, spawner: Spawner, pki_dir: Path
+) -> str | None:
     """Serve until a signal: the first SIGINT/SIGTERM shuts down, a second cancels.
 
-    Returns why corrald could not listen, or None after a clean stop.
+    Returns why corrald could not start serving, or None after a clean stop.
+    Jobs keep running when corrald stops: their shims outlive it.
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+        async with contextlib.AsyncExitStack() as stack:
             try:
-                await nursery.start(_serve_then_stop, server, nursery.cancel_scope)
-            except ListenError as exc:
+                jobs = await stack.enter_async_context(
+                    JobManager(config.state_dir, spawner=spawner)
+                )
+            except JobError as exc:
                 return str(exc)
-            print(banner(server, pki_dir), flush=True)
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if server.shutting_down:
-                    log.warning("%s again: stopping now", name)
-                    nursery.cancel_scope.cancel()
-                    break
-                log.info("%s: shutting down", name)
-                server.shutdown()
+            server = Server(config, context, jobs)
+            async with trio.open_nursery() as nursery:
+                try:
+                    await nursery.start(_serve_then_stop, server, nursery.cancel_scope)
+                except ListenError as exc:
+                    return str(exc)
+                print(banner(server, pki_dir), flush=True)
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if server.shutting_down:
+                        log.warning("%s again: stopping now", name)
+                        nursery.cancel_scope.cancel()
+                        break
+                    log.info("%s: shutting down", name)
+                    server.shutdown()
     return None
 
 
@@ -293,8 +313,15 @@ def run(argv: Sequence[str] | None = None) -> int:
             max_requests_per_connection=args.max_requests,
         )
         _require_cgroups()
-        server = Server(config, context)
-        failure = trio.run(serve, server, pki_dir)
+        # Before trio starts any thread: shims are forked from the spawner.
+        try:
+            spawner = Spawner.start()
+        except SpawnerError as exc:
+            raise StartupError(str(exc), EXIT_UNAVAILABLE) from None
+        try:
+            failure = trio.run(serve, config, context, spawner, pki_dir)
+        finally:
+            spawner.close()
     except StartupError as exc:
         sys.stderr.write(f"corrald: error: {exc}\n")
         return exc.status

@@ -32,8 +32,10 @@ from corral.protocol import Connection, Error, ErrorCode, Role
 from corral.shim.cgroup import Flavour, detect_flavour
 from corral.streams import CLOSE_TIMEOUT, GONE, close_stream
 from corral.supervisor.listeners import listener_address, open_listener, remove_unix_sockets
+from corral.supervisor.operations import JobOperations
 from corral.supervisor.session import Handler, RequestContext, Session
 from corral.tls import Identity, IdentityError, identity_from_certificate
+from corral.worker.manager import JobManager
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,9 @@ async def _flush_alert(tls: trio.SSLStream[trio.SocketStream]) -> None:
 class Server:
     """Serves corral sessions on a set of listeners until cancelled or shut down."""
 
-    def __init__(self, config: ServerConfig, ssl_context: ssl.SSLContext) -> None:
+    def __init__(
+        self, config: ServerConfig, ssl_context: ssl.SSLContext, jobs: JobManager | None = None
+    ) -> None:
         self.config = config
         self._ssl_context = ssl_context
         self.cgroup: Flavour = detect_flavour(config.mountinfo)
@@ -109,7 +113,10 @@ class Server:
         self._accept_scope = trio.CancelScope()
         self.shutting_down = False
         self.addresses: list[Address] = []
+        self.jobs = jobs
         self._operations: dict[str, Handler] = {"info": self._info}
+        if jobs is not None:
+            self._operations.update(JobOperations(jobs).handlers())
 
     # -- observation ---------------------------------------------------------
 
@@ -131,8 +138,7 @@ class Server:
     # -- operations ----------------------------------------------------------
 
     async def _info(self, context: RequestContext) -> dict[str, Any]:
-        jobs_dir = self.config.state_dir / "jobs"
-        jobs = sum(1 for _ in jobs_dir.iterdir()) if jobs_dir.is_dir() else 0
+        jobs = len(self.jobs.jobs()) if self.jobs is not None else 0
         return {
             "version": corral.__version__,
             "identity": {"name": context.identity.name, "role": context.identity.role},

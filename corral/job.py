@@ -1,0 +1,369 @@
+"""What a job is on disk: its spec, its limits, its status, its usage.
+
+Shared by the shim (plain Python, no trio) and the worker (trio), so it
+imports neither. Each record converts to and from a msgpack-ready map; the
+state directory holds `spec.msgpack` (written once, before the shim starts)
+and `status.msgpack` (replaced atomically by whoever knows more).
+
+Validation lives here too: a spec that passes `JobSpec.validate()` is one
+the shim can run. Errors name the field (`SpecError.field`), so corrald can
+answer `invalid_argument` saying exactly what is wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+# Job ids: 128 random bits as 32 hex digits. The first 12 are the hostname
+# inside the job and the short id people type.
+ID_BYTES = 16
+SHORT_ID = 12
+
+DEFAULT_USER = "nobody"
+DEFAULT_CWD = b"/"
+DEFAULT_PATH = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Bounds that catch typos ("256" meaning MiB, a cap in bits) without
+# getting in the way of any real host.
+MAX_CPU = 4096.0  # cores
+MIN_MEMORY = 8 << 20  # init and a shell need a few MiB; less would OOM at once
+MAX_BYTES = 1 << 50  # 1 PiB: memory, bytes per second
+MAX_IOPS = 10**9
+MIN_PIDS = 2  # init counts (it is in the job's cgroup), and the command
+MAX_PIDS = 4_194_304  # the kernel's pid_max ceiling
+MAX_RUNTIME = 10 * 365 * 86400.0
+MAX_ARGV_BYTES = 1 << 20
+MAX_ENV_BYTES = 1 << 20
+MIN_LOG_LIMIT = 4096
+DEFAULT_LOG_LIMIT = 1 << 30  # 1 GiB of output.log per job
+DEFAULT_TMP_SIZE = 64 << 20  # the job's private /tmp
+
+
+class SpecError(ValueError):
+    """A job spec or limit is invalid; `field` names which part."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class State(enum.StrEnum):
+    STARTING = "starting"  # the shim is setting the job up
+    RUNNING = "running"
+    EXITED = "exited"  # the command ended on its own
+    STOPPED = "stopped"  # ended by a stop request or its max runtime
+    FAILED = "failed"  # could not start
+    LOST = "lost"  # its shim vanished without recording an end
+
+    @property
+    def finished(self) -> bool:
+        return self not in {State.STARTING, State.RUNNING}
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(ID_BYTES)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Per-job resource limits; None means no limit of that kind."""
+
+    cpu: float | None = None  # cores: 0.5 is half of one core
+    memory: int | None = None  # bytes; swap is disabled for the job
+    io_read_bps: int | None = None
+    io_write_bps: int | None = None
+    io_read_iops: int | None = None
+    io_write_iops: int | None = None
+    pids: int | None = None  # processes and threads, init included
+
+    def validate(self) -> Limits:
+        """Return self if every limit is sane; SpecError naming the limit otherwise."""
+        if self.cpu is not None:
+            _number("limits.cpu", self.cpu, 0.001, MAX_CPU, "cores")
+        _integer("limits.memory", self.memory, MIN_MEMORY, MAX_BYTES)
+        for name in ("io_read_bps", "io_write_bps"):
+            _integer(f"limits.{name}", getattr(self, name), 1, MAX_BYTES)
+        for name in ("io_read_iops", "io_write_iops"):
+            _integer(f"limits.{name}", getattr(self, name), 1, MAX_IOPS)
+        _integer("limits.pids", self.pids, MIN_PIDS, MAX_PIDS)
+        return self
+
+    def to_wire(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Limits:
+        if not isinstance(value, Mapping):
+            raise SpecError("limits", "must be a map")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in value if k not in known)
+        if unknown:
+            raise SpecError(
+                "limits", f"unknown limit {unknown[0]!r}; known: {', '.join(sorted(known))}"
+            )
+        limits = cls(**{str(k): v for k, v in value.items() if v is not None})
+        return limits.validate()
+
+    def merged(self, overrides: Limits) -> Limits:
+        """These limits with every limit `overrides` sets replacing ours."""
+        return replace(self, **overrides.to_wire())
+
+
+def _number(name: str, value: object, low: float, high: float, unit: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(name, f"must be a number, not {type(value).__name__}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise SpecError(name, f"must be between {low:g} and {high:g} {unit}, not {value!r}")
+
+
+def _integer(name: str, value: object, low: int, high: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(name, f"must be an integer, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise SpecError(name, f"must be between {low} and {high}, not {value}")
+
+
+def _as_bytes(name: str, value: object) -> bytes:
+    if isinstance(value, str):
+        # os.fsencode's rule: undecodable bytes from the OS round-trip.
+        value = value.encode("utf-8", "surrogateescape")
+    if not isinstance(value, bytes):
+        raise SpecError(name, f"must be bytes or a string, not {type(value).__name__}")
+    if b"\0" in value:
+        raise SpecError(name, "must not contain a NUL byte")
+    return value
+
+
+def default_env() -> dict[bytes, bytes]:
+    """A small clean environment: what a login would give, not corrald's."""
+    return {b"PATH": DEFAULT_PATH, b"HOME": b"/", b"LANG": b"C.UTF-8", b"TERM": b"dumb"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSpec:
+    """What to run, as whom, where, and within which limits."""
+
+    argv: Sequence[bytes | str]
+    env: Mapping[bytes | str, bytes | str] | None = None  # None: default_env()
+    cwd: bytes | str = DEFAULT_CWD
+    user: str = DEFAULT_USER
+    limits: Limits = field(default_factory=Limits)
+    max_runtime: float | None = None  # seconds; then it is stopped
+    owner: str = ""
+    stop_grace: float = 10.0  # seconds between SIGTERM and SIGKILL at max runtime
+    log_limit: int = DEFAULT_LOG_LIMIT  # bytes of output.log
+    tmp_size: int = DEFAULT_TMP_SIZE  # bytes of the private /tmp
+
+    def validate(self) -> ResolvedSpec:
+        """Check every field and return the spec in its on-disk form."""
+        if isinstance(self.argv, str | bytes) or not isinstance(self.argv, Sequence):
+            raise SpecError("argv", "must be a list of arguments")
+        if not self.argv:
+            raise SpecError("argv", "must name a command")
+        argv = tuple(_as_bytes(f"argv[{i}]", arg) for i, arg in enumerate(self.argv))
+        if not argv[0]:
+            raise SpecError("argv[0]", "must not be empty")
+        if sum(len(a) + 1 for a in argv) > MAX_ARGV_BYTES:
+            raise SpecError("argv", f"is longer than {MAX_ARGV_BYTES} bytes")
+        env = default_env() if self.env is None else self._env()
+        cwd = _as_bytes("cwd", self.cwd)
+        if not cwd.startswith(b"/"):
+            raise SpecError("cwd", f"must be an absolute path, not {cwd!r}")
+        if not isinstance(self.user, str) or not self.user or "\0" in self.user:
+            raise SpecError("user", "must be a user name or a numeric uid")
+        if self.max_runtime is not None:
+            _number("max_runtime", self.max_runtime, 0.001, MAX_RUNTIME, "seconds")
+        _number("stop_grace", self.stop_grace, 0, 3600, "seconds")
+        _integer("log_limit", self.log_limit, MIN_LOG_LIMIT, MAX_BYTES)
+        _integer("tmp_size", self.tmp_size, 1 << 20, MAX_BYTES)
+        if not isinstance(self.limits, Limits):
+            raise SpecError("limits", "must be a Limits")
+        return ResolvedSpec(
+            argv=argv,
+            env=env,
+            cwd=cwd,
+            user=self.user,
+            limits=self.limits.validate(),
+            max_runtime=None if self.max_runtime is None else float(self.max_runtime),
+            owner=self.owner,
+            stop_grace=float(self.stop_grace),
+            log_limit=self.log_limit,
+            tmp_size=self.tmp_size,
+        )
+
+    def _env(self) -> dict[bytes, bytes]:
+        if not isinstance(self.env, Mapping):
+            raise SpecError("env", "must be a map of names to values")
+        env: dict[bytes, bytes] = {}
+        for key, value in self.env.items():
+            name = _as_bytes("env", key)
+            if not name or b"=" in name:
+                raise SpecError("env", f"invalid variable name {name!r}")
+            env[name] = _as_bytes(f"env[{name.decode(errors='replace')}]", value)
+        if sum(len(k) + len(v) + 2 for k, v in env.items()) > MAX_ENV_BYTES:
+            raise SpecError("env", f"is larger than {MAX_ENV_BYTES} bytes")
+        return env
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResolvedSpec:
+    """A validated spec, as `spec.msgpack` holds it (plus id and creation time)."""
+
+    argv: tuple[bytes, ...]
+    env: dict[bytes, bytes]
+    cwd: bytes
+    user: str
+    limits: Limits
+    max_runtime: float | None
+    owner: str
+    stop_grace: float
+    log_limit: int
+    tmp_size: int
+    id: str = ""
+    created_at: int = 0  # ns since the epoch
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        wire["argv"] = list(self.argv)
+        wire["limits"] = self.limits.to_wire()
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> ResolvedSpec:
+        values = dict(wire)
+        values["argv"] = tuple(values["argv"])
+        values["limits"] = Limits(**values.get("limits", {}))
+        return cls(**values)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:SHORT_ID]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    cpu_seconds: float = 0.0
+    memory_peak_bytes: int = 0
+    io_read_bytes: int = 0
+    io_write_bytes: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Status:
+    """What happened to a job, as `status.msgpack` holds it."""
+
+    state: State
+    reason: str = ""
+    exit_code: int | None = None
+    signal: str | None = None  # "SIGKILL"
+    oom_killed: bool = False
+    pid: int | None = None  # init's pid on the host
+    shim_pid: int | None = None
+    started_at: int | None = None  # ns since the epoch
+    finished_at: int | None = None
+    failed_step: str | None = None  # for FAILED: "exec", "cgroup", "user", ...
+    stopped_by: str | None = None
+    dropped_bytes: int = 0  # output not written: the log was full
+    usage: Usage = field(default_factory=Usage)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        wire["state"] = str(self.state)
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> Status:
+        values = dict(wire)
+        values["state"] = State(values["state"])
+        values["usage"] = Usage(**values.get("usage", {}))
+        return cls(**values)
+
+
+# -- files --------------------------------------------------------------------------
+
+SPEC_FILE = "spec.msgpack"
+STATUS_FILE = "status.msgpack"
+OUTPUT_FILE = "output.log"
+SOCKET_FILE = "shim.sock"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` (0600) so readers see the old or the new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def pack(value: Any) -> bytes:
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
+
+
+def unpack(data: bytes) -> dict[str, Any]:
+    value = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a map, not {type(value).__name__}")
+    return value
+
+
+# sun_path holds 108 bytes; longer job paths are reached through /proc.
+MAX_SOCKET_PATH = 100
+
+
+@contextlib.contextmanager
+def socket_path(job_dir: Path) -> Iterator[str]:
+    """A path for the job's shim.sock that fits in a unix socket address.
+
+    A deep state directory makes `job_dir/shim.sock` too long to bind or
+    connect; then it is named through an O_PATH descriptor of the
+    directory, /proc/self/fd/N/shim.sock, valid while the block runs.
+    """
+    path = job_dir / SOCKET_FILE
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        yield str(path)
+        return
+    fd = os.open(job_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{SOCKET_FILE}"
+    finally:
+        os.close(fd)
+
+
+def read_status(job_dir: Path) -> Status | None:
+    """The recorded status, or None if the job has none yet."""
+    try:
+        return Status.from_wire(unpack((job_dir / STATUS_FILE).read_bytes()))
+    except FileNotFoundError:
+        return None
+
+
+def write_status(job_dir: Path, status: Status) -> None:
+    write_atomically(job_dir / STATUS_FILE, pack(status.to_wire()))
+
+
+def read_spec(job_dir: Path) -> ResolvedSpec:
+    return ResolvedSpec.from_wire(unpack((job_dir / SPEC_FILE).read_bytes()))

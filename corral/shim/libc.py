@@ -1,0 +1,139 @@
+"""The few system calls Python 3.11 lacks, through ctypes, each checked.
+
+Every wrapper raises OSError with the errno and a name for the call, like
+the os module does. Nothing here allocates after the jail is up except the
+ctypes call itself, so it is safe to use in init after the mounts change.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import os
+import socket
+import struct
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+# <linux/sched.h>
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# <linux/mount.h>
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+# <linux/prctl.h>
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+# <linux/sockios.h>, <linux/if.h>
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+IFNAMSIZ = 16
+
+# <linux/capability.h>
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _check(result: int, call: str, detail: str = "") -> int:
+    if result == -1:
+        errno = ctypes.get_errno()
+        where = f"{call}({detail})" if detail else call
+        raise OSError(errno, f"{where}: {os.strerror(errno)}")
+    return result
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    _check(
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype is not None else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data is not None else None,
+        ),
+        "mount",
+        target,
+    )
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), "umount2", target)
+
+
+def sethostname(name: str) -> None:
+    raw = name.encode()
+    _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))), "sethostname", name)
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    return _check(
+        _libc.prctl(
+            ctypes.c_int(option),
+            ctypes.c_ulong(arg2),
+            ctypes.c_ulong(arg3),
+            ctypes.c_ulong(arg4),
+            ctypes.c_ulong(arg5),
+        ),
+        "prctl",
+        str(option),
+    )
+
+
+def set_name(name: str) -> None:
+    """The process name `ps` shows (15 bytes at most)."""
+    buffer = ctypes.create_string_buffer(name.encode()[:15])
+    _check(_libc.prctl(ctypes.c_int(PR_SET_NAME), buffer, 0, 0, 0), "prctl", "PR_SET_NAME")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
+
+
+def clear_capabilities() -> None:
+    """Empty this process's effective, permitted and inheritable sets (and ambient)."""
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+
+
+def interface_up(name: str) -> None:
+    """Bring a network interface up, as `ip link set NAME up` does."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack(f"{IFNAMSIZ}sH", name.encode(), 0)
+        flags = struct.unpack_from(f"{IFNAMSIZ}sH", _ioctl(sock, SIOCGIFFLAGS, request))[1]
+        _ioctl(sock, SIOCSIFFLAGS, struct.pack(f"{IFNAMSIZ}sH", name.encode(), flags | IFF_UP))
+
+
+def _ioctl(sock: socket.socket, request: int, argument: bytes) -> bytes:
+    # ifreq is 40 bytes on 64-bit Linux; pad so the kernel never reads past it.
+    return fcntl.ioctl(sock.fileno(), request, argument.ljust(40, b"\0"))

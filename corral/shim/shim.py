@@ -1,0 +1,583 @@
+"""The shim: one per job, owning it from start to end, outliving corrald.
+
+The spawner forks the shim into its own session. The shim
+
+1. reads the job's spec and resolves the run-as user;
+2. creates the job's cgroup and writes its limits;
+3. listens on `shim.sock` in the job directory (stop, status);
+4. unshares a PID namespace and forks init, puts init in the cgroup, then
+   releases it (init builds the jail and forks the command);
+5. learns from the exec channel whether the command started, and tells
+   corrald on the report pipe ({"ok": true, ...} or the failure);
+6. relays the command's stdout and stderr into `output.log` as msgpack
+   records `[stream, timestamp_ns, bytes]`, under the log size cap;
+7. when init exits: drains the pipes, reads the command's wait status,
+   OOM kills and usage, removes the cgroup, writes `status.msgpack`
+   atomically and exits.
+
+Plain synchronous Python around one poll loop: no threads (impossible after
+`unshare(CLONE_NEWPID)`), no trio, no subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import pwd
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+from corral.job import (
+    OUTPUT_FILE,
+    SOCKET_FILE,
+    ResolvedSpec,
+    SpecError,
+    State,
+    Status,
+    Usage,
+    pack,
+    read_spec,
+    socket_path,
+    unpack,
+    write_status,
+)
+from corral.shim import libc
+from corral.shim.cgroup import Cgroup, CgroupError, Flavour, open_cgroup
+from corral.shim.init import (
+    INIT_SIGNALS,
+    RELEASE,
+    WAIT_STATUS,
+    Credentials,
+    InitConfig,
+    run_init,
+)
+
+READ_SIZE = 64 * 1024
+STREAM_MARKER, STREAM_STDOUT, STREAM_STDERR = 0, 1, 2
+# Room kept below the log cap for the final "dropped" marker record.
+MARKER_RESERVE = 64
+# After init exits the kernel kills the rest of the namespace; its pipes
+# close within milliseconds. Anything slower is stuck in the kernel.
+DRAIN_TIMEOUT = 5.0
+CONTROL_MESSAGE = 4096
+MAX_CONTROL_CLIENTS = 32
+
+
+class StartFailure(Exception):
+    """The job could not start: which step, why, and the error code for corrald."""
+
+    def __init__(self, step: str, message: str, code: str = "failed_precondition") -> None:
+        super().__init__(message)
+        self.step = step
+        self.code = code
+
+
+def resolve_user(user: str) -> Credentials:
+    """The uid, gid and groups of a user name or numeric uid."""
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        if user.isdigit():  # a uid without a passwd entry is still a uid
+            return Credentials(int(user), int(user), ())
+        raise StartFailure("user", f"unknown user {user!r}", "invalid_argument") from None
+    groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    return Credentials(entry.pw_uid, entry.pw_gid, groups)
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class OutputLog:
+    """output.log: append-only msgpack records, capped in size, never torn."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.size = os.fstat(self.fd).st_size
+        self.limit = limit
+        self.dropped = 0
+        self.error: str | None = None
+
+    def append(self, stream: int, data: bytes | dict[str, Any]) -> None:
+        record = pack([stream, _now(), data])
+        room = self.limit - (MARKER_RESERVE if stream != STREAM_MARKER else 0)
+        if self.error is not None or self.size + len(record) > room:
+            self.dropped += len(data) if isinstance(data, bytes) else 0
+            return
+        try:
+            written = os.write(self.fd, record)
+        except OSError as exc:
+            written, self.error = 0, exc.strerror or str(exc)
+        if written != len(record):
+            # A short write (disk full) would tear the record: take it back.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
+            self.error = self.error or "short write"
+            self.dropped += len(data) if isinstance(data, bytes) else 0
+            return
+        self.size += written
+
+    def close(self) -> None:
+        if self.dropped:
+            marker: dict[str, Any] = {"dropped_bytes": self.dropped}
+            if self.error:
+                marker["error"] = self.error
+            self.error = None  # the marker has its reserved room
+            self.append(STREAM_MARKER, marker)
+        os.close(self.fd)
+
+
+class Shim:
+    def __init__(self, job_dir: Path, request: dict[str, Any], report_fd: int) -> None:
+        self.job_dir = job_dir
+        self.request = request
+        self.report_fd: int | None = report_fd
+        self.spec: ResolvedSpec = read_spec(job_dir)
+        self.cgroup: Cgroup | None = None
+        self.status = Status(state=State.STARTING, shim_pid=os.getpid())
+        self.init_pid: int | None = None
+        self.pidfd: int | None = None
+        self.stop_requested: tuple[str, float] | None = None  # (by, grace)
+        self.kill_at: float | None = None
+        self.killed = False
+        self.deadline: float | None = None
+        self.handlers: dict[int, Callable[[int], None]] = {}
+        self.pipes: set[int] = set()  # the command's stdout and stderr, until EOF
+        self.log: OutputLog | None = None
+        self.poll = select.poll()
+        self.clients: set[socket.socket] = set()
+
+    # -- setup -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Set the job up and start it; StartFailure says why it could not."""
+        credentials = resolve_user(self.spec.user)
+        self._make_cgroup()
+        self.log = OutputLog(self.job_dir / OUTPUT_FILE, self.spec.log_limit)
+        self.listener = self._listen()
+        out_r, err_r, exec_r = self._fork_init(credentials)
+        failure = self._read_exec_channel(exec_r)
+        if failure is not None:
+            self._end_failed(failure)
+        started = _now()
+        self.status = replace(
+            self.status,
+            state=State.RUNNING,
+            pid=self.init_pid,
+            started_at=started,
+            reason="running",
+        )
+        write_status(self.job_dir, self.status)
+        self._report({"ok": True, "pid": self.init_pid, "started_at": started})
+        if self.spec.max_runtime is not None:
+            self.deadline = time.monotonic() + self.spec.max_runtime
+        self.pipes = {out_r, err_r}
+        self._watch(out_r, lambda fd: self._relay(fd, STREAM_STDOUT))
+        self._watch(err_r, lambda fd: self._relay(fd, STREAM_STDERR))
+        self._watch(self.listener.fileno(), self._accept)
+        assert self.pidfd is not None
+        self._watch(self.pidfd, self._init_exited)
+
+    def _make_cgroup(self) -> None:
+        try:
+            self.cgroup = open_cgroup(
+                Flavour(self.request["flavour"]),
+                self.spec.id,
+                root=Path(self.request["cgroup_root"]),
+                parent=self.request["cgroup_parent"],
+            )
+            self.cgroup.create()
+            devices = [(int(major), int(minor)) for major, minor in self.request["devices"]]
+            self.cgroup.apply(self.spec.limits, devices)
+        except CgroupError as exc:
+            raise StartFailure("cgroup", str(exc), "internal") from None
+
+    def _fork_init(self, credentials: Credentials) -> tuple[int, int, int]:
+        """Fork init into a new PID namespace and the cgroup, and release it.
+
+        Returns the read ends of the command's stdout, stderr and exec channel.
+        """
+        assert self.cgroup is not None
+        assert self.log is not None
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        release_r, release_w = os.pipe2(os.O_CLOEXEC)
+        exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
+        self.result_r, result_w = os.pipe2(os.O_CLOEXEC)
+        config = InitConfig(
+            hostname=self.spec.short_id,
+            tmp_size=self.spec.tmp_size,
+            argv=self.spec.argv,
+            env=self.spec.env,
+            cwd=self.spec.cwd,
+            credentials=credentials,
+            release_fd=release_r,
+            exec_fd=exec_w,
+            result_fd=result_w,
+            stdout_fd=out_w,
+            stderr_fd=err_w,
+        )
+        signal.pthread_sigmask(signal.SIG_BLOCK, INIT_SIGNALS)
+        try:
+            libc.unshare(libc.CLONE_NEWPID)
+        except OSError as exc:
+            message = f"unshare(CLONE_NEWPID): {exc.strerror}"
+            raise StartFailure("namespaces", message, "internal") from None
+        pid = os.fork()
+        if pid == 0:
+            # init holds only what InitConfig names: a report pipe or log fd
+            # held here would keep corrald waiting for an EOF.
+            ours = [out_r, err_r, release_w, exec_r, self.result_r, self.listener.fileno()]
+            for fd in [*ours, self.log.fd, self.report_fd]:
+                if fd is not None:
+                    os.close(fd)
+            run_init(config)
+        self.init_pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        for fd in (out_w, err_w, release_r, exec_w, result_w):
+            os.close(fd)
+        try:
+            self.cgroup.add(pid)
+        except CgroupError as exc:
+            os.close(release_w)  # init sees EOF and exits
+            raise StartFailure("cgroup", str(exc), "internal") from None
+        os.write(release_w, RELEASE)
+        os.close(release_w)
+        return out_r, err_r, exec_r
+
+    def _listen(self) -> socket.socket:
+        path = self.job_dir / SOCKET_FILE
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        with socket_path(self.job_dir) as address:
+            listener.bind(address)
+        os.chmod(path, 0o600)
+        listener.listen(MAX_CONTROL_CLIENTS)
+        listener.setblocking(False)
+        return listener
+
+    def _read_exec_channel(self, fd: int) -> StartFailure | None:
+        """None once the command has exec'd (EOF, nothing said); else the failure."""
+        chunks = []
+        while chunk := os.read(fd, READ_SIZE):
+            chunks.append(chunk)
+        os.close(fd)
+        if not chunks:
+            return None
+        try:
+            failure = unpack(b"".join(chunks))
+            step, number, message = failure["step"], failure["errno"], failure["message"]
+        except (ValueError, TypeError, KeyError):
+            return StartFailure("init", "init reported an unreadable failure", "internal")
+        program = self.spec.argv[0].decode(errors="replace")
+        if step == "exec":
+            text = f"cannot run {program!r}: {message}"
+        elif step == "cwd":
+            text = (
+                f"cannot change to directory {self.spec.cwd.decode(errors='replace')!r}: {message}"
+            )
+        elif step == "user":
+            text = f"cannot become user {self.spec.user!r}: {message}"
+        else:
+            text = f"cannot set up the job ({step}): {message}"
+        caller_error = step in {"exec", "cwd"} and number in {errno.ENOENT, errno.ENOTDIR}
+        return StartFailure(
+            step, text, "invalid_argument" if caller_error else "failed_precondition"
+        )
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _watch(self, fd: int, handler: Callable[[int], None]) -> None:
+        self.handlers[fd] = handler
+        self.poll.register(fd, select.POLLIN)
+
+    def _unwatch(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            self.poll.unregister(fd)
+
+    def run(self) -> NoReturn:
+        while self.pidfd is not None:
+            timeout = self._next_timeout()
+            for fd, _ in self.poll.poll(timeout):
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    handler(fd)
+            self._check_timers()
+        raise AssertionError("unreachable")
+
+    def _next_timeout(self) -> int | None:
+        times = [t for t in (self.deadline, self.kill_at) if t is not None]
+        if not times:
+            return None
+        return max(0, int((min(times) - time.monotonic()) * 1000) + 1)
+
+    def _check_timers(self) -> None:
+        now = time.monotonic()
+        if self.deadline is not None and now >= self.deadline:
+            self.deadline = None
+            runtime = self.spec.max_runtime or 0
+            self._stop(f"max runtime {runtime:g} s", self.spec.stop_grace)
+        if self.kill_at is not None and now >= self.kill_at:
+            self.kill_at = None
+            self._kill()
+
+    def _relay(self, fd: int, stream: int) -> None:
+        assert self.log is not None
+        data = os.read(fd, READ_SIZE)
+        if data:
+            self.log.append(stream, data)
+        else:  # EOF (POLLHUP alone also lands here)
+            self._unwatch(fd)
+            self.pipes.discard(fd)
+            os.close(fd)
+
+    # -- stop ------------------------------------------------------------------------
+
+    def _stop(self, by: str, grace: float) -> None:
+        if self.stop_requested is not None:
+            # Stopping twice is safe; a shorter grace brings the kill closer.
+            if grace < self.stop_requested[1] and self.kill_at is not None:
+                self.kill_at = min(self.kill_at, time.monotonic() + grace)
+            return
+        self.stop_requested = (by, grace)
+        if grace <= 0:
+            self._kill()
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGTERM)  # type: ignore[arg-type]
+        self.kill_at = time.monotonic() + grace
+
+    def _kill(self) -> None:
+        """Every process of the job dies: SIGKILL to init takes its whole PID
+        namespace with it (the kernel kills and reaps the rest before init's
+        exit is reported). The cgroup is swept once more when it is removed."""
+        self.killed = True
+        if self.pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    # -- control socket --------------------------------------------------------------
+
+    def _accept(self, fd: int) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if len(self.clients) >= MAX_CONTROL_CLIENTS:
+            client.close()
+            return
+        client.setblocking(False)
+        self.clients.add(client)
+        self._watch(client.fileno(), lambda _fd: self._serve(client))
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            message = client.recv(CONTROL_MESSAGE)
+        except BlockingIOError:
+            return
+        except OSError:
+            message = b""
+        if not message:
+            self._drop(client)
+            return
+        try:
+            reply = self._answer(unpack(message))
+        except (ValueError, TypeError, KeyError) as exc:
+            reply = {"ok": False, "error": f"bad request: {exc}"}
+        try:
+            client.send(pack(reply))
+        except OSError:
+            self._drop(client)
+
+    def _drop(self, client: socket.socket) -> None:
+        self._unwatch(client.fileno())
+        self.clients.discard(client)
+        client.close()
+
+    def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request["op"]
+        if op == "status":
+            return {"ok": True, "status": self._live_status().to_wire()}
+        if op == "stop":
+            grace = float(request.get("grace", self.spec.stop_grace))
+            if not grace >= 0:
+                return {"ok": False, "error": "grace must be zero or more seconds"}
+            by = str(request.get("by", "")) or "request"
+            self._stop(by, grace)
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown operation {op!r}"}
+
+    def _live_status(self) -> Status:
+        usage = Usage()
+        if self.cgroup is not None:
+            with contextlib.suppress(CgroupError):
+                usage = self.cgroup.usage()
+        dropped = self.log.dropped if self.log is not None else 0
+        return replace(self.status, usage=usage, dropped_bytes=dropped)
+
+    # -- the end -----------------------------------------------------------------------
+
+    def _init_exited(self, fd: int) -> None:
+        assert self.init_pid is not None
+        _, init_status = os.waitpid(self.init_pid, 0)
+        self._unwatch(fd)
+        os.close(fd)
+        self.pidfd = None
+        command_status = self._read_result()
+        self._drain()
+        self._finish(command_status, init_status)
+
+    def _read_result(self) -> int | None:
+        with contextlib.suppress(OSError):
+            data = os.read(self.result_r, WAIT_STATUS.size)
+            if len(data) == WAIT_STATUS.size:
+                return int(WAIT_STATUS.unpack(data)[0])
+        return None
+
+    def _drain(self) -> None:
+        """Relay what the pipes still hold, until EOF or DRAIN_TIMEOUT."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while self.pipes and time.monotonic() < deadline:
+            for fd, _ in self.poll.poll(100):
+                if fd in self.pipes:
+                    self.handlers[fd](fd)
+
+    def _finish(self, command_status: int | None, init_status: int) -> NoReturn:
+        assert self.cgroup is not None
+        oom = False
+        usage = Usage()
+        with contextlib.suppress(CgroupError):
+            oom = self.cgroup.oom_kills() > 0
+            usage = self.cgroup.usage()
+        exit_code: int | None = None
+        signal_name: str | None = None
+        status = command_status if command_status is not None else init_status
+        if os.WIFEXITED(status):
+            exit_code = os.WEXITSTATUS(status)
+        elif os.WIFSIGNALED(status):
+            signal_name = _signal_name(os.WTERMSIG(status))
+        if command_status is None and signal_name is None:
+            # init ended without the command's status: it was killed (stop,
+            # OOM); the command died with it.
+            exit_code, signal_name = None, "SIGKILL"
+        state = State.STOPPED if self.stop_requested else State.EXITED
+        self.status = replace(
+            self.status,
+            state=state,
+            exit_code=exit_code,
+            signal=signal_name,
+            oom_killed=oom,
+            finished_at=_now(),
+            usage=usage,
+            reason=self._reason(exit_code, signal_name, oom),
+            stopped_by=self.stop_requested[0] if self.stop_requested else None,
+        )
+        self._end()
+
+    def _reason(self, exit_code: int | None, signal_name: str | None, oom: bool) -> str:
+        if signal_name is not None:
+            how = f"killed by {signal_name}"
+            if oom:
+                how += ": out of memory"
+        else:
+            how = f"exited with code {exit_code}"
+        if self.stop_requested is None:
+            return how
+        by, grace = self.stop_requested
+        stopped = f"stopped: {by} reached" if by.startswith("max runtime") else f"stopped by {by}"
+        if self.killed:
+            return f"{stopped}; {how} after {grace:g} s grace"
+        return f"{stopped}; {how}"
+
+    def _end_failed(self, failure: StartFailure) -> NoReturn:
+        if self.init_pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.init_pid, 0)
+        self.status = replace(
+            self.status,
+            state=State.FAILED,
+            reason=str(failure),
+            failed_step=failure.step,
+            finished_at=_now(),
+        )
+        self._report(
+            {"ok": False, "step": failure.step, "code": failure.code, "message": str(failure)}
+        )
+        self._end()
+
+    def _end(self) -> NoReturn:
+        """Clean up and record the end; the status is written last, so a
+        status that says finished means the cgroup is gone."""
+        if self.cgroup is not None:
+            try:
+                self.cgroup.remove()
+            except CgroupError as exc:
+                self.status = replace(self.status, reason=f"{self.status.reason} (cgroup: {exc})")
+        if self.log is not None:
+            self.log.close()
+            self.status = replace(self.status, dropped_bytes=self.log.dropped)
+        with contextlib.suppress(FileNotFoundError):
+            (self.job_dir / SOCKET_FILE).unlink()
+        write_status(self.job_dir, self.status)
+        if self.report_fd is not None:
+            # The caller of start hears of a failure only after it is on disk.
+            self._report(
+                {
+                    "ok": False,
+                    "step": self.status.failed_step or "init",
+                    "code": "internal",
+                    "message": self.status.reason,
+                }
+            )
+        os._exit(0)
+
+    def _report(self, message: dict[str, Any]) -> None:
+        if self.report_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self.report_fd, pack(message))
+        os.close(self.report_fd)
+        self.report_fd = None
+
+
+def run_shim(job_dir: Path, request: dict[str, Any], report_fd: int) -> NoReturn:
+    """Body of the shim process. Never returns."""
+    libc.set_name("corral-shim")
+    try:
+        shim = Shim(job_dir, request, report_fd)
+    except (OSError, ValueError, TypeError, KeyError, SpecError) as exc:
+        with contextlib.suppress(OSError):
+            os.write(
+                report_fd,
+                pack(
+                    {
+                        "ok": False,
+                        "step": "spec",
+                        "code": "internal",
+                        "message": f"cannot read the job's spec: {exc}",
+                    }
+                ),
+            )
+        os._exit(1)
+    try:
+        shim.start()
+    except StartFailure as failure:
+        shim._end_failed(failure)
+    except Exception as exc:
+        shim._end_failed(StartFailure("shim", f"{type(exc).__name__}: {exc}", "internal"))
+    shim.run()

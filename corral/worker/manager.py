@@ -1,0 +1,398 @@
+"""The job library: start, stop, inspect, wait for and remove jobs, from trio.
+
+    async with JobManager(Path("/var/lib/corral")) as jobs:
+        job = await jobs.start(JobSpec(argv=["echo", "hello"]), owner="alice")
+        status = await jobs.wait(job.id)
+
+Theory of operation. The state directory is the truth: `jobs/<id>/` holds
+the spec, the status and the output, and the job's shim (a separate
+process, made by the spawner) owns the job and writes its status. The
+manager keeps an index of jobs in memory, one watcher task per live shim
+(awaiting the shim's pidfd: no polling), and talks to a shim over its unix
+socket for `status` and `stop`. When a shim ends, its watcher reads the
+status it left; a shim that died without one leaves a `lost` job, whose
+cgroup the watcher removes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import msgpack
+import trio
+
+from corral.job import (
+    SPEC_FILE,
+    JobSpec,
+    Limits,
+    ResolvedSpec,
+    SpecError,
+    State,
+    Status,
+    new_job_id,
+    pack,
+    read_spec,
+    read_status,
+    socket_path,
+    unpack,
+    write_atomically,
+    write_status,
+)
+from corral.protocol.errors import ErrorCode
+from corral.shim.cgroup import (
+    CgroupError,
+    Flavour,
+    check_host,
+    detect_flavour,
+    disk_devices,
+    open_cgroup,
+)
+from corral.worker.spawner import Spawner, SpawnerError
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_PARENT = "corral"
+# A shim sets a job up in milliseconds; this only catches one that hangs.
+START_TIMEOUT = 60.0
+SHIM_TIMEOUT = 10.0  # for one status or stop exchange with a shim
+SHIM_COMM = "corral-shim"
+
+
+class JobError(Exception):
+    """A job operation failed; `code` is the wire's error code."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One job as the manager knows it. `status` is the last recorded one."""
+
+    spec: ResolvedSpec
+    status: Status
+    directory: Path
+    started: trio.Event = field(default_factory=trio.Event)  # set once start() knows
+    done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def short_id(self) -> str:
+        return self.spec.short_id
+
+
+def _shim_alive(pid: int | None) -> int | None:
+    """A pidfd for the shim with this pid, if that process is still a corral shim."""
+    if not pid:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        comm = ""
+    if comm != SHIM_COMM:  # the pid was reused
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+class JobManager:
+    """Jobs in a state directory, run through a spawner. An async context manager."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        spawner: Spawner | None = None,
+        flavour: Flavour | None = None,
+        cgroup_root: Path = CGROUP_ROOT,
+        cgroup_parent: str = CGROUP_PARENT,
+        default_limits: Limits | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        self.jobs_dir = state_dir / "jobs"
+        self.flavour = flavour or detect_flavour()
+        self.cgroup_root = cgroup_root
+        self.cgroup_parent = cgroup_parent
+        self.default_limits = default_limits or Limits()
+        self._spawner = spawner
+        self._own_spawner = spawner is None
+        self._jobs: dict[str, Job] = {}
+        self._devices: list[tuple[int, int]] = []
+        self._nursery: trio.Nursery | None = None
+        self._nursery_manager: Any = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self.flavour is Flavour.NONE:
+            raise JobError(ErrorCode.FAILED_PRECONDITION, "no cgroup hierarchy is mounted")
+        try:
+            check_host(self.flavour, self.cgroup_root)
+        except CgroupError as exc:
+            raise JobError(ErrorCode.FAILED_PRECONDITION, str(exc)) from None
+        self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._devices = disk_devices([self.state_dir, Path("/")])
+        if self._spawner is None:
+            self._spawner = Spawner.start()
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        self._load()
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            return bool(await self._nursery_manager.__aexit__(kind, value, traceback))
+        finally:
+            if self._own_spawner and self._spawner is not None:
+                self._spawner.close()
+
+    def _load(self) -> None:
+        """Index the jobs already in the state directory; watch live shims again."""
+        for directory in sorted(self.jobs_dir.iterdir()):
+            try:
+                spec = read_spec(directory)
+                status = read_status(directory) or Status(state=State.STARTING)
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                log.warning("skipping job directory %s: %s", directory, exc)
+                continue
+            job = Job(spec=spec, status=status, directory=directory)
+            job.started.set()
+            self._jobs[spec.id] = job
+            if status.state.finished:
+                job.done.set()
+                continue
+            pidfd = _shim_alive(status.shim_pid)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._watch, job, pidfd)
+
+    # -- lookup ----------------------------------------------------------------------
+
+    def resolve(self, job_id: str) -> Job:
+        """The job with this id or unique id prefix; JobError otherwise."""
+        if job := self._jobs.get(job_id):
+            return job
+        matches = [job for key, job in self._jobs.items() if job_id and key.startswith(job_id)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise JobError(ErrorCode.NOT_FOUND, f"no job {job_id!r}")
+        candidates = ", ".join(sorted(job.short_id for job in matches)[:10])
+        raise JobError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"job id prefix {job_id!r} is ambiguous: it matches {candidates}",
+        )
+
+    def jobs(self) -> list[Job]:
+        """Every job, oldest first."""
+        return sorted(self._jobs.values(), key=lambda job: (job.spec.created_at, job.id))
+
+    # -- start -------------------------------------------------------------------------
+
+    async def start(self, spec: JobSpec) -> Job:
+        """Start a job and return once its command is running.
+
+        Raises JobError: invalid_argument for a bad spec, or a command that
+        cannot be found; failed_precondition or internal when it could not
+        start. A job that failed to start stays recorded as `failed`.
+        """
+        try:
+            resolved = spec.validate()
+        except SpecError as exc:
+            raise JobError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        job_id = new_job_id()
+        resolved = replace(
+            resolved,
+            id=job_id,
+            created_at=time.time_ns(),
+            limits=self.default_limits.merged(resolved.limits),
+        )
+        directory = self.jobs_dir / job_id
+        directory.mkdir(mode=0o700)
+        write_atomically(directory / SPEC_FILE, pack(resolved.to_wire()))
+        write_status(directory, Status(state=State.STARTING, reason="starting"))
+        job = Job(spec=resolved, status=Status(state=State.STARTING), directory=directory)
+        self._jobs[job_id] = job
+
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        request = {
+            "job_dir": str(directory),
+            "flavour": str(self.flavour),
+            "cgroup_root": str(self.cgroup_root),
+            "cgroup_parent": self.cgroup_parent,
+            "devices": [list(device) for device in self._devices],
+        }
+        try:
+            assert self._spawner is not None
+            _, pidfd = await self._spawner.spawn(request, report_w)
+        except SpawnerError as exc:
+            os.close(report_r)
+            self._fail(job, "spawn", str(exc))
+            raise JobError(ErrorCode.UNAVAILABLE, f"cannot start the job: {exc}") from None
+        finally:
+            os.close(report_w)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch, job, pidfd)
+        try:
+            report = await self._read_report(report_r)
+        finally:
+            job.started.set()
+        if report.get("ok"):
+            job.status = read_status(directory) or job.status
+            return job
+        await job.done.wait()  # the shim has recorded the failure and is gone
+        code = ErrorCode(report.get("code", "internal"))
+        raise JobError(code, str(report.get("message", "the job could not start")))
+
+    async def _read_report(self, fd: int) -> dict[str, Any]:
+        """The shim's one report: started, or why not. EOF first means it died."""
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 16)
+        async with trio.lowlevel.FdStream(fd) as stream:
+            with trio.move_on_after(START_TIMEOUT):
+                while data := await stream.receive_some(4096):
+                    unpacker.feed(data)
+                    for report in unpacker:
+                        if isinstance(report, dict):
+                            return report
+                return {
+                    "ok": False,
+                    "code": "internal",
+                    "message": "the shim died while starting the job",
+                }
+        return {
+            "ok": False,
+            "code": "internal",
+            "message": f"the shim did not report in {START_TIMEOUT:g} s",
+        }
+
+    def _fail(self, job: Job, step: str, message: str) -> None:
+        job.status = Status(
+            state=State.FAILED, reason=message, failed_step=step, finished_at=time.time_ns()
+        )
+        write_status(job.directory, job.status)
+        job.done.set()
+
+    # -- watching shims --------------------------------------------------------------
+
+    async def _watch(self, job: Job, pidfd: int | None) -> None:
+        """Wait for the job's shim to end, then take its recorded status."""
+        if pidfd is not None:
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                trio.lowlevel.notify_closing(pidfd)
+                os.close(pidfd)
+        status = read_status(job.directory)
+        if status is None or not status.state.finished:
+            status = await self._lost(job, status)
+        job.status = status
+        job.started.set()
+        job.done.set()
+
+    async def _lost(self, job: Job, last: Status | None) -> Status:
+        """The shim vanished without recording an end: kill what is left, say so."""
+        cgroup = open_cgroup(self.flavour, job.id, root=self.cgroup_root, parent=self.cgroup_parent)
+        reason = "lost: its shim ended without recording how the job ended"
+        try:
+            await trio.to_thread.run_sync(cgroup.remove)
+        except CgroupError as exc:
+            reason += f"; its cgroup could not be removed: {exc}"
+        base = last or Status(state=State.LOST)
+        status = replace(base, state=State.LOST, reason=reason, finished_at=time.time_ns())
+        write_status(job.directory, status)
+        log.warning("job %s %s", job.short_id, reason)
+        return status
+
+    # -- talking to a shim ----------------------------------------------------------
+
+    async def _ask_shim(self, job: Job, request: dict[str, Any]) -> dict[str, Any] | None:
+        """One exchange with the job's shim; None if it is gone."""
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with sock, trio.move_on_after(SHIM_TIMEOUT):
+            try:
+                with socket_path(job.directory) as address:
+                    await sock.connect(address)
+                await sock.send(pack(request))
+                reply = await sock.recv(1 << 16)
+            except OSError as exc:
+                if exc.errno in {errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE}:
+                    return None
+                raise JobError(ErrorCode.INTERNAL, f"cannot reach the job's shim: {exc}") from exc
+            return unpack(reply) if reply else None
+        raise JobError(ErrorCode.INTERNAL, f"the job's shim did not answer in {SHIM_TIMEOUT:g} s")
+
+    # -- operations ------------------------------------------------------------------
+
+    async def status(self, job_id: str) -> tuple[Job, Status]:
+        """The job and its status, with live usage while it runs."""
+        job = self.resolve(job_id)
+        if not job.done.is_set() and job.status.state is State.RUNNING:
+            reply = await self._ask_shim(job, {"op": "status"})
+            if reply and reply.get("ok"):
+                return job, Status.from_wire(reply["status"])
+        if job.done.is_set():
+            return job, job.status
+        return job, read_status(job.directory) or job.status
+
+    async def stop(self, job_id: str, grace: float = 10.0, *, by: str = "") -> Status:
+        """Stop the job: SIGTERM, then after `grace` seconds SIGKILL to all of it.
+
+        Returns the final status once the job has ended. Stopping a job that
+        has ended is failed_precondition; stopping twice is safe.
+        """
+        if not (isinstance(grace, int | float) and math.isfinite(grace) and 0 <= grace <= 3600):
+            raise JobError(ErrorCode.INVALID_ARGUMENT, "grace: must be between 0 and 3600 seconds")
+        job = self.resolve(job_id)
+        if job.done.is_set():
+            raise JobError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"job {job.short_id} has already ended ({job.status.reason})",
+            )
+        await job.started.wait()  # a stop racing start waits for the shim's report
+        if not job.done.is_set():
+            await self._ask_shim(job, {"op": "stop", "grace": float(grace), "by": by})
+        await job.done.wait()
+        return job.status
+
+    async def wait(self, job_id: str) -> Status:
+        job = self.resolve(job_id)
+        await job.done.wait()
+        return job.status
+
+    async def remove(self, job_id: str) -> None:
+        """Forget a finished job and delete its files."""
+        job = self.resolve(job_id)
+        if not job.done.is_set():
+            raise JobError(
+                ErrorCode.FAILED_PRECONDITION, f"job {job.short_id} is running; stop it first"
+            )
+        del self._jobs[job.id]
+        await trio.to_thread.run_sync(shutil.rmtree, job.directory)
+
+
+__all__ = ["Job", "JobError", "JobManager"]

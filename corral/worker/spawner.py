@@ -1,0 +1,102 @@
+"""corrald's end of the spawner: start it before trio, then ask it for shims."""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import trio
+
+from corral.job import pack, unpack
+
+MAX_REPLY = 4096
+
+
+class SpawnerError(Exception):
+    """The spawner could not make a shim, or is gone."""
+
+
+class Spawner:
+    """A running spawner process and our end of its socket.
+
+    `Spawner.start()` is synchronous and meant to run before `trio.run` (the
+    spawner is a fresh interpreter, so it is safe later too, e.g. for the
+    library used on its own).
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.process = process
+        self._sock = sock
+        self._trio_sock: trio.socket.SocketType | None = None
+        self._lock: trio.Lock | None = None
+
+    @classmethod
+    def start(cls) -> Spawner:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-m", "corral.shim.spawner", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                # A terminal's Ctrl+C is for corrald; the spawner ends on EOF.
+                process_group=0,
+            )
+        except OSError as exc:
+            ours.close()
+            raise SpawnerError(f"cannot start the spawner: {exc}") from exc
+        finally:
+            theirs.close()
+        return cls(process, ours)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def spawn(self, request: dict[str, Any], report_fd: int) -> tuple[int, int]:
+        """Ask for a shim; return its pid and a pidfd (ours to close)."""
+        if self._trio_sock is None:
+            self._sock.setblocking(False)
+            self._trio_sock = trio.socket.from_stdlib_socket(self._sock)
+            self._lock = trio.Lock()
+        assert self._lock is not None
+        fds = array.array("i", [report_fd])
+        async with self._lock:  # one request, one reply: keep them paired
+            try:
+                await self._trio_sock.sendmsg(
+                    [pack(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+                )
+                message, ancillary, flags, _ = await self._trio_sock.recvmsg(
+                    MAX_REPLY, socket.CMSG_SPACE(fds.itemsize), socket.MSG_CMSG_CLOEXEC
+                )
+            except OSError as exc:
+                raise SpawnerError(f"the spawner is gone: {exc.strerror or exc}") from exc
+        received = array.array("i")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received.frombytes(data[: len(data) - (len(data) % received.itemsize)])
+        if not message:
+            raise SpawnerError("the spawner is gone (it closed its socket)")
+        reply = unpack(message)
+        if "error" in reply or len(received) != 1 or flags & socket.MSG_CTRUNC:
+            for fd in received:
+                os.close(fd)
+            raise SpawnerError(str(reply.get("error", "the spawner sent no pidfd")))
+        return int(reply["pid"]), received[0]
+
+    def close(self) -> None:
+        """Close our end (the spawner exits at EOF) and reap it."""
+        if self._trio_sock is not None:
+            self._trio_sock.close()
+        else:
+            self._sock.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,465 @@
+"""Jobs through the worker library: real shims, namespaces and cgroups, as root.
+
+Every test here starts real processes in real namespaces and cgroups. They
+need root and a cgroup hierarchy; CI runs them (CORRAL_STRICT_SKIPS=1 makes
+a skip fail the run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+
+from corral.job import OUTPUT_FILE, JobSpec, Limits, State, Status
+from corral.protocol import ErrorCode
+from corral.shim.cgroup import Flavour, detect_flavour, open_cgroup
+from corral.worker.manager import JobError, JobManager
+
+pytestmark = [
+    pytest.mark.jobs,
+    pytest.mark.skipif(os.geteuid() != 0, reason="jobs need root"),
+]
+
+FLAVOUR = detect_flavour()
+PARENT = f"corral-test-{os.getpid()}"
+
+
+def records(job_dir: Path) -> list[list[object]]:
+    """The msgpack records of a job's output.log."""
+    return list(msgpack.Unpacker(open(job_dir / OUTPUT_FILE, "rb"), raw=False))
+
+
+def output(job_dir: Path, stream: int = 1) -> bytes:
+    return b"".join(r[2] for r in records(job_dir) if r[0] == stream)  # type: ignore[misc]
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory jobs running as nobody can read and write, on the real disk
+    (not /tmp, which each job gets its own of)."""
+    directory = Path(tempfile.mkdtemp(prefix="corral-test-", dir="/var/tmp"))
+    directory.chmod(0o777)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+async def jobs(tmp_path: Path) -> AsyncIterator[JobManager]:
+    """A JobManager on a fresh state directory, under a cgroup parent of its own.
+
+    Afterwards: every job has ended and no cgroup of ours is left.
+    """
+    manager = JobManager(tmp_path / "state", cgroup_parent=PARENT)
+    async with manager:
+        try:
+            yield manager
+        finally:
+            for job in manager.jobs():
+                if not job.done.is_set():
+                    await manager.stop(job.id, grace=0)
+    leftovers = [
+        path
+        for path in open_cgroup(FLAVOUR, "x", parent=PARENT).paths()
+        if path.parent.exists() and any(p.is_dir() for p in path.parent.iterdir())
+    ]
+    for path in open_cgroup(FLAVOUR, "x", parent=PARENT).paths():
+        if path.parent.exists():
+            path.parent.rmdir()
+    assert not leftovers, f"cgroups left behind under {leftovers}"
+
+
+async def run(jobs: JobManager, *argv: str | bytes, **spec: object) -> tuple[Status, Path]:
+    job = await jobs.start(JobSpec(argv=list(argv), **spec))  # type: ignore[arg-type]
+    return await jobs.wait(job.id), job.directory
+
+
+# -- exit status ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [0, 3, 255])
+async def test_exit_codes(jobs: JobManager, code: int) -> None:
+    status, _ = await run(jobs, "sh", "-c", f"exit {code}")
+    assert status.state is State.EXITED
+    assert (status.exit_code, status.signal, status.oom_killed) == (code, None, False)
+    assert status.reason == f"exited with code {code}"
+    assert status.started_at
+    assert status.finished_at
+    assert status.finished_at >= status.started_at
+
+
+@pytest.mark.parametrize("signum", [signal.SIGSEGV, signal.SIGKILL])
+async def test_death_by_signal_is_named(jobs: JobManager, signum: signal.Signals) -> None:
+    status, _ = await run(jobs, "sh", "-c", f"kill -{signum.name.removeprefix('SIG')} $$")
+    assert status.state is State.EXITED
+    assert (status.exit_code, status.signal) == (None, signum.name)
+    assert status.reason == f"killed by {signum.name}"
+
+
+async def test_output_lands_in_the_log(jobs: JobManager) -> None:
+    status, directory = await run(jobs, "sh", "-c", "echo out; echo err >&2")
+    assert status.exit_code == 0
+    assert output(directory, 1) == b"out\n"
+    assert output(directory, 2) == b"err\n"
+
+
+# -- start failures -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "code", "step", "words"),
+    [
+        ({"argv": ["no-such-program-xyz"]}, ErrorCode.INVALID_ARGUMENT, "exec",
+         "cannot run 'no-such-program-xyz': not found in PATH="),
+        ({"argv": ["/etc/shadow"]}, ErrorCode.FAILED_PRECONDITION, "exec",
+         "cannot run '/etc/shadow': Permission denied"),
+        ({"argv": ["true"], "cwd": "/no/such/dir"}, ErrorCode.INVALID_ARGUMENT, "cwd",
+         "cannot change to directory '/no/such/dir'"),
+        ({"argv": ["true"], "user": "no-such-user-xyz"}, ErrorCode.INVALID_ARGUMENT, "user",
+         "unknown user 'no-such-user-xyz'"),
+    ],
+)  # fmt: skip
+async def test_start_failures_are_clear_and_recorded(
+    jobs: JobManager, spec: dict[str, object], code: ErrorCode, step: str, words: str
+) -> None:
+    with pytest.raises(JobError) as caught:
+        await jobs.start(JobSpec(**spec))  # type: ignore[arg-type]
+    assert caught.value.code is code
+    assert words in str(caught.value)
+    (job,) = jobs.jobs()
+    assert job.status.state is State.FAILED
+    assert job.status.failed_step == step
+    assert words in job.status.reason
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"argv": []}, "argv"),
+        ({"argv": ["a\0b"]}, "argv[0]"),
+        ({"argv": ["true"], "cwd": "relative"}, "cwd"),
+        ({"argv": ["true"], "limits": Limits(memory=0)}, "limits.memory"),
+        ({"argv": ["true"], "limits": Limits(cpu=-1)}, "limits.cpu"),
+        ({"argv": ["true"], "limits": Limits(pids=10**9)}, "limits.pids"),
+        ({"argv": ["true"], "limits": Limits(memory="1G")}, "limits.memory"),  # type: ignore[arg-type]
+        ({"argv": ["true"], "max_runtime": 0}, "max_runtime"),
+    ],
+)
+async def test_invalid_specs_change_nothing(
+    jobs: JobManager, spec: dict[str, object], field: str
+) -> None:
+    with pytest.raises(JobError) as caught:
+        await jobs.start(JobSpec(**spec))  # type: ignore[arg-type]
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert str(caught.value).startswith(f"{field}: ")
+    assert jobs.jobs() == []
+    assert list(jobs.jobs_dir.iterdir()) == []
+
+
+# -- arguments, environment, directory ----------------------------------------------------
+
+
+async def test_long_and_binary_arguments_env_and_cwd(jobs: JobManager) -> None:
+    long_arg = "x" * 20_000
+    binary = bytes(range(1, 256))
+    status, directory = await run(
+        jobs,
+        b"sh",
+        b"-c",
+        b'printf "%s|%s|%s|%s" "${#1}" "$2" "$GREETING" "$(pwd)"',
+        b"sh",
+        long_arg.encode(),
+        binary,
+        env={"GREETING": "hi", "PATH": "/usr/bin:/bin"},
+        cwd="/usr",
+    )
+    assert status.exit_code == 0, output(directory, 2)
+    assert output(directory) == b"20000|" + binary + b"|hi|/usr"
+
+
+async def test_default_environment_is_small_and_clean(jobs: JobManager) -> None:
+    os.environ["CORRAL_TEST_SECRET"] = "leak"
+    try:
+        _status, directory = await run(jobs, "env")
+    finally:
+        del os.environ["CORRAL_TEST_SECRET"]
+    names = {line.split(b"=", 1)[0] for line in output(directory).splitlines()}
+    assert names == {b"PATH", b"HOME", b"LANG", b"TERM"}
+
+
+# -- isolation --------------------------------------------------------------------------------
+
+
+async def test_pid_namespace(jobs: JobManager) -> None:
+    _status, directory = await run(jobs, "sh", "-c", "echo $$ $PPID; ps -e -o pid=,comm=")
+    lines = output(directory).decode().splitlines()
+    assert lines[0].split()[1] == "1"  # the command's parent is PID 1 (init)
+    processes = {tuple(line.split()) for line in lines[1:]}
+    assert ("1", "corral-init") in processes
+    assert {comm for _, comm in processes} <= {"corral-init", "sh", "ps"}
+
+
+async def test_network_namespace_has_only_loopback_and_cannot_reach_the_host(
+    jobs: JobManager,
+) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        script = (
+            "import os, socket\n"
+            "print(sorted(os.listdir('/sys/class/net')))\n"
+            "print(open('/sys/class/net/lo/operstate').read().strip(),"
+            " int(open('/sys/class/net/lo/flags').read(), 16) & 1)\n"
+            "s = socket.socket()\n"
+            f"print(s.connect_ex(('127.0.0.1', {port})))\n"
+        )
+        status, directory = await run(jobs, "/usr/bin/python3", "-c", script)
+    assert status.exit_code == 0, output(directory, 2)
+    interfaces, lo, refused = output(directory).decode().splitlines()
+    assert interfaces == "['lo']"
+    assert lo.endswith(" 1")  # IFF_UP
+    assert int(refused) != 0  # the host's 127.0.0.1 is not this 127.0.0.1
+
+
+async def test_uts_ipc_mount_and_tmp_are_private(jobs: JobManager, shared_dir: Path) -> None:
+    marker = Path("/tmp") / f"corral-host-{os.getpid()}"
+    marker.write_text("host")
+    try:
+        status, directory = await run(
+            jobs,
+            "sh",
+            "-c",
+            "hostname; readlink /proc/self/ns/ipc; ls -A /tmp; "
+            f"mount -t tmpfs none {shared_dir} && echo mounted",
+            user="root",
+        )
+    finally:
+        marker.unlink()
+    assert status.exit_code == 0, output(directory, 2)
+    hostname, ipc, *rest = output(directory).decode().splitlines()
+    job = jobs.jobs()[0]
+    assert hostname == job.short_id
+    assert hostname != socket.gethostname()
+    assert ipc != os.readlink("/proc/self/ns/ipc")
+    assert rest == ["mounted"]  # the host's /tmp marker is not there
+    assert not os.path.ismount(shared_dir)  # the job's mount stayed inside
+
+
+async def test_unprivileged_job_cannot_regain_privileges(
+    jobs: JobManager, shared_dir: Path
+) -> None:
+    setuid_id = shared_dir / "id"
+    shutil.copy("/usr/bin/id", setuid_id)
+    setuid_id.chmod(0o4755)
+    _status, directory = await run(
+        jobs,
+        "sh",
+        "-c",
+        "grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; id -u; "
+        f"{setuid_id} -u; cat /etc/shadow || echo denied",
+    )
+    lines = output(directory).decode().split()
+    assert lines[:4] == ["CapEff:", "0000000000000000", "NoNewPrivs:", "1"]
+    nobody = str(__import__("pwd").getpwnam("nobody").pw_uid)
+    assert lines[4:6] == [nobody, nobody]  # the setuid bit gave nothing
+    assert lines[-1] == "denied"
+
+
+# -- cgroups and limits ----------------------------------------------------------------------
+
+
+async def test_job_is_in_its_cgroup_with_its_limits_and_the_cgroup_goes(
+    jobs: JobManager,
+) -> None:
+    limits = Limits(cpu=0.5, memory=64 << 20, pids=50)
+    job = await jobs.start(JobSpec(argv=["sh", "-c", "cat /proc/self/cgroup; sleep 1000"],
+                                   limits=limits))  # fmt: skip
+    cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT)
+    paths = cgroup.paths()
+    if FLAVOUR is Flavour.V1:
+        root = paths[0].parent.parent.parent
+        assert (root / "cpu" / PARENT / job.id / "cpu.cfs_quota_us").read_text().strip() == "50000"
+        memory = root / "memory" / PARENT / job.id
+        assert (memory / "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
+        assert (root / "pids" / PARENT / job.id / "pids.max").read_text().strip() == "50"
+    else:
+        (path,) = paths
+        assert (path / "cpu.max").read_text().split()[0] == "50000"
+        assert (path / "memory.max").read_text().strip() == str(64 << 20)
+        assert (path / "memory.swap.max").read_text().strip() == "0"
+        assert (path / "pids.max").read_text().strip() == "50"
+    assert len(cgroup.procs()) == 3  # init, sh, sleep
+    status = await jobs.stop(job.id, grace=1, by="test")
+    assert status.state is State.STOPPED
+    assert b"/" + PARENT.encode() + b"/" + job.id.encode() in output(job.directory)
+    assert not any(path.exists() for path in paths)
+
+
+async def test_out_of_memory_is_reported(jobs: JobManager) -> None:
+    status, _directory = await run(
+        jobs,
+        "/usr/bin/python3",
+        "-c",
+        "x = b'x' * (200 << 20)",
+        limits=Limits(memory=32 << 20),
+    )
+    assert status.oom_killed, status
+    assert status.signal == "SIGKILL"
+    assert status.reason == "killed by SIGKILL: out of memory"
+
+
+async def test_pids_limit_stops_a_fork_bomb(jobs: JobManager) -> None:
+    _status, directory = await run(
+        jobs,
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 100 ]; do sleep 2 & i=$((i+1)); done; wait",
+        limits=Limits(pids=20),
+    )
+    assert b"fork" in output(directory, 2).lower() or b"resource" in output(directory, 2).lower()
+
+
+# -- stopping ------------------------------------------------------------------------------
+
+
+async def test_stop_kills_the_whole_tree(jobs: JobManager) -> None:
+    job = await jobs.start(
+        JobSpec(
+            argv=[
+                "sh",
+                "-c",
+                "sleep 1000 & setsid sleep 1000 & (setsid sh -c 'sleep 1000 &' &); wait",
+            ]
+        )
+    )
+    cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT)
+    while len(cgroup.procs()) < 5:
+        await trio.sleep(0.01)
+    pids = cgroup.procs()
+    status = await jobs.stop(job.id, grace=5, by="alice")
+    assert status.state is State.STOPPED
+    assert status.stopped_by == "alice"
+    assert not any(alive(pid) for pid in pids)
+
+
+async def test_a_job_handling_sigterm_ends_gracefully(jobs: JobManager) -> None:
+    job = await jobs.start(
+        JobSpec(
+            argv=[
+                "sh",
+                "-c",
+                "trap 'echo bye; exit 7' TERM; echo ready; while :; do sleep 0.05; done",
+            ]
+        )
+    )
+    while b"ready" not in output(job.directory):
+        await trio.sleep(0.01)
+    status = await jobs.stop(job.id, grace=30, by="alice")
+    assert (status.state, status.exit_code, status.signal) == (State.STOPPED, 7, None)
+    assert status.reason == "stopped by alice; exited with code 7"
+    assert b"bye" in output(job.directory)
+
+
+async def test_a_job_ignoring_sigterm_is_killed_after_the_grace(jobs: JobManager) -> None:
+    job = await jobs.start(JobSpec(argv=["sh", "-c", "trap '' TERM; echo ready; sleep 1000"]))
+    while b"ready" not in output(job.directory):
+        await trio.sleep(0.01)
+    status = await jobs.stop(job.id, grace=0.2, by="alice")
+    assert (status.state, status.signal) == (State.STOPPED, "SIGKILL")
+    assert status.reason == "stopped by alice; killed by SIGKILL after 0.2 s grace"
+
+
+async def test_stopping_twice_and_after_the_end(jobs: JobManager) -> None:
+    job = await jobs.start(JobSpec(argv=["sleep", "1000"]))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(jobs.stop, job.id, 0.5)
+        nursery.start_soon(jobs.stop, job.id, 0)
+    with pytest.raises(JobError, match="has already ended") as caught:
+        await jobs.stop(job.id)
+    assert caught.value.code is ErrorCode.FAILED_PRECONDITION
+
+
+async def test_max_runtime_stops_the_job(jobs: JobManager) -> None:
+    status, _ = await run(jobs, "sleep", "1000", max_runtime=0.2)
+    assert status.state is State.STOPPED
+    assert status.reason.startswith("stopped: max runtime 0.2 s reached; killed by SIGTERM")
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+async def test_binary_output_is_byte_exact(jobs: JobManager, shared_dir: Path) -> None:
+    data = os.urandom(3 << 20) + b"\0" * 1000 + os.urandom(1000)
+    source = shared_dir / "data"
+    source.write_bytes(data)
+    source.chmod(0o644)
+    status, directory = await run(jobs, "sh", "-c", f"cat {source}; cat {source} >&2")
+    assert status.exit_code == 0
+    expected = hashlib.sha256(data).hexdigest()
+    assert hashlib.sha256(output(directory, 1)).hexdigest() == expected
+    assert hashlib.sha256(output(directory, 2)).hexdigest() == expected
+
+
+async def test_log_size_cap_holds_and_says_what_it_dropped(jobs: JobManager) -> None:
+    status, directory = await run(jobs, "sh", "-c", "head -c 100000 /dev/zero", log_limit=8192)
+    assert status.exit_code == 0
+    assert (directory / OUTPUT_FILE).stat().st_size <= 8192
+    marker = [r for r in records(directory) if r[0] == 0]
+    written = len(output(directory))
+    assert marker == [[0, marker[0][1], {"dropped_bytes": 100000 - written}]]
+    assert status.dropped_bytes == 100000 - written
+
+
+# -- faults and leaks -----------------------------------------------------------------------
+
+
+async def test_a_killed_shim_takes_its_job_and_the_job_is_lost(jobs: JobManager) -> None:
+    job = await jobs.start(JobSpec(argv=["sh", "-c", "sleep 1000 & sleep 1000"]))
+    cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT)
+    while len(cgroup.procs()) < 3:
+        await trio.sleep(0.01)
+    pids = cgroup.procs()
+    status = (await jobs.status(job.id))[1]
+    assert status.shim_pid is not None
+    os.kill(status.shim_pid, signal.SIGKILL)
+    final = await jobs.wait(job.id)
+    assert final.state is State.LOST
+    assert "shim" in final.reason
+    assert not any(path.exists() for path in cgroup.paths())
+    assert not any(alive(pid) for pid in pids)
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper (a dead shim's init is
+    re-parented to the host's PID 1, which reaps in its own time)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_no_leaks_after_many_jobs(jobs: JobManager) -> None:
+    await run(jobs, "true")
+    fds = open_fds()
+    for _ in range(40):
+        await run(jobs, "true")
+    assert open_fds() == fds
+    assert all(job.done.is_set() for job in jobs.jobs())
+    for job in jobs.jobs():
+        await jobs.remove(job.id)
+    assert list(jobs.jobs_dir.iterdir()) == []
