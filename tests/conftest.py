@@ -7,12 +7,14 @@ they need has to be seen, not quietly skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,15 @@ import trio
 
 from corral import pki
 from corral.address import Address, TCPAddress, UnixAddress
+from corral.job import read_status
+from corral.shim.cgroup import Flavour, detect_flavour, open_cgroup, orphans
 from corral.supervisor.server import Server, ServerConfig
 from corral.tls import server_context
 
 STRICT_SKIPS = "CORRAL_STRICT_SKIPS"
+# Jobs started by tests get cgroups under a parent of their own, never a
+# real corrald's.
+TEST_CGROUP_PARENT = f"corral-test-{os.getpid()}"
 CORRALD = [sys.executable, "-m", "corral.supervisor.main"]
 
 
@@ -53,6 +60,15 @@ def short_dir() -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix="corral-"))
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
+
+
+async def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait for a condition another process brings about (a job's output, a
+    process appearing in a cgroup), checking every few ms, failing after
+    `timeout`: what the kernel does not announce can only be looked at."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.005)
 
 
 def identity(pki_dir: Path, name: str) -> Path:
@@ -108,6 +124,8 @@ def corrald(pki_dir: Path, short_dir: Path) -> Iterator[Daemon]:
         "127.0.0.1:0",
         "--listen",
         f"unix:{socket_path}",
+        "--cgroup-parent",
+        TEST_CGROUP_PARENT,
     )
     try:
         assert process.stdout is not None
@@ -119,3 +137,32 @@ def corrald(pki_dir: Path, short_dir: Path) -> Iterator[Daemon]:
         if process.poll() is None:
             process.terminate()
         process.communicate(timeout=30)
+        end_jobs(short_dir / "state")
+
+
+def end_jobs(state_dir: Path) -> None:
+    """Kill what jobs a test left running (their shims outlive corrald) and
+    remove their cgroups."""
+    flavour = detect_flavour()
+    for job_dir in sorted((state_dir / "jobs").glob("*")):
+        status = read_status(job_dir)
+        if status is not None and status.shim_pid and not status.state.finished:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(status.shim_pid, signal.SIGKILL)
+        open_cgroup(flavour, job_dir.name, parent=TEST_CGROUP_PARENT).remove()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_cgroups_left_behind() -> Iterator[None]:
+    """After the whole run: no job cgroup of the tests is left; remove the parents."""
+    yield
+    flavour = detect_flavour()
+    if flavour is Flavour.NONE:
+        return
+    left = orphans(flavour, parent=TEST_CGROUP_PARENT)
+    for name in left:
+        open_cgroup(flavour, name, parent=TEST_CGROUP_PARENT).remove()
+    for path in open_cgroup(flavour, "x", parent=TEST_CGROUP_PARENT).paths():
+        with contextlib.suppress(FileNotFoundError):
+            path.parent.rmdir()
+    assert not left, f"job cgroups left behind: {left}"

@@ -22,8 +22,10 @@ import trio
 
 from corral.job import OUTPUT_FILE, JobSpec, Limits, State, Status
 from corral.protocol import ErrorCode
-from corral.shim.cgroup import Flavour, detect_flavour, open_cgroup
+from corral.shim.cgroup import Flavour, detect_flavour, open_cgroup, orphans
 from corral.worker.manager import JobError, JobManager
+
+from .conftest import TEST_CGROUP_PARENT, until
 
 pytestmark = [
     pytest.mark.jobs,
@@ -31,7 +33,7 @@ pytestmark = [
 ]
 
 FLAVOUR = detect_flavour()
-PARENT = f"corral-test-{os.getpid()}"
+PARENT = TEST_CGROUP_PARENT
 
 
 def records(job_dir: Path) -> list[list[object]]:
@@ -67,15 +69,7 @@ async def jobs(tmp_path: Path) -> AsyncIterator[JobManager]:
             for job in manager.jobs():
                 if not job.done.is_set():
                     await manager.stop(job.id, grace=0)
-    leftovers = [
-        path
-        for path in open_cgroup(FLAVOUR, "x", parent=PARENT).paths()
-        if path.parent.exists() and any(p.is_dir() for p in path.parent.iterdir())
-    ]
-    for path in open_cgroup(FLAVOUR, "x", parent=PARENT).paths():
-        if path.parent.exists():
-            path.parent.rmdir()
-    assert not leftovers, f"cgroups left behind under {leftovers}"
+    assert orphans(FLAVOUR, parent=PARENT) == [], "a job's cgroup was left behind"
 
 
 async def run(jobs: JobManager, *argv: str | bytes, **spec: object) -> tuple[Status, Path]:
@@ -343,8 +337,7 @@ async def test_stop_kills_the_whole_tree(jobs: JobManager) -> None:
         )
     )
     cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT)
-    while len(cgroup.procs()) < 5:
-        await trio.sleep(0.01)
+    await until(lambda: len(cgroup.procs()) >= 5)
     pids = cgroup.procs()
     status = await jobs.stop(job.id, grace=5, by="alice")
     assert status.state is State.STOPPED
@@ -362,8 +355,7 @@ async def test_a_job_handling_sigterm_ends_gracefully(jobs: JobManager) -> None:
             ]
         )
     )
-    while b"ready" not in output(job.directory):
-        await trio.sleep(0.01)
+    await until(lambda: b"ready" in output(job.directory))
     status = await jobs.stop(job.id, grace=30, by="alice")
     assert (status.state, status.exit_code, status.signal) == (State.STOPPED, 7, None)
     assert status.reason == "stopped by alice; exited with code 7"
@@ -372,8 +364,7 @@ async def test_a_job_handling_sigterm_ends_gracefully(jobs: JobManager) -> None:
 
 async def test_a_job_ignoring_sigterm_is_killed_after_the_grace(jobs: JobManager) -> None:
     job = await jobs.start(JobSpec(argv=["sh", "-c", "trap '' TERM; echo ready; sleep 1000"]))
-    while b"ready" not in output(job.directory):
-        await trio.sleep(0.01)
+    await until(lambda: b"ready" in output(job.directory))
     status = await jobs.stop(job.id, grace=0.2, by="alice")
     assert (status.state, status.signal) == (State.STOPPED, "SIGKILL")
     assert status.reason == "stopped by alice; killed by SIGKILL after 0.2 s grace"
@@ -426,8 +417,7 @@ async def test_log_size_cap_holds_and_says_what_it_dropped(jobs: JobManager) -> 
 async def test_a_killed_shim_takes_its_job_and_the_job_is_lost(jobs: JobManager) -> None:
     job = await jobs.start(JobSpec(argv=["sh", "-c", "sleep 1000 & sleep 1000"]))
     cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT)
-    while len(cgroup.procs()) < 3:
-        await trio.sleep(0.01)
+    await until(lambda: len(cgroup.procs()) >= 3)
     pids = cgroup.procs()
     status = (await jobs.status(job.id))[1]
     assert status.shim_pid is not None

@@ -43,7 +43,7 @@ from corral.protocol.messages import from_wire
 from corral.supervisor.server import Server
 from corral.tls import client_context
 
-from .conftest import identity, make_server
+from .conftest import identity, make_server, until
 
 
 def tcp(server: Server) -> TCPAddress:
@@ -333,14 +333,12 @@ async def test_peers_without_certificates_do_not_use_up_the_session_cap(
     capped = make_server(pki_dir, short_dir, max_connections=2, max_handshakes=3)
     await nursery.start(capped.serve)
     silent = [await trio.open_tcp_stream("127.0.0.1", tcp(capped).port) for _ in range(2)]
-    while capped.statistics()["connecting"] < 2:
-        await trio.sleep(0.001)
+    await until(lambda: capped.statistics()["connecting"] >= 2)
     # Two handshakes hang; the sessions' cap is untouched.
     await assert_serves(capped, pki_dir)
     # A third silent peer fills the handshake cap: a fourth is closed at accept.
     silent.append(await trio.open_tcp_stream("127.0.0.1", tcp(capped).port))
-    while capped.statistics()["connecting"] < 3:
-        await trio.sleep(0.001)
+    await until(lambda: capped.statistics()["connecting"] >= 3)
     with pytest.raises(ConnectError, match="may be overloaded") as caught:
         async with connect(tcp(capped), identity(pki_dir, "admin")):
             pass

@@ -198,6 +198,10 @@ class Client:
             args["grace"] = grace
         return JobInfo.from_wire((await self.call("stop", args))["job"])
 
+    async def wait(self, job_id: str) -> JobInfo:
+        """Return once the job has ended, with its final state."""
+        return JobInfo.from_wire((await self.call("wait", {"id": job_id}))["job"])
+
     async def status(self, job_id: str) -> JobInfo:
         return JobInfo.from_wire((await self.call("status", {"id": job_id}))["job"])
 
@@ -221,9 +225,14 @@ class Client:
             raise self._closed
         request_id = next(self._ids)
         pending = _Pending()
-        await self._send(Request(id=request_id, op=op, args=args or {}))
-        # No checkpoint since the send: the reply cannot have been routed yet.
+        # Registered before sending: the reply may arrive, and be routed by
+        # the reader, while send_all is still finishing.
         self._pending[request_id] = pending
+        try:
+            await self._send(Request(id=request_id, op=op, args=args or {}))
+        except BaseException:
+            self._pending.pop(request_id, None)
+            raise
         try:
             await pending.done.wait()
         except BaseException:

@@ -3,11 +3,13 @@
 corral supports the unified v2 tree and the v1 (or hybrid) layout with one
 hierarchy per controller, behind one small interface: `open_cgroup()`
 returns a `Cgroup` whose two subclasses know their files. Jobs live under a
-parent of their own (`corral/<job id>`), so corral never touches cgroups it
-did not make.
+parent of their own (`<root>[/<controller>]/<parent>/<job id>`), so corral
+never touches cgroups it did not make.
 
-Plain synchronous code: the shim (which never imports trio) uses it, and
-corrald calls it from a thread when it cleans up after a lost shim.
+Plain synchronous code with no imports beyond the standard library and
+`corral.job`: the shim (which never imports trio) uses it, and corrald calls
+it from a thread when it cleans up after a lost shim. Every failure is a
+`CgroupError` whose message names the file and what the kernel said.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import enum
 import errno
 import os
+import select
 import signal
 import time
 from collections.abc import Iterable, Sequence
@@ -26,14 +29,20 @@ from corral.job import Limits, Usage
 MOUNTINFO = Path("/proc/self/mountinfo")
 CGROUP_ROOT = "/sys/fs/cgroup"
 ROOT = Path(CGROUP_ROOT)
+SYSFS = Path("/sys")
 PARENT = "corral"
 
-# The v1 hierarchies a job joins, each mounted at ROOT/<name>.
+# The v1 hierarchies a job joins, each mounted at ROOT/<name>. No freezer:
+# kill() does without it (see there), and each hierarchy costs a join.
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "blkio", "pids")
 V2_CONTROLLERS = ("cpu", "memory", "io", "pids")
-CPU_PERIOD_US = 100_000
-# kill(): how long the kernel may take to empty a cgroup of killed tasks.
+CPU_PERIOD_US = 100_000  # the kernel's default CFS period
+MIN_CPU_QUOTA_US = 1_000  # the kernel rejects a smaller quota (EINVAL)
+# kill() and remove(): how long the kernel may take to empty a cgroup of
+# killed tasks and let it be removed.
 KILL_TIMEOUT = 10.0
+# kill(): pidfds held at once, well under the usual 1024-descriptor limit.
+KILL_BATCH = 256
 
 
 class Flavour(enum.StrEnum):
@@ -70,9 +79,14 @@ def detect_flavour(mountinfo: Path = MOUNTINFO, root: str = CGROUP_ROOT) -> Flav
 # -- files ---------------------------------------------------------------------------
 
 
-def _read(path: Path) -> str:
+def _read(path: Path, missing: str | None = None) -> str:
+    """The file's text; `missing` (if given) when it does not exist."""
     try:
         return path.read_text()
+    except FileNotFoundError:
+        if missing is None:
+            raise CgroupError(f"cannot read {path}: No such file or directory") from None
+        return missing
     except OSError as exc:
         raise CgroupError(f"cannot read {path}: {exc.strerror}") from None
 
@@ -89,8 +103,15 @@ def _write(path: Path, value: str | int) -> None:
         raise CgroupError(f"cannot write {value} to {path}: {exc.strerror}") from None
 
 
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CgroupError(f"cannot create {path}: {exc.strerror}") from None
+
+
 def _keyed(text: str) -> dict[str, int]:
-    """'key value' lines (memory.events, cpu.stat) as a map."""
+    """'key value' lines (memory.events, cpu.stat, memory.oom_control) as a map."""
     values = {}
     for line in text.splitlines():
         key, _, value = line.partition(" ")
@@ -99,12 +120,51 @@ def _keyed(text: str) -> dict[str, int]:
     return values
 
 
-def disk_devices(paths: Iterable[Path]) -> list[tuple[int, int]]:
-    """The whole disks (MAJ, MIN) behind the filesystems of `paths`.
+def _subtree(path: Path) -> list[Path]:
+    """`path` and the cgroups below it (a root job may make some), deepest first."""
+    return [Path(directory) for directory, _, _ in os.walk(path, topdown=False)]
 
-    IO limits take a disk, not a partition: a partition is mapped to its
-    disk through sysfs. Filesystems with no block device behind them
-    (tmpfs, overlay) are skipped.
+
+def _rmdir(path: Path, deadline: float) -> None:
+    """Remove an empty cgroup; a missing one is fine."""
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise CgroupError(f"cannot remove {path}: {exc.strerror}") from None
+        # EBUSY right after the last task left: the kernel is still letting go
+        # of it, and says nothing when it is done.
+        time.sleep(0.001)
+
+
+# -- the host ------------------------------------------------------------------------
+
+
+def whole_disk(major: int, minor: int, sysfs: Path = SYSFS) -> tuple[int, int] | None:
+    """The disk (MAJ, MIN) that block device MAJ:MIN is or is a partition of;
+    None if it is not a block device with a request queue (tmpfs, overlay and
+    btrfs subvolumes have anonymous device numbers, 0:N)."""
+    entry = sysfs / "dev" / "block" / f"{major}:{minor}"
+    if (entry / "partition").exists():
+        entry = entry.resolve().parent  # a partition's directory sits in its disk's
+    if not (entry / "queue").is_dir():
+        return None
+    try:
+        disk_major, disk_minor = (int(n) for n in (entry / "dev").read_text().split(":"))
+    except (OSError, ValueError):
+        return None
+    return disk_major, disk_minor
+
+
+def disk_devices(paths: Iterable[Path], sysfs: Path = SYSFS) -> list[tuple[int, int]]:
+    """The whole disks (MAJ, MIN) behind the filesystems of `paths`, each once.
+
+    IO limits take a disk, not a partition. Paths that do not exist or sit on
+    no disk are skipped: IO limits then have nothing to apply to.
     """
     devices: list[tuple[int, int]] = []
     for path in paths:
@@ -112,29 +172,17 @@ def disk_devices(paths: Iterable[Path]) -> list[tuple[int, int]]:
             dev = os.stat(path).st_dev
         except OSError:
             continue
-        sysfs = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
-        if not sysfs.exists():
-            continue
-        if (sysfs / "partition").exists():
-            sysfs = sysfs.resolve().parent  # the disk's directory holds its partitions
-        try:
-            major, minor = (int(n) for n in (sysfs / "dev").read_text().split(":"))
-        except (OSError, ValueError):
-            continue
-        if (major, minor) not in devices:
-            devices.append((major, minor))
+        disk = whole_disk(os.major(dev), os.minor(dev), sysfs)
+        if disk is not None and disk not in devices:
+            devices.append(disk)
     return devices
 
 
 def check_host(flavour: Flavour, root: Path = ROOT) -> None:
-    """CgroupError naming every controller this host lacks."""
+    """Return if every controller corral needs is there; CgroupError naming
+    each one that is missing otherwise."""
     if flavour is Flavour.V2:
-        try:
-            available = set((root / "cgroup.controllers").read_text().split())
-        except OSError as exc:
-            raise CgroupError(
-                f"cannot read {root / 'cgroup.controllers'}: {exc.strerror}"
-            ) from None
+        available = set(_read(root / "cgroup.controllers").split())
         missing = [name for name in V2_CONTROLLERS if name not in available]
     elif flavour is Flavour.V1:
         missing = [name for name in V1_CONTROLLERS if not (root / name / "cgroup.procs").exists()]
@@ -147,29 +195,48 @@ def check_host(flavour: Flavour, root: Path = ROOT) -> None:
         )
 
 
+# -- a job's cgroup ------------------------------------------------------------------
+
+
+def _cpu_quota(cores: float) -> int:
+    return max(MIN_CPU_QUOTA_US, round(cores * CPU_PERIOD_US))
+
+
 class Cgroup:
-    """One job's cgroup, in one (v2) or several (v1) hierarchies."""
+    """One job's cgroup, in one (v2) or several (v1) hierarchies.
+
+    Nothing exists until `create()`. Limits are written once, before the
+    job's first process joins. Every method raises CgroupError naming the
+    file that failed.
+    """
 
     def __init__(self, name: str, root: Path, parent: str) -> None:
-        if not name or "/" in name or name in {".", ".."}:
-            raise CgroupError(f"invalid cgroup name {name!r}")
+        for what, value in (("name", name), ("parent", parent)):
+            if not value or "/" in value or value in {".", ".."}:
+                raise CgroupError(f"invalid cgroup {what} {value!r}: one path component")
         self.name = name
         self.root = root
         self.parent = parent
 
     def paths(self) -> list[Path]:
+        """The job's directory in each hierarchy (one on v2)."""
         raise NotImplementedError
 
     def create(self) -> None:
+        """Make the cgroup (and its parent); fine if it exists."""
         raise NotImplementedError
 
     def apply(self, limits: Limits, devices: Sequence[tuple[int, int]]) -> None:
+        """Write `limits`; IO limits apply to each disk in `devices` (none: no IO
+        limit). A None limit leaves its file alone: unlimited in a new cgroup."""
         raise NotImplementedError
 
     def usage(self) -> Usage:
+        """What the job has used so far (IO: only what reached a disk)."""
         raise NotImplementedError
 
     def oom_kills(self) -> int:
+        """How many processes the kernel killed for the memory limit."""
         raise NotImplementedError
 
     def add(self, pid: int) -> None:
@@ -178,72 +245,102 @@ class Cgroup:
             _write(path / "cgroup.procs", pid)
 
     def procs(self) -> list[int]:
-        """Every process in the cgroup (in any of its hierarchies)."""
+        """Every process in the cgroup or below it, in any of its hierarchies."""
         pids: set[int] = set()
         for path in self.paths():
-            with contextlib.suppress(FileNotFoundError):
-                pids.update(int(line) for line in (path / "cgroup.procs").read_text().split())
+            for directory in _subtree(path):
+                pids.update(int(pid) for pid in _read(directory / "cgroup.procs", "").split())
         return sorted(pids)
 
+    def _kill_all(self) -> None:
+        """Have the kernel kill the whole cgroup, where it can."""
+
+    # Theory of operation: cgroup.procs is a snapshot, and between reading
+    # a pid and signalling it the process may exit and a stranger get the
+    # pid (pid_max is 32768 on small hosts). So each pid is pinned with a
+    # pidfd first, and cgroup.procs is read again: a pid still listed is a
+    # member, and it is either the process the pidfd holds or, if that one
+    # is already gone, a newer one with its pid, while the signal to the
+    # dead one fails harmlessly. No stranger is ever signalled. The pidfds
+    # also say when each process has exited, so waiting needs no sleep.
+    # Children forked before their parent died appear in the next round;
+    # a SIGKILLed process cannot fork again, so rounds run out unless a
+    # fork bomb outpaces them (pids.max, or the job's PID namespace dying
+    # with its init, stops that).
     def kill(self) -> None:
-        """SIGKILL every process in the cgroup; return once it is empty."""
+        """SIGKILL every process in the cgroup and return once it is empty.
+
+        Raises CgroupError if processes remain after KILL_TIMEOUT seconds.
+        """
         deadline = time.monotonic() + KILL_TIMEOUT
+        self._kill_all()
         while pids := self.procs():
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
             if time.monotonic() > deadline:
                 raise CgroupError(
-                    f"cgroup {self.name} still holds {pids} {KILL_TIMEOUT:g} s after SIGKILL"
+                    f"cgroup {self.parent}/{self.name} still holds processes {pids} "
+                    f"{KILL_TIMEOUT:g} s after SIGKILL"
                 )
-            time.sleep(0.001)  # the kernel is reaping: nothing to wait on but time
+            for start in range(0, len(pids), KILL_BATCH):
+                self._kill_and_wait(pids[start : start + KILL_BATCH], deadline)
+
+    def _kill_and_wait(self, pids: list[int], deadline: float) -> None:
+        pidfds: dict[int, int] = {}
+        try:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    pidfds[pid] = os.pidfd_open(pid)
+            members = set(self.procs())
+            poller = select.poll()
+            waiting = 0
+            for pid, fd in pidfds.items():
+                if pid in members:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    poller.register(fd, select.POLLIN)  # readable once it has exited
+                    waiting += 1
+            while waiting and (left := deadline - time.monotonic()) > 0:
+                for fd, _ in poller.poll(left * 1000):
+                    poller.unregister(fd)
+                    waiting -= 1
+        finally:
+            for fd in pidfds.values():
+                os.close(fd)
 
     def remove(self) -> None:
-        """Kill what is left and remove the cgroup everywhere; missing is fine."""
+        """Kill what is left and remove the cgroup everywhere; missing parts are
+        fine, so it can be called again. Raises CgroupError if it cannot."""
         self.kill()
+        deadline = time.monotonic() + KILL_TIMEOUT
         for path in self.paths():
-            try:
-                path.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                if exc.errno != errno.EBUSY:
-                    raise CgroupError(f"cannot remove {path}: {exc.strerror}") from None
-                # Freshly killed tasks may still be leaving; once more, briefly.
-                self.kill()
-                try:
-                    path.rmdir()
-                except OSError as again:
-                    raise CgroupError(f"cannot remove {path}: {again.strerror}") from None
+            for directory in _subtree(path):
+                _rmdir(directory, deadline)
 
 
 class CgroupV1(Cgroup):
-    def _dir(self, controller: str) -> Path:
-        return self.root / controller / self.parent / self.name
+    def __init__(self, name: str, root: Path, parent: str) -> None:
+        super().__init__(name, root, parent)
+        # Co-mounted controllers (systemd's cpu,cpuacct) share a directory:
+        # each hierarchy is joined, created and removed once.
+        self._dirs = {
+            controller: Path(os.path.realpath(root / controller)) / parent / name
+            for controller in V1_CONTROLLERS
+        }
 
     def paths(self) -> list[Path]:
-        return [self._dir(controller) for controller in V1_CONTROLLERS]
+        return list(dict.fromkeys(self._dirs.values()))
 
     def create(self) -> None:
         for path in self.paths():
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise CgroupError(f"cannot create {path}: {exc.strerror}") from None
+            _mkdir(path)
 
     def apply(self, limits: Limits, devices: Sequence[tuple[int, int]]) -> None:
         if limits.cpu is not None:
-            cpu = self._dir("cpu")
+            cpu = self._dirs["cpu"]
             _write(cpu / "cpu.cfs_period_us", CPU_PERIOD_US)
-            _write(cpu / "cpu.cfs_quota_us", max(1000, round(limits.cpu * CPU_PERIOD_US)))
+            _write(cpu / "cpu.cfs_quota_us", _cpu_quota(limits.cpu))
         if limits.memory is not None:
-            memory = self._dir("memory")
-            _write(memory / "memory.limit_in_bytes", limits.memory)
-            # memory+swap equal to memory: no swap for the job. Only after
-            # the memory limit, which it may not be below.
-            if (memory / "memory.memsw.limit_in_bytes").exists():
-                _write(memory / "memory.memsw.limit_in_bytes", limits.memory)
-        blkio = self._dir("blkio")
+            self._limit_memory(limits.memory)
+        blkio = self._dirs["blkio"]
         for value, name in (
             (limits.io_read_bps, "read_bps_device"),
             (limits.io_write_bps, "write_bps_device"),
@@ -254,19 +351,33 @@ class CgroupV1(Cgroup):
                 for major, minor in devices:
                     _write(blkio / f"blkio.throttle.{name}", f"{major}:{minor} {value}")
         if limits.pids is not None:
-            _write(self._dir("pids") / "pids.max", limits.pids)
+            _write(self._dirs["pids"] / "pids.max", limits.pids)
+
+    def _limit_memory(self, limit: int) -> None:
+        memory = self._dirs["memory"]
+        files = [memory / "memory.limit_in_bytes"]
+        # memory+swap equal to memory: no swap for the job. It may never be
+        # below the memory limit, so it is raised first and lowered last. The
+        # file is missing when the kernel does not account swap.
+        memsw = memory / "memory.memsw.limit_in_bytes"
+        if current := _read(memsw, "").strip():
+            files.insert(0 if limit > int(current) else 1, memsw)
+        for path in files:
+            _write(path, limit)
 
     def usage(self) -> Usage:
-        cpu_ns = int(_read(self._dir("cpuacct") / "cpuacct.usage").strip() or 0)
-        peak = int(_read(self._dir("memory") / "memory.max_usage_in_bytes").strip() or 0)
+        cpu_ns = int(_read(self._dirs["cpuacct"] / "cpuacct.usage").strip() or 0)
+        peak = int(_read(self._dirs["memory"] / "memory.max_usage_in_bytes").strip() or 0)
         read = write = 0
-        for line in _read(self._dir("blkio") / "blkio.throttle.io_service_bytes").splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[1] in {"Read", "Write"}:
-                if parts[1] == "Read":
-                    read += int(parts[2])
-                else:
-                    write += int(parts[2])
+        # Only IO that reaches a disk: buffered writes count when written back,
+        # and reads served from the page cache not at all.
+        stats = _read(self._dirs["blkio"] / "blkio.throttle.io_service_bytes_recursive")
+        for line in stats.splitlines():
+            parts = line.split()  # "254:0 Read 4096"; the last line is "Total N"
+            if len(parts) == 3 and parts[1] == "Read":
+                read += int(parts[2])
+            elif len(parts) == 3 and parts[1] == "Write":
+                write += int(parts[2])
         return Usage(
             cpu_seconds=cpu_ns / 1e9,
             memory_peak_bytes=peak,
@@ -276,7 +387,7 @@ class CgroupV1(Cgroup):
 
     def oom_kills(self) -> int:
         # memory.failcnt can stay 0 after an OOM kill; this counter cannot.
-        return _keyed(_read(self._dir("memory") / "memory.oom_control")).get("oom_kill", 0)
+        return _keyed(_read(self._dirs["memory"] / "memory.oom_control")).get("oom_kill", 0)
 
 
 class CgroupV2(Cgroup):
@@ -285,10 +396,7 @@ class CgroupV2(Cgroup):
 
     def create(self) -> None:
         parent = self.root / self.parent
-        try:
-            parent.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise CgroupError(f"cannot create {parent}: {exc.strerror}") from None
+        _mkdir(parent)
         # Controllers flow down: enable them for the root's children (our
         # parent) and for our parent's children (the jobs).
         wanted = " ".join(f"+{name}" for name in V2_CONTROLLERS)
@@ -296,20 +404,17 @@ class CgroupV2(Cgroup):
             enabled = set(_read(directory / "cgroup.subtree_control").split())
             if not set(V2_CONTROLLERS) <= enabled:
                 _write(directory / "cgroup.subtree_control", wanted)
-        (path,) = self.paths()
-        try:
-            path.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise CgroupError(f"cannot create {path}: {exc.strerror}") from None
+        _mkdir(parent / self.name)
 
     def apply(self, limits: Limits, devices: Sequence[tuple[int, int]]) -> None:
         (path,) = self.paths()
         if limits.cpu is not None:
-            quota = max(1000, round(limits.cpu * CPU_PERIOD_US))
-            _write(path / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            _write(path / "cpu.max", f"{_cpu_quota(limits.cpu)} {CPU_PERIOD_US}")
         if limits.memory is not None:
             _write(path / "memory.max", limits.memory)
-            _write(path / "memory.swap.max", 0)
+            # Missing when the kernel does not account swap (swapaccount=0).
+            if (path / "memory.swap.max").exists():
+                _write(path / "memory.swap.max", 0)
         io = [
             f"{key}={value}"
             for key, value in (
@@ -329,11 +434,11 @@ class CgroupV2(Cgroup):
     def usage(self) -> Usage:
         (path,) = self.paths()
         cpu = _keyed(_read(path / "cpu.stat"))
-        peak_file = path / "memory.peak"  # Linux 5.19 and later
-        peak = int(_read(peak_file).strip()) if peak_file.exists() else 0
+        # memory.peak came with Linux 5.19; before it the peak is unknown: 0.
+        peak = int(_read(path / "memory.peak", "0").strip())
         read = write = 0
         for line in _read(path / "io.stat").splitlines():
-            for field in line.split()[1:]:
+            for field in line.split()[1:]:  # "254:0 rbytes=4096 wbytes=0 rios=1 ..."
                 key, _, value = field.partition("=")
                 if key == "rbytes":
                     read += int(value)
@@ -350,28 +455,36 @@ class CgroupV2(Cgroup):
         (path,) = self.paths()
         return _keyed(_read(path / "memory.events")).get("oom_kill", 0)
 
-    def kill(self) -> None:
+    def _kill_all(self) -> None:
         (path,) = self.paths()
-        if (path / "cgroup.kill").exists():  # Linux 5.14: the kernel kills them all
+        # Linux 5.14 and later: the kernel kills the whole subtree at once, and
+        # processes forking meanwhile too. A cgroup that does not exist has
+        # nothing to kill.
+        if (path / "cgroup.kill").exists():
             with contextlib.suppress(CgroupError):
                 _write(path / "cgroup.kill", 1)
-        super().kill()
 
 
 def open_cgroup(flavour: Flavour, name: str, root: Path = ROOT, parent: str = PARENT) -> Cgroup:
-    """The cgroup of job `name` (nothing is created until `create()`)."""
+    """The cgroup of job `name` (nothing is created until `create()`).
+
+    Raises CgroupError for a name or parent that is not one path component,
+    or when no cgroup hierarchy is mounted.
+    """
     if flavour is Flavour.V1:
         return CgroupV1(name, root, parent)
     if flavour is Flavour.V2:
         return CgroupV2(name, root, parent)
-    raise CgroupError("no cgroup hierarchy is mounted")
+    raise CgroupError(f"no cgroup hierarchy is mounted at {root}")
 
 
 def orphans(flavour: Flavour, root: Path = ROOT, parent: str = PARENT) -> list[str]:
-    """Names of the job cgroups under `parent` (to clean up after crashes)."""
-    probe = open_cgroup(flavour, "probe", root, parent)
+    """Names of the job cgroups under `parent`, in any hierarchy (a killed shim
+    may leave some of its v1 directories and not others): after a crash,
+    whatever has no live shim is to be removed."""
     names: set[str] = set()
-    for path in probe.paths():
+    for path in open_cgroup(flavour, "probe", root, parent).paths():
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             names.update(child.name for child in path.parent.iterdir() if child.is_dir())
     return sorted(names)
+

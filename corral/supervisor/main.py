@@ -35,7 +35,7 @@ from corral.supervisor.server import (
     ServerConfig,
 )
 from corral.tls import TLSConfigError, server_context
-from corral.worker.manager import JobError, JobManager
+from corral.worker.manager import CGROUP_PARENT, JobError, JobManager
 from corral.worker.spawner import Spawner, SpawnerError
 
 log = logging.getLogger("corrald")
@@ -150,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"requests in flight per connection (default {MAX_REQUESTS_PER_CONNECTION})",
     )
     parser.add_argument(
+        "--cgroup-parent",
+        default=CGROUP_PARENT,
+        metavar="NAME",
+        help=f"cgroup under which jobs get theirs (default {CGROUP_PARENT}); "
+        "give each corrald on a host its own",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -241,7 +248,11 @@ def banner(server: Server, pki_dir: Path) -> str:
 
 
 async def serve(
-    config: ServerConfig, context: ssl.SSLContext, spawner: Spawner, pki_dir: Path
+    config: ServerConfig,
+    context: ssl.SSLContext,
+    spawner: Spawner,
+    pki_dir: Path,
+    cgroup_parent: str = CGROUP_PARENT,
 ) -> str | None:
     """Serve until a signal: the first SIGINT/SIGTERM shuts down, a second cancels.
 
@@ -252,7 +263,7 @@ async def serve(
         async with contextlib.AsyncExitStack() as stack:
             try:
                 jobs = await stack.enter_async_context(
-                    JobManager(config.state_dir, spawner=spawner)
+                    JobManager(config.state_dir, spawner=spawner, cgroup_parent=cgroup_parent)
                 )
             except JobError as exc:
                 return str(exc)
@@ -319,7 +330,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         except SpawnerError as exc:
             raise StartupError(str(exc), EXIT_UNAVAILABLE) from None
         try:
-            failure = trio.run(serve, config, context, spawner, pki_dir)
+            failure = trio.run(serve, config, context, spawner, pki_dir, args.cgroup_parent)
         finally:
             spawner.close()
     except StartupError as exc:

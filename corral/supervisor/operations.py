@@ -58,6 +58,7 @@ class JobOperations:
             "status": self.status,
             "list": self.list,
             "remove": self.remove,
+            "wait": self.wait,
         }
 
     def _visible(self, identity: Identity, job_id: Any) -> Job:
@@ -133,6 +134,12 @@ class JobOperations:
             _, status = await self.manager.status(job.id)
         except JobError as exc:
             raise OperationError(exc.code, str(exc)) from None
+        return {"job": job_record(job, status)}
+
+    async def wait(self, context: RequestContext) -> dict[str, Any]:
+        """Answer once the job has ended, with its final state."""
+        job = self._visible(context.identity, context.request.args.get("id"))
+        status = await self.manager.wait(job.id)
         return {"job": job_record(job, status)}
 
     async def list(self, context: RequestContext) -> dict[str, Any]:

@@ -1,0 +1,146 @@
+"""Jobs through a real corrald over mutual TLS: the CLI and the async client."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from corral.client.client import connect
+from corral.client.errors import ServerError
+from corral.protocol import ErrorCode
+
+from .conftest import Daemon, identity
+from .test_cli import corral
+
+pytestmark = [
+    pytest.mark.jobs,
+    pytest.mark.skipif(os.geteuid() != 0, reason="jobs need root"),
+]
+
+JOB_KEYS = {
+    "id", "owner", "argv", "state", "exit_code", "signal", "oom_killed", "reason",
+    "created_at", "started_at", "finished_at", "limits", "usage",
+}  # fmt: skip
+USAGE_KEYS = {"cpu_seconds", "memory_peak_bytes", "io_read_bytes", "io_write_bytes"}
+
+
+@pytest.fixture
+def as_user(corrald: Daemon, pki_dir: Path) -> Callable[..., object]:
+    """corral, as NAME, against the test corrald."""
+
+    def run(name: str, *args: str) -> object:
+        env = {"CORRAL_ADDR": corrald.tcp, "CORRAL_IDENTITY": str(identity(pki_dir, name))}
+        return corral(*args, env=env)
+
+    return run
+
+
+def test_start_status_ps_stop_rm_as_json(as_user: Callable[..., object]) -> None:
+    started = as_user("alice", "start", "--json", "--memory", "64M", "--cpu", "0.5",
+                      "--pids", "30", "--", "sh", "-c", "echo hi; sleep 1000")  # fmt: skip
+    assert started.returncode == 0, started.stderr  # type: ignore[attr-defined]
+    job_id = json.loads(started.stdout)["id"]  # type: ignore[attr-defined]
+    assert len(job_id) == 32
+
+    status = as_user("alice", "status", "--json", job_id[:6])
+    job = json.loads(status.stdout)  # type: ignore[attr-defined]
+    assert set(job) == JOB_KEYS
+    assert set(job["usage"]) == USAGE_KEYS
+    assert job["id"] == job_id
+    assert job["owner"] == "alice"
+    assert job["argv"] == ["sh", "-c", "echo hi; sleep 1000"]
+    assert job["state"] == "running"
+    assert job["limits"] == {"memory": 64 << 20, "cpu": 0.5, "pids": 30}
+    assert job["started_at"].endswith("Z")
+    assert job["finished_at"] is None
+
+    listed = json.loads(as_user("alice", "ps", "--json").stdout)  # type: ignore[attr-defined]
+    assert [j["id"] for j in listed] == [job_id]
+    assert json.loads(as_user("bob", "ps", "--json").stdout) == []  # type: ignore[attr-defined]
+
+    stopped = as_user("alice", "stop", "--json", "--grace", "2s", job_id)
+    final = json.loads(stopped.stdout)  # type: ignore[attr-defined]
+    assert final["state"] == "stopped"
+    assert final["signal"] == "SIGTERM"
+    assert final["reason"] == "stopped by alice; killed by SIGTERM"
+
+    again = as_user("alice", "stop", "--json", job_id)
+    assert again.returncode == 1  # type: ignore[attr-defined]
+    error = json.loads(again.stdout)["error"]  # type: ignore[attr-defined]
+    assert error["code"] == "failed_precondition"
+    assert "has already ended" in error["message"]
+
+    removed = as_user("alice", "rm", job_id[:8])
+    assert removed.stdout.strip() == job_id  # type: ignore[attr-defined]
+    assert json.loads(as_user("alice", "ps", "--json").stdout) == []  # type: ignore[attr-defined]
+
+
+def test_human_output(as_user: Callable[..., object]) -> None:
+    job_id = as_user("bob", "start", "--", "sh", "-c", "exit 3").stdout.strip()  # type: ignore[attr-defined]
+    table = as_user("bob", "ps").stdout.splitlines()  # type: ignore[attr-defined]
+    assert table[0].split() == ["ID", "OWNER", "STATE", "AGE", "COMMAND"]
+    assert table[1].split()[:2] == [job_id[:12], "bob"]
+    assert table[1].endswith("sh -c exit 3")
+    status = as_user("bob", "status", job_id).stdout  # type: ignore[attr-defined]
+    assert "exited with code 3" in status or "running" in status
+
+
+@pytest.mark.parametrize(
+    ("who", "args", "status", "words"),
+    [
+        ("alice", ["start", "--", "no-such-program-xyz"], 1, "cannot run 'no-such-program-xyz'"),
+        ("alice", ["start", "--user", "root", "--", "true"], 77, "only an admin may choose"),
+        ("alice", ["start", "--memory", "1", "--", "true"], 1, "limits.memory: must be between"),
+        ("alice", ["start", "--memory", "lots", "--", "true"], 2, "not a size: 'lots'"),
+        ("alice", ["start"], 2, "start needs a command"),
+        ("alice", ["status", "ffffffff"], 1, "no job 'ffffffff'"),
+        ("alice", ["stop", "--grace", "soon", "x"], 2, "not a duration: 'soon'"),
+    ],
+)
+def test_errors_are_one_line(
+    as_user: Callable[..., object], who: str, args: list[str], status: int, words: str
+) -> None:
+    result = as_user(who, *args)
+    assert result.returncode == status, result.stderr  # type: ignore[attr-defined]
+    assert words in result.stderr  # type: ignore[attr-defined]
+    assert result.stderr.count("\n") == 1 or status == 2  # type: ignore[attr-defined]
+
+
+async def test_another_users_job_looks_like_no_job(corrald: Daemon, pki_dir: Path) -> None:
+    async with (
+        connect(corrald.tcp, identity(pki_dir, "alice")) as alice,
+        connect(corrald.tcp, identity(pki_dir, "bob")) as bob,
+        connect(corrald.unix, identity(pki_dir, "admin")) as admin,
+    ):
+        job = await alice.start(["sleep", "1000"])
+        for call in (bob.status, bob.stop, bob.remove):
+            with pytest.raises(ServerError) as caught:
+                await call(job.id)
+            assert caught.value.code is ErrorCode.NOT_FOUND
+            assert str(caught.value) == f"no job {job.id!r}"
+        assert [j.id for j in await admin.list(everyone=True)] == [job.id]
+        assert await admin.list() == []  # without --all, an admin sees their own
+        with pytest.raises(ServerError, match="is running; stop it first"):
+            await alice.remove(job.id)
+        final = await admin.stop(job.id, grace=0)
+        assert final.state == "stopped"
+        assert final.signal == "SIGKILL"
+        assert (await alice.status(job.id[:10])).reason.startswith("stopped by admin")
+        info = await admin.info()
+        assert info.jobs == 1
+
+
+async def test_admin_runs_as_root_with_binary_arguments(corrald: Daemon, pki_dir: Path) -> None:
+    async with connect(corrald.tcp, identity(pki_dir, "admin")) as admin:
+        job = await admin.start([b"sh", b"-c", b'id -u; printf "%s" "$1"', b"sh", b"\xff\x00"[:1]],
+                                user="root")  # fmt: skip
+        status = await admin.wait(job.id)
+    assert status.exit_code == 0
+    assert status.to_json()["argv"][-1] == "\\xff"
+    log = (corrald.state_dir / "jobs" / job.id / "output.log").read_bytes()
+    assert b"0\n" in log
+    assert b"\xff" in log
