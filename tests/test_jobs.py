@@ -19,6 +19,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from corral.job import OUTPUT_FILE, JobSpec, Limits, State, Status
 from corral.protocol import ErrorCode
@@ -80,6 +81,7 @@ async def run(jobs: JobManager, *argv: str | bytes, **spec: object) -> tuple[Sta
 # -- exit status ------------------------------------------------------------------
 
 
+@pytest.mark.cgroup
 @pytest.mark.parametrize("code", [0, 3, 255])
 async def test_exit_codes(jobs: JobManager, code: int) -> None:
     status, _ = await run(jobs, "sh", "-c", f"exit {code}")
@@ -272,6 +274,7 @@ async def test_unprivileged_job_cannot_regain_privileges(
 # -- cgroups and limits ----------------------------------------------------------------------
 
 
+@pytest.mark.cgroup
 async def test_job_is_in_its_cgroup_with_its_limits_and_the_cgroup_goes(
     jobs: JobManager,
 ) -> None:
@@ -299,6 +302,7 @@ async def test_job_is_in_its_cgroup_with_its_limits_and_the_cgroup_goes(
     assert not any(path.exists() for path in paths)
 
 
+@pytest.mark.cgroup
 async def test_out_of_memory_is_reported(jobs: JobManager) -> None:
     status, _directory = await run(
         jobs,
@@ -312,6 +316,36 @@ async def test_out_of_memory_is_reported(jobs: JobManager) -> None:
     assert status.reason == "killed by SIGKILL: out of memory"
 
 
+@pytest.mark.cgroup
+async def test_cpu_limit_throttles_a_busy_loop(jobs: JobManager) -> None:
+    status, _ = await run(
+        jobs, "timeout", "1", "sh", "-c", "while :; do :; done", limits=Limits(cpu=0.2)
+    )
+    assert status.started_at is not None
+    assert status.finished_at is not None
+    wall = (status.finished_at - status.started_at) / 1e9
+    share = status.usage.cpu_seconds / wall
+    assert 0.1 < share < 0.3, (status.usage, wall)
+
+
+@pytest.mark.cgroup
+async def test_io_limit_throttles_direct_writes(jobs: JobManager, shared_dir: Path) -> None:
+    target = shared_dir / "written"
+    status, directory = await run(
+        jobs,
+        "dd", "if=/dev/zero", f"of={target}", "bs=64k", "count=24", "oflag=direct",
+        limits=Limits(io_write_bps=1 << 20),
+    )  # fmt: skip
+    assert status.exit_code == 0, output(directory, 2)
+    assert status.started_at is not None
+    assert status.finished_at is not None
+    wall = (status.finished_at - status.started_at) / 1e9
+    # 1.5 MiB at 1 MiB/s: the first second's budget is spent at once, the rest waits.
+    assert wall > 0.4, wall
+    assert status.usage.io_write_bytes >= 24 * 64 * 1024
+
+
+@pytest.mark.cgroup
 async def test_pids_limit_stops_a_fork_bomb(jobs: JobManager) -> None:
     _status, directory = await run(
         jobs,
@@ -326,6 +360,7 @@ async def test_pids_limit_stops_a_fork_bomb(jobs: JobManager) -> None:
 # -- stopping ------------------------------------------------------------------------------
 
 
+@pytest.mark.cgroup
 async def test_stop_kills_the_whole_tree(jobs: JobManager) -> None:
     job = await jobs.start(
         JobSpec(
@@ -414,6 +449,7 @@ async def test_log_size_cap_holds_and_says_what_it_dropped(jobs: JobManager) -> 
 # -- faults and leaks -----------------------------------------------------------------------
 
 
+@pytest.mark.cgroup
 async def test_a_killed_shim_takes_its_job_and_the_job_is_lost(jobs: JobManager) -> None:
     job = await jobs.start(JobSpec(argv=["sh", "-c", "sleep 1000 & sleep 1000"]))
     cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT)
@@ -443,12 +479,23 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def live_tasks() -> int:
+    def count(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(count(child) for n in task.child_nurseries for child in n.child_tasks)
+
+    return count(trio.lowlevel.current_root_task())  # type: ignore[arg-type]
+
+
 async def test_no_leaks_after_many_jobs(jobs: JobManager) -> None:
     await run(jobs, "true")
-    fds = open_fds()
-    for _ in range(40):
+    await trio.testing.wait_all_tasks_blocked()
+    fds, tasks = open_fds(), live_tasks()
+    for _ in range(100):
         await run(jobs, "true")
+    await trio.testing.wait_all_tasks_blocked()
     assert open_fds() == fds
+    assert live_tasks() == tasks
+    assert orphans(FLAVOUR, parent=PARENT) == []
     assert all(job.done.is_set() for job in jobs.jobs())
     for job in jobs.jobs():
         await jobs.remove(job.id)

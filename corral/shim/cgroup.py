@@ -487,4 +487,3 @@ def orphans(flavour: Flavour, root: Path = ROOT, parent: str = PARENT) -> list[s
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             names.update(child.name for child in path.parent.iterdir() if child.is_dir())
     return sorted(names)
-

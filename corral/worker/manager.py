@@ -234,7 +234,7 @@ class JobManager:
         )
         directory = self.jobs_dir / job_id
         directory.mkdir(mode=0o700)
-        write_atomically(directory / SPEC_FILE, pack(resolved.to_wire()))
+        write_atomically(directory / SPEC_FILE, pack(resolved.to_wire()), durable=False)
         write_status(directory, Status(state=State.STARTING, reason="starting"))
         job = Job(spec=resolved, status=Status(state=State.STARTING), directory=directory)
         self._jobs[job_id] = job

@@ -1,0 +1,148 @@
+"""How fast a job starts, and what a running job costs.
+
+Run as root on the host:
+
+    .venv/bin/python bench/start_latency.py [--jobs 200]
+
+Measures, with the worker library (what corrald runs):
+
+1. request -> running (start() returns once the command has exec'd) and
+   request -> exit, for /bin/true, p50/p99 over N jobs started back to back
+   and again with 200 ms gaps (cgroup v1 joins are slower after a pause);
+2. the same command under `unshare --pid --fork --mount --mount-proc --net
+   --uts --ipc`, and `bwrap --unshare-all` where installed, spawn to exit;
+3. the private memory (USS) of a shim and of an init, and this process's
+   RSS (what corrald would hold) with N jobs running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from corral.job import JobSpec
+from corral.worker.manager import JobManager
+
+PARENT = f"corral-bench-{os.getpid()}"
+
+
+def percentiles(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p50 = statistics.median(ordered)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return f"p50 {p50 * 1e3:6.2f} ms   p99 {p99 * 1e3:6.2f} ms"
+
+
+def private_kib(pid: int) -> int:
+    """USS: the pages only this process holds."""
+    total = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            total += int(line.split()[1])
+    return total
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def corral_latency(
+    jobs: JobManager, count: int, gap: float
+) -> tuple[list[float], list[float]]:
+    running, finished = [], []
+    for _ in range(count):
+        if gap:
+            await trio.sleep(gap)  # the idle gap is what is measured, not a synchronisation
+        start = time.perf_counter()
+        job = await jobs.start(JobSpec(argv=["/bin/true"]))
+        running.append(time.perf_counter() - start)
+        await jobs.wait(job.id)
+        finished.append(time.perf_counter() - start)
+        await jobs.remove(job.id)
+    return running, finished
+
+
+def command_latency(argv: list[str], count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+async def memory(jobs: JobManager, count: int) -> None:
+    before = rss_kib(os.getpid())
+    started = [await jobs.start(JobSpec(argv=["sleep", "1000"])) for _ in range(count)]
+    shim_uss, init_uss = [], []
+    for job in started[:20]:
+        status = job.status
+        assert status.shim_pid and status.pid
+        shim_uss.append(private_kib(status.shim_pid))
+        init_uss.append(private_kib(status.pid))
+    after = rss_kib(os.getpid())
+    async with trio.open_nursery() as nursery:
+        for job in started:
+            nursery.start_soon(jobs.stop, job.id, 0)
+    print(f"shim USS   {statistics.median(shim_uss) / 1024:5.2f} MiB (median of 20)")
+    print(f"init USS   {statistics.median(init_uss) / 1024:5.2f} MiB (median of 20)")
+    print(
+        f"shim+init  {(statistics.median(shim_uss) + statistics.median(init_uss)) / 1024:5.2f} MiB per job"
+    )
+    print(
+        f"manager RSS {before / 1024:.1f} MiB idle, {after / 1024:.1f} MiB with {count} jobs running"
+    )
+
+
+async def main(count: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as state:
+        async with JobManager(Path(state), cgroup_parent=PARENT) as jobs:
+            await corral_latency(jobs, 10, 0)  # warm up
+            running, finished = await corral_latency(jobs, count, 0)
+            print(f"corral, back to back ({count}):   running {percentiles(running)}")
+            print(f"{'':33} exited  {percentiles(finished)}")
+            running, finished = await corral_latency(jobs, count, 0.2)
+            print(f"corral, 200 ms apart ({count}):   running {percentiles(running)}")
+            print(f"{'':33} exited  {percentiles(finished)}")
+            await memory(jobs, count)
+    for path in Path("/sys/fs/cgroup").glob(f"*/{PARENT}"):
+        path.rmdir()
+
+
+def others(count: int) -> None:
+    candidates: list[tuple[str, list[str], Callable[[], bool]]] = [
+        ("unshare(1)", ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--net",
+                        "--uts", "--ipc", "/bin/true"], lambda: shutil.which("unshare") is not None),
+        ("bwrap --unshare-all", ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--proc", "/proc",
+                                 "--dev", "/dev", "/bin/true"], lambda: shutil.which("bwrap") is not None),
+    ]  # fmt: skip
+    for name, argv, available in candidates:
+        if not available():
+            print(f"{name:33} not installed")
+            continue
+        command_latency(argv, 10)
+        print(f"{name + f' ({count})':33} exited  {percentiles(command_latency(argv, count))}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=200)
+    options = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("start_latency.py needs root (namespaces and cgroups)")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, kernel {os.uname().release}")
+    trio.run(main, options.jobs)
+    others(options.jobs)
