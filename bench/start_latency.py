@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -90,21 +89,20 @@ async def memory(jobs: JobManager, count: int) -> None:
     shim_uss, init_uss = [], []
     for job in started[:20]:
         status = job.status
-        assert status.shim_pid and status.pid
+        assert status.shim_pid
+        assert status.pid
         shim_uss.append(private_kib(status.shim_pid))
         init_uss.append(private_kib(status.pid))
     after = rss_kib(os.getpid())
     async with trio.open_nursery() as nursery:
         for job in started:
             nursery.start_soon(jobs.stop, job.id, 0)
-    print(f"shim USS   {statistics.median(shim_uss) / 1024:5.2f} MiB (median of 20)")
-    print(f"init USS   {statistics.median(init_uss) / 1024:5.2f} MiB (median of 20)")
-    print(
-        f"shim+init  {(statistics.median(shim_uss) + statistics.median(init_uss)) / 1024:5.2f} MiB per job"
-    )
-    print(
-        f"manager RSS {before / 1024:.1f} MiB idle, {after / 1024:.1f} MiB with {count} jobs running"
-    )
+    shim, init = statistics.median(shim_uss) / 1024, statistics.median(init_uss) / 1024
+    print(f"shim USS    {shim:5.2f} MiB (median of 20)")
+    print(f"init USS    {init:5.2f} MiB (median of 20)")
+    print(f"shim+init   {shim + init:5.2f} MiB per job")
+    idle, busy = before / 1024, after / 1024
+    print(f"manager RSS {idle:.1f} MiB idle, {busy:.1f} MiB with {count} jobs running")
 
 
 async def main(count: int) -> None:
@@ -123,14 +121,14 @@ async def main(count: int) -> None:
 
 
 def others(count: int) -> None:
-    candidates: list[tuple[str, list[str], Callable[[], bool]]] = [
-        ("unshare(1)", ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--net",
-                        "--uts", "--ipc", "/bin/true"], lambda: shutil.which("unshare") is not None),
-        ("bwrap --unshare-all", ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--proc", "/proc",
-                                 "--dev", "/dev", "/bin/true"], lambda: shutil.which("bwrap") is not None),
-    ]  # fmt: skip
-    for name, argv, available in candidates:
-        if not available():
+    unshare = ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--net", "--uts", "--ipc"]
+    bwrap = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
+    candidates: list[tuple[str, list[str]]] = [
+        ("unshare(1)", [*unshare, "/bin/true"]),
+        ("bwrap --unshare-all", [*bwrap, "/bin/true"]),
+    ]
+    for name, argv in candidates:
+        if shutil.which(argv[0]) is None:
             print(f"{name:33} not installed")
             continue
         command_latency(argv, 10)
