@@ -8,9 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 
 from corral.client.client import connect
 from corral.client.errors import ServerError
+from corral.job import State, read_status
 from corral.protocol import ErrorCode
 
 from .conftest import Daemon, identity
@@ -144,3 +146,18 @@ async def test_admin_runs_as_root_with_binary_arguments(corrald: Daemon, pki_dir
     log = (corrald.state_dir / "jobs" / job.id / "output.log").read_bytes()
     assert b"0\n" in log
     assert b"\xff" in log
+
+
+async def test_a_job_outlives_corrald(corrald: Daemon, pki_dir: Path) -> None:
+    async with connect(corrald.tcp, identity(pki_dir, "admin")) as admin:
+        job = await admin.start(["sleep", "1000"])
+    corrald.process.kill()  # SIGKILL: no goodbye, no cleanup
+    await trio.to_thread.run_sync(corrald.process.wait)
+    status = read_status(corrald.state_dir / "jobs" / job.id)
+    assert status is not None
+    assert status.state is State.RUNNING
+    assert status.shim_pid is not None
+    assert status.pid is not None
+    # The shim and the job's init are alive, and nobody's children in corrald.
+    for pid in (status.shim_pid, status.pid):
+        assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
