@@ -182,6 +182,30 @@ async def test_long_and_binary_arguments_env_and_cwd(jobs: JobManager) -> None:
     assert output(directory) == b"20000|" + binary + b"|hi|/usr"
 
 
+async def test_only_stdio_is_open_and_stdin_is_dev_null(jobs: JobManager) -> None:
+    status, directory = await run(jobs, "sh", "-c", "ls /proc/$$/fd; readlink /proc/$$/fd/0")
+    assert status.exit_code == 0, output(directory, 2)
+    assert output(directory).split() == [b"0", b"1", b"2", b"/dev/null"]
+
+
+async def test_init_forwards_sigint_to_the_command(jobs: JobManager) -> None:
+    job = await jobs.start(
+        JobSpec(
+            argv=[
+                "sh",
+                "-c",
+                "trap 'echo int; exit 5' INT; echo ready; while :; do sleep 0.05; done",
+            ]
+        )
+    )
+    await until(lambda: b"ready" in output(job.directory))
+    assert job.status.pid is not None
+    os.kill(job.status.pid, signal.SIGINT)  # to init, from outside its namespace
+    status = await jobs.wait(job.id)
+    assert (status.state, status.exit_code) == (State.EXITED, 5)
+    assert output(job.directory) == b"ready\nint\n"
+
+
 async def test_default_environment_is_small_and_clean(jobs: JobManager) -> None:
     os.environ["CORRAL_TEST_SECRET"] = "leak"
     try:
