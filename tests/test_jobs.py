@@ -26,7 +26,7 @@ from corral.protocol import ErrorCode
 from corral.shim.cgroup import Flavour, detect_flavour, open_cgroup, orphans
 from corral.worker.manager import JobError, JobManager
 
-from .conftest import TEST_CGROUP_PARENT, until
+from .conftest import TEST_CGROUP_PARENT, live_tasks, open_fds, until
 
 pytestmark = [
     pytest.mark.jobs,
@@ -497,17 +497,6 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def live_tasks() -> int:
-    def count(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(count(child) for n in task.child_nurseries for child in n.child_tasks)
-
-    return count(trio.lowlevel.current_root_task())  # type: ignore[arg-type]
 
 
 async def test_no_leaks_after_many_jobs(jobs: JobManager) -> None:

@@ -43,7 +43,7 @@ from corral.protocol.messages import from_wire
 from corral.supervisor.server import Server
 from corral.tls import client_context
 
-from .conftest import identity, make_server, until
+from .conftest import identity, live_tasks, make_server, open_fds, until
 
 
 def tcp(server: Server) -> TCPAddress:
@@ -375,17 +375,6 @@ async def test_shutdown_says_goodbye_to_sessions(server: Server, pki_dir: Path) 
 
 
 # -- load ---------------------------------------------------------------------------
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def live_tasks() -> int:
-    def count(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(count(child) for n in task.child_nurseries for child in n.child_tasks)
-
-    return count(trio.lowlevel.current_root_task())  # type: ignore[arg-type]
 
 
 async def test_200_concurrent_clients_and_back_to_baseline(server: Server, pki_dir: Path) -> None:

@@ -67,25 +67,9 @@ class JobOperations:
             raise OperationError(
                 ErrorCode.INVALID_ARGUMENT, "id: a job id or id prefix is required"
             )
-        if identity.is_admin:
-            return self._resolve(job_id)
-        mine = [job for job in self.manager.jobs() if job.spec.owner == identity.name]
-        matches = [job for job in mine if job.id == job_id] or [
-            job for job in mine if job.id.startswith(job_id)
-        ]
-        if len(matches) == 1:
-            return matches[0]
-        if not matches:
-            raise OperationError(ErrorCode.NOT_FOUND, f"no job {job_id!r}")
-        candidates = ", ".join(sorted(job.short_id for job in matches)[:10])
-        raise OperationError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"job id prefix {job_id!r} is ambiguous: it matches {candidates}",
-        )
-
-    def _resolve(self, job_id: str) -> Job:
+        owner = None if identity.is_admin else identity.name
         try:
-            return self.manager.resolve(job_id)
+            return self.manager.resolve(job_id, owner=owner)
         except JobError as exc:
             raise OperationError(exc.code, str(exc)) from None
 

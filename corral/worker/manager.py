@@ -193,19 +193,26 @@ class JobManager:
 
     # -- lookup ----------------------------------------------------------------------
 
-    def resolve(self, job_id: str) -> Job:
-        """The job with this id or unique id prefix; JobError otherwise."""
-        if job := self._jobs.get(job_id):
-            return job
-        matches = [job for key, job in self._jobs.items() if job_id and key.startswith(job_id)]
+    def resolve(self, job_id: str, *, owner: str | None = None) -> Job:
+        """The job with this id or unique id prefix; JobError otherwise.
+
+        With `owner`, only that owner's jobs are candidates: another owner's
+        job is not found, exactly like a job that does not exist.
+        """
+        candidates = [
+            job for job in self._jobs.values() if owner is None or job.spec.owner == owner
+        ]
+        matches = [job for job in candidates if job.id == job_id] or [
+            job for job in candidates if job_id and job.id.startswith(job_id)
+        ]
         if len(matches) == 1:
             return matches[0]
         if not matches:
             raise JobError(ErrorCode.NOT_FOUND, f"no job {job_id!r}")
-        candidates = ", ".join(sorted(job.short_id for job in matches)[:10])
+        shown = ", ".join(sorted(job.short_id for job in matches)[:10])
         raise JobError(
             ErrorCode.INVALID_ARGUMENT,
-            f"job id prefix {job_id!r} is ambiguous: it matches {candidates}",
+            f"job id prefix {job_id!r} is ambiguous: it matches {shown}",
         )
 
     def jobs(self) -> list[Job]:
