@@ -302,7 +302,7 @@ async def test_unprivileged_job_cannot_regain_privileges(
 async def test_job_is_in_its_cgroup_with_its_limits_and_the_cgroup_goes(
     jobs: JobManager,
 ) -> None:
-    limits = Limits(cpu=0.5, memory=64 << 20, pids=50)
+    limits = Limits(cpu=0.5, memory=64 << 20, pids=50, io_read_bps=1 << 20, io_write_iops=100)
     job = await jobs.start(JobSpec(argv=["sh", "-c", "cat /proc/self/cgroup; exec sleep 1000"],
                                    limits=limits))  # fmt: skip
     cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT)
@@ -313,12 +313,22 @@ async def test_job_is_in_its_cgroup_with_its_limits_and_the_cgroup_goes(
         memory = root / "memory" / PARENT / job.id
         assert (memory / "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
         assert (root / "pids" / PARENT / job.id / "pids.max").read_text().strip() == "50"
+        blkio = root / "blkio" / PARENT / job.id
+        read_bps = (blkio / "blkio.throttle.read_bps_device").read_text().split("\n")
+        write_iops = (blkio / "blkio.throttle.write_iops_device").read_text().split("\n")
+        assert jobs.devices, "the state directory sits on a disk on our v1 hosts"
+        for major, minor in jobs.devices:
+            assert f"{major}:{minor} {1 << 20}" in read_bps
+            assert f"{major}:{minor} 100" in write_iops
     else:
         (path,) = paths
         assert (path / "cpu.max").read_text().split()[0] == "50000"
         assert (path / "memory.max").read_text().strip() == str(64 << 20)
         assert (path / "memory.swap.max").read_text().strip() == "0"
         assert (path / "pids.max").read_text().strip() == "50"
+        io_max = (path / "io.max").read_text()
+        for major, minor in jobs.devices:  # none in the v2 VM: / is an overlay there
+            assert f"{major}:{minor} rbps={1 << 20} wbps=max riops=max wiops=100" in io_max
     own = b"/" + PARENT.encode() + b"/" + job.id.encode()
     await until(lambda: own in output(job.directory))  # the job names its cgroup
     await until(lambda: len(cgroup.procs()) == 2)  # init and the command (cat has gone)

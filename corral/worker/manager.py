@@ -215,6 +215,12 @@ class JobManager:
             f"job id prefix {job_id!r} is ambiguous: it matches {shown}",
         )
 
+    @property
+    def devices(self) -> list[tuple[int, int]]:
+        """The disks (MAJ, MIN) IO limits apply to: those behind the state
+        directory and the root filesystem."""
+        return list(self._devices)
+
     def jobs(self) -> list[Job]:
         """Every job, oldest first."""
         return sorted(self._jobs.values(), key=lambda job: (job.spec.created_at, job.id))
