@@ -161,3 +161,14 @@ async def test_a_job_outlives_corrald(corrald: Daemon, pki_dir: Path) -> None:
     # The shim and the job's init are alive, and nobody's children in corrald.
     for pid in (status.shim_pid, status.pid):
         assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_corrald_stops_cleanly_after_starting_jobs(
+    corrald: Daemon, as_user: Callable[..., object]
+) -> None:
+    started = as_user("alice", "start", "--", "sleep", "1000")
+    assert started.returncode == 0, started.stderr  # type: ignore[attr-defined]
+    corrald.process.terminate()
+    _, stderr = corrald.process.communicate(timeout=30)
+    assert corrald.process.returncode == 0, stderr
+    assert "Traceback" not in stderr

@@ -17,6 +17,14 @@ from corral.job import pack, unpack
 MAX_REPLY = 4096
 
 
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
 class SpawnerError(Exception):
     """The spawner could not make a shim, or is gone."""
 
@@ -91,10 +99,10 @@ class Spawner:
 
     def close(self) -> None:
         """Close our end (the spawner exits at EOF) and reap it."""
-        if self._trio_sock is not None:
-            self._trio_sock.close()
+        if self._trio_sock is not None and _in_trio():
+            self._trio_sock.close()  # tells trio first, in case a task waits on it
         else:
-            self._sock.close()
+            self._sock.close()  # corrald closes it after trio.run has returned
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
         if self.process.poll() is None:
