@@ -23,6 +23,7 @@ import trio.testing
 
 from corral.job import OUTPUT_FILE, JobSpec, Limits, State, Status
 from corral.protocol import ErrorCode
+from corral.shim import libc
 from corral.shim.cgroup import Flavour, detect_flavour, open_cgroup, orphans
 from corral.worker.manager import JobError, JobManager
 
@@ -35,6 +36,8 @@ pytestmark = [
 
 FLAVOUR = detect_flavour()
 PARENT = TEST_CGROUP_PARENT
+MS_BIND = 4096
+MS_SHARED = 1 << 20
 
 
 def records(job_dir: Path) -> list[list[object]]:
@@ -251,7 +254,21 @@ async def test_network_namespace_has_only_loopback_and_cannot_reach_the_host(
     assert int(refused) != 0  # the host's 127.0.0.1 is not this 127.0.0.1
 
 
-async def test_uts_ipc_mount_and_tmp_are_private(jobs: JobManager, shared_dir: Path) -> None:
+@pytest.fixture
+def shared_mount(shared_dir: Path) -> Iterator[Path]:
+    """`shared_dir` as a mount with shared propagation, as / is on systemd
+    hosts: a mount a job makes under it would show on the host unless the
+    job's mounts are private."""
+    libc.mount(str(shared_dir), str(shared_dir), None, MS_BIND, None)
+    try:
+        libc.mount("none", str(shared_dir), None, MS_SHARED, None)
+        (shared_dir / "sub").mkdir()
+        yield shared_dir
+    finally:
+        libc.umount(str(shared_dir), libc.MNT_DETACH)
+
+
+async def test_uts_ipc_mount_and_tmp_are_private(jobs: JobManager, shared_mount: Path) -> None:
     marker = Path("/tmp") / f"corral-host-{os.getpid()}"
     marker.write_text("host")
     try:
@@ -260,7 +277,7 @@ async def test_uts_ipc_mount_and_tmp_are_private(jobs: JobManager, shared_dir: P
             "sh",
             "-c",
             "hostname; readlink /proc/self/ns/ipc; ls -A /tmp; "
-            f"mount -t tmpfs none {shared_dir} && echo mounted",
+            f"mount -t tmpfs none {shared_mount}/sub && echo mounted",
             user="root",
         )
     finally:
@@ -272,7 +289,7 @@ async def test_uts_ipc_mount_and_tmp_are_private(jobs: JobManager, shared_dir: P
     assert hostname != socket.gethostname()
     assert ipc != os.readlink("/proc/self/ns/ipc")
     assert rest == ["mounted"]  # the host's /tmp marker is not there
-    assert not os.path.ismount(shared_dir)  # the job's mount stayed inside
+    assert not os.path.ismount(shared_mount / "sub")  # the job's mount stayed inside
 
 
 async def test_unprivileged_job_cannot_regain_privileges(
