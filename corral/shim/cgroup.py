@@ -287,8 +287,12 @@ class Cgroup:
         pidfds: dict[int, int] = {}
         try:
             for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
+                try:
                     pidfds[pid] = os.pidfd_open(pid)
+                except ProcessLookupError:
+                    pass  # gone already
+                except OSError as exc:
+                    raise CgroupError(f"cannot pidfd_open({pid}): {exc.strerror}") from None
             members = set(self.procs())
             poller = select.poll()
             waiting = 0
