@@ -540,3 +540,31 @@ async def test_no_leaks_after_many_jobs(jobs: JobManager) -> None:
     for job in jobs.jobs():
         await jobs.remove(job.id)
     assert list(jobs.jobs_dir.iterdir()) == []
+
+
+async def test_dev_shm_is_private(jobs: JobManager) -> None:
+    name = f"corral-test-{os.getpid()}"
+    _status, directory = await run(jobs, "sh", "-c", f"echo job > /dev/shm/{name} && echo wrote")
+    assert output(directory) == b"wrote\n", output(directory, 2)
+    assert not Path(f"/dev/shm/{name}").exists()
+
+
+async def test_a_far_max_runtime_does_not_break_the_shim(jobs: JobManager) -> None:
+    job = await jobs.start(JobSpec(argv=["sleep", "1000"], max_runtime=30 * 86400))
+    status = await jobs.stop(job.id, grace=5, by="test")
+    assert status.state is State.STOPPED
+    assert status.reason == "stopped by test; killed by SIGTERM"
+
+
+async def test_a_cancelled_start_leaves_the_next_job_alone(jobs: JobManager) -> None:
+    with trio.move_on_after(0.001):
+        await jobs.start(JobSpec(argv=["sh", "-c", "exit 0"]))
+    second = await jobs.start(JobSpec(argv=["sleep", "1000"]))
+    with trio.fail_after(20):
+        for job in jobs.jobs():
+            if job is not second:
+                await job.started.wait()
+                await jobs.wait(job.id)  # the cancelled one still ends: not stuck
+    status = (await jobs.status(second.id))[1]
+    assert status.state is State.RUNNING
+    assert (await jobs.stop(second.id, grace=0)).state is State.STOPPED

@@ -124,6 +124,13 @@ def _jail(config: InitConfig) -> None:
     _step(
         "mounts", libc.mount, "tmpfs", "/tmp", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, tmp_options
     )
+    # The host's /dev/shm would let jobs share POSIX shared memory and
+    # semaphores past the new IPC namespace, and outlive them.
+    if os.path.isdir("/dev/shm"):
+        shm_options = f"size={config.tmp_size},mode=1777"
+        _step("mounts", libc.mount, "tmpfs", "/dev/shm", "tmpfs", hardened, shm_options)
+    if os.path.isdir("/dev/mqueue"):
+        _step("mounts", libc.mount, "mqueue", "/dev/mqueue", "mqueue", hardened, None)
     _step("network", libc.interface_up, "lo")
     # A new network namespace forbids unprivileged ping; allow it, as hosts do.
     try:

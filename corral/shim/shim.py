@@ -68,6 +68,7 @@ MARKER_RESERVE = 64
 DRAIN_TIMEOUT = 5.0
 CONTROL_MESSAGE = 4096
 MAX_CONTROL_CLIENTS = 32
+MAX_POLL_MS = 3_600_000
 
 
 class StartFailure(Exception):
@@ -324,7 +325,8 @@ class Shim:
         times = [t for t in (self.deadline, self.kill_at) if t is not None]
         if not times:
             return None
-        return max(0, int((min(times) - time.monotonic()) * 1000) + 1)
+        # poll() takes an int of ms: wake at least hourly for far deadlines.
+        return min(MAX_POLL_MS, max(0, int((min(times) - time.monotonic()) * 1000) + 1))
 
     def _check_timers(self) -> None:
         now = time.monotonic()

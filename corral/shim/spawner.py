@@ -24,6 +24,7 @@ import os
 import socket
 import struct
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -82,7 +83,12 @@ def spawn(request: dict[str, Any], report_fd: int, control: socket.socket) -> tu
                 os.close(go_r)
                 control.close()
                 _detach(job_dir)
-                run_shim(job_dir, request, report_fd)
+                try:
+                    run_shim(job_dir, request, report_fd)
+                except BaseException:
+                    traceback.print_exc()  # into jobs/<id>/shim.log
+                    sys.stderr.flush()
+                    os._exit(1)
             os.write(pid_w, PID.pack(shim))
             os.read(go_r, 1)  # hold the shim as our child until its pidfd is open
         finally:

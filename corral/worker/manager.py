@@ -262,15 +262,19 @@ class JobManager:
         }
         try:
             assert self._spawner is not None
-            _, pidfd = await self._spawner.spawn(request, report_w)
+            # Shielded up to the watcher: once a shim exists it must be
+            # watched, or a cancelled start leaves a job nobody can stop.
+            with trio.CancelScope(shield=True):
+                _, pidfd = await self._spawner.spawn(request, report_w)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._watch, job, pidfd)
         except SpawnerError as exc:
             os.close(report_r)
             self._fail(job, "spawn", str(exc))
+            job.started.set()
             raise JobError(ErrorCode.UNAVAILABLE, f"cannot start the job: {exc}") from None
         finally:
             os.close(report_w)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._watch, job, pidfd)
         try:
             report = await self._read_report(report_r)
         finally:

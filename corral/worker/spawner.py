@@ -74,14 +74,18 @@ class Spawner:
             self._lock = trio.Lock()
         assert self._lock is not None
         fds = array.array("i", [report_fd])
-        async with self._lock:  # one request, one reply: keep them paired
+        # One request, one reply, never torn apart: a cancel between them
+        # would leave this reply for the next caller, who would then watch
+        # another job's shim. The spawner answers in milliseconds.
+        async with self._lock:
             try:
-                await self._trio_sock.sendmsg(
-                    [pack(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
-                )
-                message, ancillary, flags, _ = await self._trio_sock.recvmsg(
-                    MAX_REPLY, socket.CMSG_SPACE(fds.itemsize), socket.MSG_CMSG_CLOEXEC
-                )
+                with trio.CancelScope(shield=True):
+                    await self._trio_sock.sendmsg(
+                        [pack(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+                    )
+                    message, ancillary, flags, _ = await self._trio_sock.recvmsg(
+                        MAX_REPLY, socket.CMSG_SPACE(fds.itemsize), socket.MSG_CMSG_CLOEXEC
+                    )
             except OSError as exc:
                 raise SpawnerError(f"the spawner is gone: {exc.strerror or exc}") from exc
         received = array.array("i")
