@@ -82,7 +82,11 @@ def run_init(config: InitConfig) -> NoReturn:
     except _StepError as exc:
         report(config.exec_fd, exc.step, exc.error)
         os._exit(EXIT_SETUP_FAILED)
-    command = os.fork()
+    try:
+        command = os.fork()
+    except OSError as exc:  # EAGAIN: the pids limit, or the host's
+        report(config.exec_fd, "fork", exc)
+        os._exit(EXIT_SETUP_FAILED)
     if command == 0:
         _run_command(config)
     # init keeps none of the command's ends: their EOFs belong to the command.
