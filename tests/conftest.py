@@ -165,6 +165,18 @@ def end_jobs(state_dir: Path) -> None:
         open_cgroup(flavour, job_dir.name, parent=TEST_CGROUP_PARENT).remove()
 
 
+def clear_cgroup_parent(flavour: Flavour, parent: str) -> list[str]:
+    """Remove every cgroup left under a test parent, then the parent itself;
+    return the names that were left (a test should have removed them)."""
+    left = orphans(flavour, parent=parent)
+    for name in left:
+        open_cgroup(flavour, name, parent=parent).remove()
+    for path in open_cgroup(flavour, "x", parent=parent).paths():
+        with contextlib.suppress(FileNotFoundError):
+            path.parent.rmdir()
+    return left
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_cgroups_left_behind() -> Iterator[None]:
     """After the whole run: no job cgroup of the tests is left; remove the parents."""
@@ -172,10 +184,5 @@ def no_cgroups_left_behind() -> Iterator[None]:
     flavour = detect_flavour()
     if flavour is Flavour.NONE:
         return
-    left = orphans(flavour, parent=TEST_CGROUP_PARENT)
-    for name in left:
-        open_cgroup(flavour, name, parent=TEST_CGROUP_PARENT).remove()
-    for path in open_cgroup(flavour, "x", parent=TEST_CGROUP_PARENT).paths():
-        with contextlib.suppress(FileNotFoundError):
-            path.parent.rmdir()
+    left = clear_cgroup_parent(flavour, TEST_CGROUP_PARENT)
     assert not left, f"job cgroups left behind: {left}"

@@ -35,6 +35,8 @@ from corral.shim.cgroup import (
     whole_disk,
 )
 
+from .conftest import clear_cgroup_parent
+
 FLAVOUR = detect_flavour()
 ROOT = Path("/sys/fs/cgroup")
 # Not conftest's corral-test-PID: that one's session teardown checks its own.
@@ -60,12 +62,7 @@ def no_cgroups_left_behind() -> Iterator[None]:
     yield
     if FLAVOUR is Flavour.NONE or os.geteuid() != 0:
         return
-    left = orphans(FLAVOUR, parent=PARENT)
-    for name in left:
-        open_cgroup(FLAVOUR, name, parent=PARENT).remove()
-    for path in open_cgroup(FLAVOUR, "x", parent=PARENT).paths():
-        with contextlib.suppress(FileNotFoundError):
-            path.parent.rmdir()
+    left = clear_cgroup_parent(FLAVOUR, PARENT)
     assert not left, f"cgroups left behind: {left}"
 
 

@@ -25,7 +25,7 @@ from corral.job import OUTPUT_FILE, JobSpec, Limits, State, Status
 from corral.protocol import ErrorCode
 from corral.shim import libc
 from corral.shim.cgroup import Flavour, detect_flavour, open_cgroup, orphans
-from corral.worker.manager import JobError, JobManager
+from corral.worker.manager import Job, JobError, JobManager
 
 from .conftest import TEST_CGROUP_PARENT, live_tasks, open_fds, until
 
@@ -74,6 +74,13 @@ async def jobs(tmp_path: Path) -> AsyncIterator[JobManager]:
                 if not job.done.is_set():
                     await manager.stop(job.id, grace=0)
     assert orphans(FLAVOUR, parent=PARENT) == [], "a job's cgroup was left behind"
+
+
+async def start_ready(jobs: JobManager, script: str) -> Job:
+    """Start `sh -c script` and return once it has printed "ready" (its traps are set)."""
+    job = await jobs.start(JobSpec(argv=["sh", "-c", script]))
+    await until(lambda: b"ready" in output(job.directory))
+    return job
 
 
 async def run(jobs: JobManager, *argv: str | bytes, **spec: object) -> tuple[Status, Path]:
@@ -192,16 +199,9 @@ async def test_only_stdio_is_open_and_stdin_is_dev_null(jobs: JobManager) -> Non
 
 
 async def test_init_forwards_sigint_to_the_command(jobs: JobManager) -> None:
-    job = await jobs.start(
-        JobSpec(
-            argv=[
-                "sh",
-                "-c",
-                "trap 'echo int; exit 5' INT; echo ready; while :; do sleep 0.05; done",
-            ]
-        )
+    job = await start_ready(
+        jobs, "trap 'echo int; exit 5' INT; echo ready; while :; do sleep 0.05; done"
     )
-    await until(lambda: b"ready" in output(job.directory))
     assert job.status.pid is not None
     os.kill(job.status.pid, signal.SIGINT)  # to init, from outside its namespace
     status = await jobs.wait(job.id)
@@ -432,16 +432,9 @@ async def test_stop_kills_the_whole_tree(jobs: JobManager) -> None:
 
 
 async def test_a_job_handling_sigterm_ends_gracefully(jobs: JobManager) -> None:
-    job = await jobs.start(
-        JobSpec(
-            argv=[
-                "sh",
-                "-c",
-                "trap 'echo bye; exit 7' TERM; echo ready; while :; do sleep 0.05; done",
-            ]
-        )
+    job = await start_ready(
+        jobs, "trap 'echo bye; exit 7' TERM; echo ready; while :; do sleep 0.05; done"
     )
-    await until(lambda: b"ready" in output(job.directory))
     status = await jobs.stop(job.id, grace=30, by="alice")
     assert (status.state, status.exit_code, status.signal) == (State.STOPPED, 7, None)
     assert status.reason == "stopped by alice; exited with code 7"
@@ -449,8 +442,7 @@ async def test_a_job_handling_sigterm_ends_gracefully(jobs: JobManager) -> None:
 
 
 async def test_a_job_ignoring_sigterm_is_killed_after_the_grace(jobs: JobManager) -> None:
-    job = await jobs.start(JobSpec(argv=["sh", "-c", "trap '' TERM; echo ready; sleep 1000"]))
-    await until(lambda: b"ready" in output(job.directory))
+    job = await start_ready(jobs, "trap '' TERM; echo ready; sleep 1000")
     status = await jobs.stop(job.id, grace=0.2, by="alice")
     assert (status.state, status.signal) == (State.STOPPED, "SIGKILL")
     assert status.reason == "stopped by alice; killed by SIGKILL after 0.2 s grace"
