@@ -16,8 +16,6 @@ import contextlib
 import enum
 import math
 import os
-import secrets
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -72,7 +70,7 @@ class State(enum.StrEnum):
 
 
 def new_job_id() -> str:
-    return secrets.token_hex(ID_BYTES)
+    return os.urandom(ID_BYTES).hex()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -311,7 +309,10 @@ def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
     lost intermediate record (starting, running) costs nothing: the shim
     that wrote it is gone after a power cut too.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A name no other writer picks (O_EXCL makes sure): tempfile's would do,
+    # but importing it costs every shim fork (see spawner.py).
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -1,19 +1,27 @@
-"""init: PID 1 of a job's namespaces, and the command it forks.
+"""init: PID 1 of a job's namespaces, and the command it spawns.
 
 The shim forks init after `unshare(CLONE_NEWPID)`, so init is PID 1 of a
-new PID namespace. It waits for the shim to put it in the job's cgroup,
-builds the jail (new mount, network, UTS and IPC namespaces; private
-mounts, a fresh /proc and /sys, a size-limited /tmp, `lo` up, the job's
-hostname, no_new_privs), then forks the command. The command drops to the
-run-as user and execs; init stays root so its parent-death signal holds,
-reaps orphans, forwards SIGTERM and SIGINT, and when the command ends
-writes its exact wait status to the shim and exits, taking the namespace,
-and every process left in it, with it.
+new PID namespace. init builds the jail (new mount, network, UTS and IPC
+namespaces; private mounts, a fresh /proc and /sys, a size-limited /tmp,
+`lo` up, the job's hostname, no_new_privs) while the shim puts it in the
+job's cgroup, becomes what the command must be (the run-as user, its cwd,
+the OOM score), waits for the shim's release, and spawns the command with
+posix_spawn. Then it reaps orphans, forwards SIGTERM and SIGINT, and when
+the command ends writes its exact wait status to the shim and exits,
+taking the namespace, and every process left in it, with it.
 
-Everything here runs in forked children of a single-threaded process:
-no threads, no imports after the jail is up (the standard library may be
-unreadable by then), and every failure is reported on the exec channel as
-a `Failure` and ends the process with `os._exit`.
+init runs as the run-as user too, as tini does in a container: it holds
+nothing the command could not have. Its parent-death signal is set again
+after the change of user (which clears it), and the change makes it
+undumpable, so the command cannot ptrace it. Signals the job sends to
+PID 1 are dropped by the kernel, except TERM and INT, which init forwards
+to the command.
+
+Everything here runs in a forked child of a single-threaded process: no
+threads, no imports after the jail is up (the standard library may be
+unreadable by then). Every failure is reported on the exec channel as a
+msgpack map naming the step, and ends the process with `os._exit`; success
+is `STARTED`, written once the command has exec'd.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ from corral.shim import libc
 INIT_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})
 FORWARDED = frozenset({signal.SIGTERM, signal.SIGINT})
 RELEASE = b"R"
+# init's word on the exec channel once the command has exec'd.
+STARTED = {"started": True}
+DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 WAIT_STATUS = struct.Struct("=i")
 # The command is the one the OOM killer should pick, never init.
 COMMAND_OOM_SCORE_ADJ = b"1000"
@@ -78,17 +89,13 @@ def report(fd: int, step: str, error: OSError | str) -> None:
 def run_init(config: InitConfig) -> NoReturn:
     """Body of init, in the child the shim forked. Never returns."""
     try:
-        _jail(config)
+        _prepare(config)
+        command = _spawn(config)
     except _StepError as exc:
         report(config.exec_fd, exc.step, exc.error)
         os._exit(EXIT_SETUP_FAILED)
-    try:
-        command = os.fork()
-    except OSError as exc:  # EAGAIN: the pids limit, or the host's
-        report(config.exec_fd, "fork", exc)
-        os._exit(EXIT_SETUP_FAILED)
-    if command == 0:
-        _run_command(config)
+    with contextlib.suppress(OSError):
+        os.write(config.exec_fd, pack(STARTED))
     # init keeps none of the command's ends: their EOFs belong to the command.
     for fd in (config.exec_fd, config.stdout_fd, config.stderr_fd):
         os.close(fd)
@@ -109,14 +116,33 @@ def _step(step: str, call: object, *args: object) -> None:
         raise _StepError(step, exc) from None
 
 
-def _jail(config: InitConfig) -> None:
-    # A dead shim means a dead job: set the death signal, then learn whether
-    # the shim is still there by waiting for its release (getppid() is 0 in
-    # a new PID namespace, so it cannot tell us).
+def _prepare(config: InitConfig) -> None:
+    """Everything between the fork and the command, in the order it must happen."""
+    # A dead shim means a dead job. The shim's release, read last, proves
+    # it was alive once the death signal was set (getppid() is 0 in a new
+    # PID namespace, so it cannot tell us).
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    _jail(config)
+    # The command is the process the OOM killer should pick; init inherits
+    # the score it passes on (only root may lower it later).
+    _step("oom_score_adj", _write, "/proc/self/oom_score_adj", COMMAND_OOM_SCORE_ADJ)
+    _step("user", _drop_privileges, config.credentials)
+    # Changing credentials cleared the death signal: set it again.
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    _step("cwd", os.chdir, config.cwd)
+    # The jail was built while the shim put us in the job's cgroup; the
+    # command must not start before that is done.
     if os.read(config.release_fd, 1) != RELEASE:
-        os._exit(EXIT_SETUP_FAILED)
+        os._exit(EXIT_SETUP_FAILED)  # the shim is gone
     os.close(config.release_fd)
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _jail(config: InitConfig) -> None:
     flags = libc.CLONE_NEWNS | libc.CLONE_NEWNET | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC
     _step("namespaces", libc.unshare, flags)
     # On systemd hosts / is shared: without this our mounts leak to the host.
@@ -137,11 +163,8 @@ def _jail(config: InitConfig) -> None:
         _step("mounts", libc.mount, "mqueue", "/dev/mqueue", "mqueue", hardened, None)
     _step("network", libc.interface_up, "lo")
     # A new network namespace forbids unprivileged ping; allow it, as hosts do.
-    try:
-        with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
-            f.write("0 2147483647")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        _write("/proc/sys/net/ipv4/ping_group_range", b"0 2147483647")
     _step("hostname", libc.sethostname, config.hostname)
     # Inherited by the command: setuid bits and file capabilities give nothing.
     _step("no_new_privs", libc.prctl, libc.PR_SET_NO_NEW_PRIVS, 1)
@@ -172,50 +195,40 @@ def _reap_until(command: int, result_fd: int) -> int:
 # -- the command -------------------------------------------------------------------
 
 
-def _run_command(config: InitConfig) -> NoReturn:
-    """In init's child: become the command. Never returns."""
-    step = "exec"
+def _spawn(config: InitConfig) -> int:
+    """Start the command and return its pid, once it has exec'd.
+
+    posix_spawn (a vfork in glibc) costs the same whatever init's size,
+    where a fork would copy a Python process's page tables. init already
+    is what the command must be (user, no_new_privs, cwd, OOM score), so
+    the child only sets up stdio and signals, then execs.
+    """
+    # Only 0-2 may reach the command: everything else closes on exec.
     try:
-        step = "signals"
-        _reset_signals()
-        step = "oom_score_adj"
-        with open("/proc/self/oom_score_adj", "wb") as f:
-            f.write(COMMAND_OOM_SCORE_ADJ)
-        step = "stdio"
-        _stdio(config)
-        step = "user"
-        _drop_privileges(config.credentials)
-        step = "cwd"
-        os.chdir(config.cwd)
-        step = "exec"
+        libc.cloexec_from(3)
+    except OSError:  # before Linux 5.11
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if int(name) > 2:
+                    os.set_inheritable(int(name), False)
+    try:
         path = _resolve(config.argv[0], config.env)
-        os.execve(path, list(config.argv), config.env)
+        return os.posix_spawn(
+            path,
+            list(config.argv),
+            config.env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, config.stdout_fd, 1),
+                (os.POSIX_SPAWN_DUP2, config.stderr_fd, 2),
+            ],
+            # Python ignores SIGPIPE and SIGXFSZ and init blocks others:
+            # the command starts with every signal at its default, unblocked.
+            setsigdef=DEFAULT_SIGNALS,
+            setsigmask=(),
+        )
     except OSError as exc:
-        report(config.exec_fd, step, exc)
-    except Exception as exc:
-        report(config.exec_fd, step, f"{type(exc).__name__}: {exc}")
-    os._exit(127)
-
-
-def _reset_signals() -> None:
-    """Python ignores SIGPIPE and SIGXFSZ and we block others: undo it all,
-    or the command inherits them across exec."""
-    for signum in signal.valid_signals():
-        if signum in {signal.SIGKILL, signal.SIGSTOP}:
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-
-
-def _stdio(config: InitConfig) -> None:
-    null = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(config.stdout_fd, 1)
-    os.dup2(config.stderr_fd, 2)
-    # Only 0-2 stay open across exec; the exec channel is O_CLOEXEC.
-    os.closerange(3, config.exec_fd)
-    os.closerange(config.exec_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        raise _StepError("exec", exc) from None
 
 
 def _drop_privileges(credentials: Credentials) -> None:

@@ -8,13 +8,15 @@ ctypes call itself, so it is safe to use in init after the mounts change.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import socket
 import struct
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# glibc's soname; ctypes.util.find_library would import subprocess and
+# tempfile into every shim, which makes each fork of one slower.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
 
 # <linux/sched.h>
 CLONE_NEWNS = 0x00020000
@@ -46,6 +48,10 @@ SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 IFNAMSIZ = 16
+
+# <linux/close_range.h>; close_range is 436 on every architecture
+CLOSE_RANGE_CLOEXEC = 1 << 2
+_SYS_CLOSE_RANGE = 436
 
 # <linux/capability.h>
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -124,6 +130,14 @@ def clear_capabilities() -> None:
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+
+
+def cloexec_from(first: int) -> None:
+    """Mark every descriptor from `first` up close-on-exec (close_range(2), Linux 5.11)."""
+    result = _libc.syscall(
+        _SYS_CLOSE_RANGE, ctypes.c_uint(first), ctypes.c_uint(0xFFFFFFFF), CLOSE_RANGE_CLOEXEC
+    )
+    _check(result, "close_range")
 
 
 def interface_up(name: str) -> None:

@@ -53,6 +53,7 @@ from corral.shim.cgroup import Cgroup, CgroupError, Flavour, open_cgroup
 from corral.shim.init import (
     INIT_SIGNALS,
     RELEASE,
+    STARTED,
     WAIT_STATUS,
     Credentials,
     InitConfig,
@@ -69,6 +70,10 @@ DRAIN_TIMEOUT = 5.0
 CONTROL_MESSAGE = 4096
 MAX_CONTROL_CLIENTS = 32
 MAX_POLL_MS = 3_600_000
+# From the fork of init to the command's exec. Building the jail takes
+# milliseconds; a job stuck longer (a hung mount or NFS cwd) is failed,
+# so `start` always gets an answer, before corrald stops waiting (60 s).
+SETUP_TIMEOUT = 30.0
 
 
 class StartFailure(Exception):
@@ -90,6 +95,21 @@ def resolve_user(user: str) -> Credentials:
         raise StartFailure("user", f"unknown user {user!r}", "invalid_argument") from None
     groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
     return Credentials(entry.pw_uid, entry.pw_gid, groups)
+
+
+def _read_all(fd: int) -> bytes:
+    """Everything a pipe holds until EOF (its writer has exited or closed it)."""
+    chunks = []
+    while chunk := os.read(fd, READ_SIZE):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def unpack_or_none(data: bytes) -> Any:
+    try:
+        return unpack(data)
+    except (ValueError, TypeError):
+        return None
 
 
 def _now() -> int:
@@ -156,6 +176,9 @@ class Shim:
         self.kill_at: float | None = None
         self.killed = False
         self.deadline: float | None = None
+        self.setup_deadline: float | None = None
+        self.exec_r: int | None = None
+        self.start_failure: StartFailure | None = None
         self.handlers: dict[int, Callable[[int], None]] = {}
         self.pipes: set[int] = set()  # the command's stdout and stderr, until EOF
         self.log: OutputLog | None = None
@@ -165,33 +188,36 @@ class Shim:
     # -- setup -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Set the job up and start it; StartFailure says why it could not."""
+        """Set the job up and fork init; the poll loop sees it through.
+
+        StartFailure says why it could not start. From here on the shim
+        answers on its socket: a stop while init builds the jail is served.
+        """
         credentials = resolve_user(self.spec.user)
-        self._make_cgroup()
         self.log = OutputLog(self.job_dir / OUTPUT_FILE, self.spec.log_limit)
         self.listener = self._listen()
-        out_r, err_r, exec_r = self._fork_init(credentials)
-        failure = self._read_exec_channel(exec_r)
-        if failure is not None:
-            self._end_failed(failure)
-        started = _now()
-        self.status = replace(
-            self.status,
-            state=State.RUNNING,
-            pid=self.init_pid,
-            started_at=started,
-            reason="running",
-        )
+        out_r, err_r, self.exec_r = self._fork_init(credentials)
+        self.setup_deadline = time.monotonic() + SETUP_TIMEOUT
+        # Who holds the job, on disk while init finishes: a corrald that
+        # restarts now finds this shim rather than a job it thinks lost.
+        self.status = replace(self.status, pid=self.init_pid)
         write_status(self.job_dir, self.status)
-        self._report({"ok": True, "pid": self.init_pid, "started_at": started})
-        if self.spec.max_runtime is not None:
-            self.deadline = time.monotonic() + self.spec.max_runtime
         self.pipes = {out_r, err_r}
         self._watch(out_r, lambda fd: self._relay(fd, STREAM_STDOUT))
         self._watch(err_r, lambda fd: self._relay(fd, STREAM_STDERR))
+        self._watch(self.exec_r, self._exec_channel)
         self._watch(self.listener.fileno(), self._accept)
         assert self.pidfd is not None
         self._watch(self.pidfd, self._init_exited)
+
+    def _started(self) -> None:
+        """The command has exec'd: tell corrald first (it is waiting), then disk."""
+        self.setup_deadline = None
+        self.status = replace(self.status, state=State.RUNNING, started_at=_now(), reason="running")
+        self._report({"ok": True, "status": self.status.to_wire()})
+        write_status(self.job_dir, self.status)
+        if self.spec.max_runtime is not None:
+            self.deadline = time.monotonic() + self.spec.max_runtime
 
     def _make_cgroup(self) -> None:
         try:
@@ -208,11 +234,12 @@ class Shim:
             raise StartFailure("cgroup", str(exc), "internal") from None
 
     def _fork_init(self, credentials: Credentials) -> tuple[int, int, int]:
-        """Fork init into a new PID namespace and the cgroup, and release it.
+        """Fork init into a new PID namespace, put it in the job's cgroup, release it.
 
-        Returns the read ends of the command's stdout, stderr and exec channel.
+        init builds its jail while the cgroup is made and joined (on cgroup
+        v1 a join can wait for an RCU grace period). Returns the read ends
+        of the command's stdout, stderr and exec channel.
         """
-        assert self.cgroup is not None
         assert self.log is not None
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -252,11 +279,21 @@ class Shim:
         for fd in (out_w, err_w, release_r, exec_w, result_w):
             os.close(fd)
         try:
-            self.cgroup.add(pid)
-        except CgroupError as exc:
-            os.close(release_w)  # init sees EOF and exits
-            raise StartFailure("cgroup", str(exc), "internal") from None
-        os.write(release_w, RELEASE)
+            self._make_cgroup()
+            assert self.cgroup is not None
+            try:
+                self.cgroup.add(pid)
+            except CgroupError as exc:
+                raise StartFailure("cgroup", str(exc), "internal") from None
+        except StartFailure as failure:
+            # init may have failed first (then the join failed because of
+            # it, and its own report says more); if not, it dies here.
+            os.close(release_w)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            raise self._exec_failure(_read_all(exec_r)) or failure from None
+        with contextlib.suppress(BrokenPipeError):  # init failed: the exec channel says why
+            os.write(release_w, RELEASE)
         os.close(release_w)
         return out_r, err_r, exec_r
 
@@ -272,16 +309,26 @@ class Shim:
         listener.setblocking(False)
         return listener
 
-    def _read_exec_channel(self, fd: int) -> StartFailure | None:
-        """None once the command has exec'd (EOF, nothing said); else the failure."""
-        chunks = []
-        while chunk := os.read(fd, READ_SIZE):
-            chunks.append(chunk)
+    def _exec_channel(self, fd: int) -> None:
+        """init's one word: STARTED, or the step that failed (then init exits)."""
+        data = os.read(fd, READ_SIZE)
+        if data and unpack_or_none(data) is None:  # a long message, read mid-write
+            data += _read_all(fd)
+        self._unwatch(fd)
         os.close(fd)
-        if not chunks:
+        self.exec_r = None
+        if data and unpack_or_none(data) == STARTED:
+            self._started()
+        else:
+            self.start_failure = self.start_failure or self._exec_failure(data)
+            # init exits after a failure; its exit ends the job.
+
+    def _exec_failure(self, data: bytes) -> StartFailure | None:
+        """The failure init reported, as the caller of start should read it."""
+        if not data:
             return None
         try:
-            failure = unpack(b"".join(chunks))
+            failure = unpack(data)
             step, number, message = failure["step"], failure["errno"], failure["message"]
         except (ValueError, TypeError, KeyError):
             return StartFailure("init", "init reported an unreadable failure", "internal")
@@ -322,7 +369,7 @@ class Shim:
         raise AssertionError("unreachable")
 
     def _next_timeout(self) -> int | None:
-        times = [t for t in (self.deadline, self.kill_at) if t is not None]
+        times = [t for t in (self.deadline, self.kill_at, self.setup_deadline) if t is not None]
         if not times:
             return None
         # poll() takes an int of ms: wake at least hourly for far deadlines.
@@ -330,6 +377,12 @@ class Shim:
 
     def _check_timers(self) -> None:
         now = time.monotonic()
+        if self.setup_deadline is not None and now >= self.setup_deadline:
+            self.setup_deadline = None
+            self.start_failure = StartFailure(
+                "setup", f"the job did not start within {SETUP_TIMEOUT:g} s", "unavailable"
+            )
+            self._kill()
         if self.deadline is not None and now >= self.deadline:
             self.deadline = None
             runtime = self.spec.max_runtime or 0
@@ -440,9 +493,25 @@ class Shim:
         self._unwatch(fd)
         os.close(fd)
         self.pidfd = None
+        if self.exec_r is not None:  # init's word may still be in the pipe
+            self._exec_channel(self.exec_r)
+        if self.status.state is State.STARTING:
+            self._drain()
+            self._end_failed(self.start_failure or self._setup_ended(init_status))
         command_status = self._read_result()
         self._drain()
         self._finish(command_status, init_status)
+
+    def _setup_ended(self, init_status: int) -> StartFailure:
+        """init ended before the command started, without saying why."""
+        if self.stop_requested is not None:
+            message = f"stopped by {self.stop_requested[0]} before the command started"
+            return StartFailure("setup", message, "failed_precondition")
+        if os.WIFSIGNALED(init_status):
+            how = f"killed by {_signal_name(os.WTERMSIG(init_status))}"
+        else:
+            how = f"exited with code {os.waitstatus_to_exitcode(init_status)}"
+        return StartFailure("init", f"init {how} before the command started", "internal")
 
     def _read_result(self) -> int | None:
         with contextlib.suppress(OSError):

@@ -9,11 +9,13 @@ per shim:
     corrald -> spawner   {"job_dir": ..., "flavour": ..., ...} + SCM_RIGHTS [report_fd]
     spawner -> corrald   {"pid": shim_pid} + SCM_RIGHTS [pidfd]    or  {"error": "..."}
 
-The shim is double-forked into its own session, so it is nobody's child
-in corrald and survives corrald's death. The spawner opens the shim's
-pidfd while the intermediate child is still alive, so the pid cannot be
-reused before it is pinned. EOF on the socket means corrald is gone: the
-spawner exits, the shims do not.
+Each shim is forked once, into its own session: it is never corrald's
+child, and it survives corrald's death. The spawner reaps its shims on
+SIGCHLD, holding the signal back from the fork until the shim's pidfd is
+open, so the pid cannot be reused before it is pinned. (A double fork
+would need no reaping, at the price of a second fork of this process on
+every start.) EOF on the socket means corrald is gone: the spawner exits,
+the shims do not.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import pwd
+import signal
 import socket
-import struct
 import sys
 import traceback
 from pathlib import Path
@@ -33,7 +36,6 @@ from corral.shim.shim import run_shim
 
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 4
-PID = struct.Struct("=i")
 
 
 def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
@@ -68,44 +70,45 @@ def _detach(job_dir: Path) -> None:
 
 
 def spawn(request: dict[str, Any], report_fd: int, control: socket.socket) -> tuple[int, int]:
-    """Double-fork a shim for `request`; return its pid and a pidfd for it."""
+    """Fork a shim for `request`; return its pid and a pidfd for it."""
     job_dir = Path(request["job_dir"])
-    pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
-    go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    middle = os.fork()
-    if middle == 0:
-        try:
-            os.close(pid_r)
-            os.close(go_w)
-            shim = os.fork()
-            if shim == 0:
-                os.close(pid_w)
-                os.close(go_r)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        shim = os.fork()
+        if shim == 0:
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                 control.close()
                 _detach(job_dir)
-                try:
-                    run_shim(job_dir, request, report_fd)
-                except BaseException:
-                    traceback.print_exc()  # into jobs/<id>/shim.log
-                    sys.stderr.flush()
-                    os._exit(1)
-            os.write(pid_w, PID.pack(shim))
-            os.read(go_r, 1)  # hold the shim as our child until its pidfd is open
-        finally:
-            os._exit(0)
-    os.close(pid_w)
-    os.close(go_r)
-    try:
-        data = os.read(pid_r, PID.size)
-        if len(data) != PID.size:
-            raise OSError("the shim could not be forked")
-        (shim_pid,) = PID.unpack(data)
-        pidfd = os.pidfd_open(shim_pid)
+                run_shim(job_dir, request, report_fd)
+            except BaseException:
+                traceback.print_exc()  # into jobs/<id>/shim.log
+                sys.stderr.flush()
+            finally:
+                os._exit(1)
+        return shim, os.pidfd_open(shim)
     finally:
-        os.close(go_w)
-        os.close(pid_r)
-        os.waitpid(middle, 0)
-    return shim_pid, pidfd
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+
+def _reap(signum: int, frame: object) -> None:
+    """SIGCHLD: collect every shim that has ended (corrald watches their pidfds)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _load_user_database() -> None:
+    """Look a user up once, so every shim inherits the loaded NSS modules
+    instead of loading them again while a job waits."""
+    with contextlib.suppress(KeyError, OSError):
+        root = pwd.getpwuid(0)
+        os.getgrouplist(root.pw_name, root.pw_gid)
 
 
 def serve(control: socket.socket) -> NoReturn:
@@ -144,6 +147,8 @@ def main() -> NoReturn:
     from corral.shim import libc  # noqa: PLC0415 - after the usage check
 
     libc.set_name("corral-spawner")
+    signal.signal(signal.SIGCHLD, _reap)
+    _load_user_database()
     serve(control)
 
 

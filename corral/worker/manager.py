@@ -280,7 +280,10 @@ class JobManager:
         finally:
             job.started.set()
         if report.get("ok"):
-            job.status = read_status(directory) or job.status
+            try:
+                job.status = Status.from_wire(report["status"])
+            except (KeyError, TypeError, ValueError):
+                job.status = read_status(directory) or job.status
             return job
         await job.done.wait()  # the shim has recorded the failure and is gone
         code = ErrorCode(report.get("code", "internal"))
