@@ -73,6 +73,11 @@ def new_job_id() -> str:
     return os.urandom(ID_BYTES).hex()
 
 
+def is_job_id(text: str) -> bool:
+    """A whole job id, as new_job_id makes them (safe as a file or cgroup name)."""
+    return len(text) == 2 * ID_BYTES and all(c in "0123456789abcdef" for c in text)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
     """Per-job resource limits; None means no limit of that kind."""

@@ -527,7 +527,8 @@ async def test_no_leaks_after_many_jobs(jobs: JobManager) -> None:
     await trio.testing.wait_all_tasks_blocked()
     assert open_fds() == fds
     assert live_tasks() == tasks
-    assert orphans(FLAVOUR, parent=PARENT) == []
+    # Only the sandbox built ahead of the next start has a cgroup.
+    assert set(orphans(FLAVOUR, parent=PARENT)) <= set(jobs.warm_ids)
     assert all(job.done.is_set() for job in jobs.jobs())
     for job in jobs.jobs():
         await jobs.remove(job.id)

@@ -29,19 +29,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import signal
 import struct
 from dataclasses import dataclass
 from typing import NoReturn
 
-from corral.job import pack
+from corral.job import pack, unpack
 from corral.shim import libc
 
 # Signals the shim blocks before forking init: init takes them with
 # sigwaitinfo (PID 1 would otherwise drop TERM/INT from the shim).
 INIT_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})
 FORWARDED = frozenset({signal.SIGTERM, signal.SIGINT})
-RELEASE = b"R"
+JOB_HEADER = struct.Struct("=I")
 # init's word on the exec channel once the command has exec'd.
 STARTED = {"started": True}
 DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
@@ -49,6 +50,7 @@ WAIT_STATUS = struct.Struct("=i")
 # The command is the one the OOM killer should pick, never init.
 COMMAND_OOM_SCORE_ADJ = b"1000"
 EXIT_SETUP_FAILED = 125
+HARDENED = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,20 +62,47 @@ class Credentials:
 
 @dataclass(frozen=True, slots=True)
 class InitConfig:
-    """Everything init needs, resolved by the shim before the fork."""
+    """What init gets at the fork, before the job is known."""
 
     hostname: str
-    tmp_size: int
+    # Pipe ends, all inherited from the shim.
+    job_fd: int  # read: the JobConfig (JOB_HEADER + msgpack); the shim holds the other end
+    exec_fd: int  # write, O_CLOEXEC: STARTED, or the step that failed
+    result_fd: int  # write: the command's wait status
+    stdout_fd: int  # write ends for the command
+    stderr_fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobConfig:
+    """The job, sent to init once it is in the job's cgroup with its limits set."""
+
     argv: tuple[bytes, ...]
     env: dict[bytes, bytes]
     cwd: bytes
     credentials: Credentials
-    # Pipe ends, all inherited from the shim.
-    release_fd: int  # read: RELEASE once init is in the cgroup; EOF means the shim died
-    exec_fd: int  # write, O_CLOEXEC: a Failure, or EOF once the command has exec'd
-    result_fd: int  # write: the command's wait status
-    stdout_fd: int  # write ends for the command
-    stderr_fd: int
+    tmp_size: int
+
+    def encode(self) -> bytes:
+        body = pack(
+            {
+                "argv": list(self.argv),
+                "env": [[key, value] for key, value in self.env.items()],
+                "cwd": self.cwd,
+                "uid": self.credentials.uid,
+                "gid": self.credentials.gid,
+                "groups": list(self.credentials.groups),
+                "tmp_size": self.tmp_size,
+            }
+        )
+        return JOB_HEADER.pack(len(body)) + body
+
+    @classmethod
+    def decode(cls, body: bytes) -> JobConfig:
+        wire = unpack(body)
+        credentials = Credentials(wire["uid"], wire["gid"], tuple(wire["groups"]))
+        env = {key: value for key, value in wire["env"]}
+        return cls(tuple(wire["argv"]), env, wire["cwd"], credentials, wire["tmp_size"])
 
 
 def report(fd: int, step: str, error: OSError | str) -> None:
@@ -88,11 +117,20 @@ def report(fd: int, step: str, error: OSError | str) -> None:
 
 def run_init(config: InitConfig) -> NoReturn:
     """Body of init, in the child the shim forked. Never returns."""
+    # init's stderr may be corrald's (a warm sandbox is built before the job
+    # has a directory to log to) and would hold it open: init speaks only
+    # on the exec channel.
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 2)
+    os.close(null)
     try:
-        _prepare(config)
-        command = _spawn(config)
+        job = _prepare(config)
+        command = _spawn(config, job)
     except _StepError as exc:
         report(config.exec_fd, exc.step, exc.error)
+        os._exit(EXIT_SETUP_FAILED)
+    except Exception as exc:  # a bug: say what it was, where the caller of start sees it
+        report(config.exec_fd, "init", f"{type(exc).__name__}: {exc}")
         os._exit(EXIT_SETUP_FAILED)
     with contextlib.suppress(OSError):
         os.write(config.exec_fd, pack(STARTED))
@@ -116,25 +154,58 @@ def _step(step: str, call: object, *args: object) -> None:
         raise _StepError(step, exc) from None
 
 
-def _prepare(config: InitConfig) -> None:
+def _prepare(config: InitConfig) -> JobConfig:
     """Everything between the fork and the command, in the order it must happen."""
-    # A dead shim means a dead job. The shim's release, read last, proves
-    # it was alive once the death signal was set (getppid() is 0 in a new
-    # PID namespace, so it cannot tell us).
+    # A dead shim means a dead job: the shim may die at any point from here
+    # (or have died already: then the job never comes, only EOF).
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     _jail(config)
+    # The jail is built ahead of the job (in a warm sandbox, long before);
+    # the job comes once init is in the job's cgroup and its limits are set.
+    job = _receive_job(config.job_fd)
+    tmp_options = f"size={job.tmp_size},mode=1777"
+    _step(
+        "mounts", libc.mount, "tmpfs", "/tmp", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, tmp_options
+    )
+    # The host's /dev/shm would let jobs share POSIX shared memory and
+    # semaphores past the new IPC namespace, and outlive them.
+    if os.path.isdir("/dev/shm"):
+        _step("mounts", libc.mount, "tmpfs", "/dev/shm", "tmpfs", HARDENED, tmp_options)
     # The command is the process the OOM killer should pick; init inherits
     # the score it passes on (only root may lower it later).
     _step("oom_score_adj", _write, "/proc/self/oom_score_adj", COMMAND_OOM_SCORE_ADJ)
-    _step("user", _drop_privileges, config.credentials)
-    # Changing credentials cleared the death signal: set it again.
+    _step("user", _drop_privileges, job.credentials)
+    # Changing credentials cleared the death signal: set it again, then make
+    # sure the shim did not die before it was set (the job pipe's only
+    # writer is the shim, so a hang-up there means it is gone).
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    _step("cwd", os.chdir, config.cwd)
-    # The jail was built while the shim put us in the job's cgroup; the
-    # command must not start before that is done.
-    if os.read(config.release_fd, 1) != RELEASE:
-        os._exit(EXIT_SETUP_FAILED)  # the shim is gone
-    os.close(config.release_fd)
+    lifeline = select.poll()
+    lifeline.register(config.job_fd, select.POLLIN)
+    if any(events & select.POLLHUP for _, events in lifeline.poll(0)):
+        os._exit(EXIT_SETUP_FAILED)
+    os.close(config.job_fd)
+    _step("cwd", os.chdir, job.cwd)
+    return job
+
+
+def _receive_job(fd: int) -> JobConfig:
+    """Read the job from the shim; exit quietly at EOF (the shim is gone, or
+    discarded a sandbox nobody claimed)."""
+
+    def read_exactly(size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = os.read(fd, size - len(data))
+            if not chunk:
+                os._exit(EXIT_SETUP_FAILED)
+            data += chunk
+        return data
+
+    (size,) = JOB_HEADER.unpack(read_exactly(JOB_HEADER.size))
+    try:
+        return JobConfig.decode(read_exactly(size))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise _StepError("job", f"unreadable job from the shim: {exc}") from None
 
 
 def _write(path: str, data: bytes) -> None:
@@ -147,20 +218,10 @@ def _jail(config: InitConfig) -> None:
     _step("namespaces", libc.unshare, flags)
     # On systemd hosts / is shared: without this our mounts leak to the host.
     _step("mounts", libc.mount, "none", "/", None, libc.MS_REC | libc.MS_PRIVATE, None)
-    hardened = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
-    _step("mounts", libc.mount, "proc", "/proc", "proc", hardened, None)
-    _step("mounts", libc.mount, "sysfs", "/sys", "sysfs", hardened | libc.MS_RDONLY, None)
-    tmp_options = f"size={config.tmp_size},mode=1777"
-    _step(
-        "mounts", libc.mount, "tmpfs", "/tmp", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, tmp_options
-    )
-    # The host's /dev/shm would let jobs share POSIX shared memory and
-    # semaphores past the new IPC namespace, and outlive them.
-    if os.path.isdir("/dev/shm"):
-        shm_options = f"size={config.tmp_size},mode=1777"
-        _step("mounts", libc.mount, "tmpfs", "/dev/shm", "tmpfs", hardened, shm_options)
+    _step("mounts", libc.mount, "proc", "/proc", "proc", HARDENED, None)
+    _step("mounts", libc.mount, "sysfs", "/sys", "sysfs", HARDENED | libc.MS_RDONLY, None)
     if os.path.isdir("/dev/mqueue"):
-        _step("mounts", libc.mount, "mqueue", "/dev/mqueue", "mqueue", hardened, None)
+        _step("mounts", libc.mount, "mqueue", "/dev/mqueue", "mqueue", HARDENED, None)
     _step("network", libc.interface_up, "lo")
     # A new network namespace forbids unprivileged ping; allow it, as hosts do.
     with contextlib.suppress(OSError):
@@ -195,7 +256,7 @@ def _reap_until(command: int, result_fd: int) -> int:
 # -- the command -------------------------------------------------------------------
 
 
-def _spawn(config: InitConfig) -> int:
+def _spawn(config: InitConfig, job: JobConfig) -> int:
     """Start the command and return its pid, once it has exec'd.
 
     posix_spawn (a vfork in glibc) costs the same whatever init's size,
@@ -212,11 +273,11 @@ def _spawn(config: InitConfig) -> int:
                 if int(name) > 2:
                     os.set_inheritable(int(name), False)
     try:
-        path = _resolve(config.argv[0], config.env)
+        path = _resolve(job.argv[0], job.env)
         return os.posix_spawn(
             path,
-            list(config.argv),
-            config.env,
+            list(job.argv),
+            job.env,
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, config.stdout_fd, 1),

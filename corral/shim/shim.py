@@ -21,6 +21,7 @@ Plain synchronous Python around one poll loop: no threads (impossible after
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import os
@@ -29,13 +30,14 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from corral.job import (
     OUTPUT_FILE,
+    SHORT_ID,
     SOCKET_FILE,
     ResolvedSpec,
     SpecError,
@@ -52,11 +54,11 @@ from corral.shim import libc
 from corral.shim.cgroup import Cgroup, CgroupError, Flavour, open_cgroup
 from corral.shim.init import (
     INIT_SIGNALS,
-    RELEASE,
     STARTED,
     WAIT_STATUS,
     Credentials,
     InitConfig,
+    JobConfig,
     run_init,
 )
 
@@ -162,16 +164,122 @@ class OutputLog:
         os.close(self.fd)
 
 
+class Sandbox:
+    """init in its own namespaces and in the job's cgroup, before the job is known.
+
+    The spawner builds one ahead of the next start (a warm sandbox), so a
+    start only fills the job in; a cold start builds one at once. init
+    builds its jail while the cgroup is made and joined (on cgroup v1 a
+    join can wait for an RCU grace period). Building never raises: a
+    failure is kept, and becomes the job's.
+    """
+
+    def __init__(self, job_id: str, request: dict[str, Any], inherited: Iterable[int]) -> None:
+        self.job_id = job_id
+        self.cgroup: Cgroup | None = None
+        self.init_pid: int | None = None
+        self.pidfd: int | None = None
+        self.failure: StartFailure | None = None
+        self.init_report = b""  # what init said before it was abandoned
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(5)]
+        (self.out_r, out_w), (self.err_r, err_w), (job_r, self.job_w) = pipes[:3]
+        (self.exec_r, exec_w), (self.result_r, result_w) = pipes[3:]
+        config = InitConfig(
+            hostname=job_id[:SHORT_ID],
+            job_fd=job_r,
+            exec_fd=exec_w,
+            result_fd=result_w,
+            stdout_fd=out_w,
+            stderr_fd=err_w,
+        )
+        try:
+            self._fork_init(
+                config,
+                ours=[self.out_r, self.err_r, self.job_w, self.exec_r, self.result_r, *inherited],
+            )
+            self.cgroup = _open_cgroup(request, job_id)
+            try:
+                self.cgroup.create()
+                assert self.init_pid is not None
+                self.cgroup.add(self.init_pid)
+            except CgroupError as exc:
+                raise StartFailure("cgroup", str(exc), "internal") from None
+        except StartFailure as failure:
+            self.failure = failure
+            self._abandon()
+        finally:
+            for fd in (out_w, err_w, job_r, exec_w, result_w):
+                os.close(fd)
+
+    def _fork_init(self, config: InitConfig, ours: list[int]) -> None:
+        """Fork init as PID 1 of a new PID namespace."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, INIT_SIGNALS)
+        try:
+            libc.unshare(libc.CLONE_NEWPID)
+        except OSError as exc:
+            message = f"unshare(CLONE_NEWPID): {exc.strerror}"
+            raise StartFailure("namespaces", message, "internal") from None
+        pid = os.fork()
+        if pid == 0:
+            # init holds only what InitConfig names: a report pipe or claim
+            # socket held here would keep someone waiting for an EOF.
+            for fd in ours:
+                os.close(fd)
+            run_init(config)
+        self.init_pid = pid
+        self.pidfd = os.pidfd_open(pid)
+
+    def _abandon(self) -> None:
+        """Kill init after a failed build, keeping what it said: if it failed
+        first (and the join failed because of it), its report says more."""
+        if self.pidfd is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        self.init_report = _read_all(self.exec_r)
+
+    def discard(self) -> NoReturn:
+        """Nobody claimed this sandbox: take it down and exit."""
+        self._abandon()
+        if self.init_pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.init_pid, 0)
+        if self.cgroup is not None:
+            with contextlib.suppress(CgroupError):
+                self.cgroup.remove()
+        os._exit(0)
+
+
+def _open_cgroup(request: dict[str, Any], job_id: str) -> Cgroup:
+    try:
+        return open_cgroup(
+            Flavour(request["flavour"]),
+            job_id,
+            root=Path(request["cgroup_root"]),
+            parent=request["cgroup_parent"],
+        )
+    except CgroupError as exc:
+        raise StartFailure("cgroup", str(exc), "internal") from None
+
+
 class Shim:
-    def __init__(self, job_dir: Path, request: dict[str, Any], report_fd: int) -> None:
+    def __init__(
+        self, sandbox: Sandbox, job_dir: Path, request: dict[str, Any], report_fd: int
+    ) -> None:
         self.job_dir = job_dir
         self.request = request
         self.report_fd: int | None = report_fd
         self.spec: ResolvedSpec = read_spec(job_dir)
-        self.cgroup: Cgroup | None = None
-        self.status = Status(state=State.STARTING, shim_pid=os.getpid())
-        self.init_pid: int | None = None
-        self.pidfd: int | None = None
+        if self.spec.id != sandbox.job_id:
+            raise ValueError(
+                f"the spec is for job {self.spec.id}, the sandbox for {sandbox.job_id}"
+            )
+        self.sandbox = sandbox
+        self.cgroup = sandbox.cgroup
+        self.init_pid = sandbox.init_pid
+        self.pidfd = sandbox.pidfd
+        self.result_r = sandbox.result_r
+        self.status = Status(state=State.STARTING, shim_pid=os.getpid(), pid=self.init_pid)
         self.stop_requested: tuple[str, float] | None = None  # (by, grace)
         self.kill_at: float | None = None
         self.killed = False
@@ -179,6 +287,7 @@ class Shim:
         self.setup_deadline: float | None = None
         self.exec_r: int | None = None
         self.start_failure: StartFailure | None = None
+        self.job_out = b""  # the JobConfig, until init has all of it
         self.handlers: dict[int, Callable[[int], None]] = {}
         self.pipes: set[int] = set()  # the command's stdout and stderr, until EOF
         self.log: OutputLog | None = None
@@ -188,27 +297,59 @@ class Shim:
     # -- setup -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Set the job up and fork init; the poll loop sees it through.
+        """Fill the sandbox in with the job; the poll loop sees it through.
 
         StartFailure says why it could not start. From here on the shim
-        answers on its socket: a stop while init builds the jail is served.
+        answers on its socket: a stop while init finishes is served.
         """
+        if self.sandbox.failure is not None:
+            raise self._exec_failure(self.sandbox.init_report) or self.sandbox.failure
         credentials = resolve_user(self.spec.user)
+        assert self.cgroup is not None
+        try:
+            devices = [(int(major), int(minor)) for major, minor in self.request["devices"]]
+            self.cgroup.apply(self.spec.limits, devices)
+        except CgroupError as exc:
+            raise StartFailure("cgroup", str(exc), "internal") from None
         self.log = OutputLog(self.job_dir / OUTPUT_FILE, self.spec.log_limit)
         self.listener = self._listen()
-        out_r, err_r, self.exec_r = self._fork_init(credentials)
         self.setup_deadline = time.monotonic() + SETUP_TIMEOUT
-        # Who holds the job, on disk while init finishes: a corrald that
-        # restarts now finds this shim rather than a job it thinks lost.
-        self.status = replace(self.status, pid=self.init_pid)
-        write_status(self.job_dir, self.status)
-        self.pipes = {out_r, err_r}
-        self._watch(out_r, lambda fd: self._relay(fd, STREAM_STDOUT))
-        self._watch(err_r, lambda fd: self._relay(fd, STREAM_STDERR))
+        job = JobConfig(
+            argv=self.spec.argv,
+            env=self.spec.env,
+            cwd=self.spec.cwd,
+            credentials=credentials,
+            tmp_size=self.spec.tmp_size,
+        )
+        self.job_out = job.encode()
+        os.set_blocking(self.sandbox.job_w, False)
+        self._watch(self.sandbox.job_w, self._send_job, select.POLLOUT)
+        self.pipes = {self.sandbox.out_r, self.sandbox.err_r}
+        self._watch(self.sandbox.out_r, lambda fd: self._relay(fd, STREAM_STDOUT))
+        self._watch(self.sandbox.err_r, lambda fd: self._relay(fd, STREAM_STDERR))
+        self.exec_r = self.sandbox.exec_r
         self._watch(self.exec_r, self._exec_channel)
         self._watch(self.listener.fileno(), self._accept)
         assert self.pidfd is not None
         self._watch(self.pidfd, self._init_exited)
+        # Who holds the job, on disk while init finishes: a corrald that
+        # restarts now finds this shim rather than a job it thinks lost.
+        write_status(self.job_dir, self.status)
+
+    def _send_job(self, fd: int) -> None:
+        """Write the job to init as the pipe takes it (argv and env may not fit at once).
+
+        The shim keeps its end open afterwards: init checks for a hang-up
+        to learn that the shim is still alive."""
+        try:
+            written = os.write(fd, self.job_out)
+        except BlockingIOError:
+            return
+        except OSError:  # init is gone: its exit says why
+            written = len(self.job_out)
+        self.job_out = self.job_out[written:]
+        if not self.job_out:
+            self._unwatch(fd)
 
     def _started(self) -> None:
         """The command has exec'd: tell corrald first (it is waiting), then disk."""
@@ -218,84 +359,6 @@ class Shim:
         write_status(self.job_dir, self.status)
         if self.spec.max_runtime is not None:
             self.deadline = time.monotonic() + self.spec.max_runtime
-
-    def _make_cgroup(self) -> None:
-        try:
-            self.cgroup = open_cgroup(
-                Flavour(self.request["flavour"]),
-                self.spec.id,
-                root=Path(self.request["cgroup_root"]),
-                parent=self.request["cgroup_parent"],
-            )
-            self.cgroup.create()
-            devices = [(int(major), int(minor)) for major, minor in self.request["devices"]]
-            self.cgroup.apply(self.spec.limits, devices)
-        except CgroupError as exc:
-            raise StartFailure("cgroup", str(exc), "internal") from None
-
-    def _fork_init(self, credentials: Credentials) -> tuple[int, int, int]:
-        """Fork init into a new PID namespace, put it in the job's cgroup, release it.
-
-        init builds its jail while the cgroup is made and joined (on cgroup
-        v1 a join can wait for an RCU grace period). Returns the read ends
-        of the command's stdout, stderr and exec channel.
-        """
-        assert self.log is not None
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        release_r, release_w = os.pipe2(os.O_CLOEXEC)
-        exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
-        self.result_r, result_w = os.pipe2(os.O_CLOEXEC)
-        config = InitConfig(
-            hostname=self.spec.short_id,
-            tmp_size=self.spec.tmp_size,
-            argv=self.spec.argv,
-            env=self.spec.env,
-            cwd=self.spec.cwd,
-            credentials=credentials,
-            release_fd=release_r,
-            exec_fd=exec_w,
-            result_fd=result_w,
-            stdout_fd=out_w,
-            stderr_fd=err_w,
-        )
-        signal.pthread_sigmask(signal.SIG_BLOCK, INIT_SIGNALS)
-        try:
-            libc.unshare(libc.CLONE_NEWPID)
-        except OSError as exc:
-            message = f"unshare(CLONE_NEWPID): {exc.strerror}"
-            raise StartFailure("namespaces", message, "internal") from None
-        pid = os.fork()
-        if pid == 0:
-            # init holds only what InitConfig names: a report pipe or log fd
-            # held here would keep corrald waiting for an EOF.
-            ours = [out_r, err_r, release_w, exec_r, self.result_r, self.listener.fileno()]
-            for fd in [*ours, self.log.fd, self.report_fd]:
-                if fd is not None:
-                    os.close(fd)
-            run_init(config)
-        self.init_pid = pid
-        self.pidfd = os.pidfd_open(pid)
-        for fd in (out_w, err_w, release_r, exec_w, result_w):
-            os.close(fd)
-        try:
-            self._make_cgroup()
-            assert self.cgroup is not None
-            try:
-                self.cgroup.add(pid)
-            except CgroupError as exc:
-                raise StartFailure("cgroup", str(exc), "internal") from None
-        except StartFailure as failure:
-            # init may have failed first (then the join failed because of
-            # it, and its own report says more); if not, it dies here.
-            os.close(release_w)
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-            raise self._exec_failure(_read_all(exec_r)) or failure from None
-        with contextlib.suppress(BrokenPipeError):  # init failed: the exec channel says why
-            os.write(release_w, RELEASE)
-        os.close(release_w)
-        return out_r, err_r, exec_r
 
     def _listen(self) -> socket.socket:
         path = self.job_dir / SOCKET_FILE
@@ -350,9 +413,9 @@ class Shim:
 
     # -- the loop ------------------------------------------------------------------
 
-    def _watch(self, fd: int, handler: Callable[[int], None]) -> None:
+    def _watch(self, fd: int, handler: Callable[[int], None], events: int = select.POLLIN) -> None:
         self.handlers[fd] = handler
-        self.poll.register(fd, select.POLLIN)
+        self.poll.register(fd, events)
 
     def _unwatch(self, fd: int) -> None:
         if self.handlers.pop(fd, None) is not None:
@@ -576,6 +639,9 @@ class Shim:
         return f"{stopped}; {how}"
 
     def _end_failed(self, failure: StartFailure) -> NoReturn:
+        if self.pidfd is not None:  # init is still waiting for the job
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         if self.init_pid is not None:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.init_pid, 0)
@@ -626,11 +692,44 @@ class Shim:
         self.report_fd = None
 
 
-def run_shim(job_dir: Path, request: dict[str, Any], report_fd: int) -> NoReturn:
-    """Body of the shim process. Never returns."""
+def log_stderr_to(job_dir: Path) -> None:
+    """A shim's own crash (a bug) leaves its traceback beside the job."""
+    log = os.open(
+        job_dir / "shim.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+    )
+    os.dup2(log, 2)
+    os.close(log)
+
+
+def run_shim(
+    request: dict[str, Any], report_fd: int | None, claim: socket.socket | None
+) -> NoReturn:
+    """Body of the shim process. Never returns.
+
+    Cold (`report_fd`, no `claim`): build the sandbox and start the job in
+    `request` at once. Warm (`claim`): build the sandbox for the job id in
+    `request`, then wait for the spawner to hand over the job directory and
+    report descriptor; EOF instead means nobody will, and the sandbox goes.
+    A warm shim dies with the spawner until it is claimed.
+    """
     libc.set_name("corral-shim")
+    job_id = str(request["id"])
+    inherited = [report_fd] if report_fd is not None else []
+    if claim is not None:
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != request["spawner_pid"]:
+            os._exit(0)  # the spawner died before the death signal was set
+        inherited.append(claim.fileno())
+    sandbox = Sandbox(job_id, request, inherited)
+    if claim is not None:
+        job_dir, report_fd = _wait_for_claim(claim, sandbox)
+        libc.prctl(libc.PR_SET_PDEATHSIG, 0)  # the job outlives the spawner
+        log_stderr_to(job_dir)
+    else:
+        job_dir = Path(request["job_dir"])
+    assert report_fd is not None
     try:
-        shim = Shim(job_dir, request, report_fd)
+        shim = Shim(sandbox, job_dir, request, report_fd)
     except (OSError, ValueError, TypeError, KeyError, SpecError) as exc:
         with contextlib.suppress(OSError):
             os.write(
@@ -644,7 +743,7 @@ def run_shim(job_dir: Path, request: dict[str, Any], report_fd: int) -> NoReturn
                     }
                 ),
             )
-        os._exit(1)
+        sandbox.discard()
     try:
         shim.start()
     except StartFailure as failure:
@@ -652,3 +751,21 @@ def run_shim(job_dir: Path, request: dict[str, Any], report_fd: int) -> NoReturn
     except Exception as exc:
         shim._end_failed(StartFailure("shim", f"{type(exc).__name__}: {exc}", "internal"))
     shim.run()
+
+
+def _wait_for_claim(claim: socket.socket, sandbox: Sandbox) -> tuple[Path, int]:
+    """The job directory and report descriptor the spawner hands over."""
+    fds = array.array("i")
+    try:
+        message, ancillary, _, _ = claim.recvmsg(
+            CONTROL_MESSAGE, socket.CMSG_SPACE(fds.itemsize), socket.MSG_CMSG_CLOEXEC
+        )
+    except OSError:
+        message, ancillary = b"", []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+    claim.close()
+    if not message or len(fds) != 1:
+        sandbox.discard()
+    return Path(unpack(message)["job_dir"]), fds[0]

@@ -3,19 +3,27 @@
 corrald starts it (`python -m corral.shim.spawner FD`) before trio runs,
 as a fresh interpreter that imports only what a shim needs, so every shim
 forked from it is small and no shim is ever forked from a threaded trio
-process. They talk over a SOCK_SEQPACKET socketpair, one message each way
-per shim:
+process. They talk over a SOCK_SEQPACKET socketpair, one message each way:
 
-    corrald -> spawner   {"job_dir": ..., "flavour": ..., ...} + SCM_RIGHTS [report_fd]
+    corrald -> spawner   {"op": "prepare", "id": ..., "flavour": ..., ...}
+    spawner -> corrald   {"pid": shim_pid}                or  {"error": "..."}
+
+    corrald -> spawner   {"op": "start", "id": ..., "job_dir": ..., ...} + SCM_RIGHTS [report_fd]
     spawner -> corrald   {"pid": shim_pid} + SCM_RIGHTS [pidfd]    or  {"error": "..."}
+
+`prepare` forks a warm shim: it builds the sandbox for job id `id` (init
+in its namespaces and cgroup, the jail up) and waits. A `start` for that id
+hands the job directory and report descriptor to it; a `start` for any
+other id forks a cold shim that builds the sandbox and starts at once.
+Either way the shim is the same code, and the result the same.
 
 Each shim is forked once, into its own session: it is never corrald's
 child, and it survives corrald's death. The spawner reaps its shims on
 SIGCHLD, holding the signal back from the fork until the shim's pidfd is
 open, so the pid cannot be reused before it is pinned. (A double fork
 would need no reaping, at the price of a second fork of this process on
-every start.) EOF on the socket means corrald is gone: the spawner exits,
-the shims do not.
+every start.) EOF on the socket means corrald is gone: the spawner takes
+its warm sandboxes down and exits; running shims live on.
 """
 
 from __future__ import annotations
@@ -24,18 +32,23 @@ import array
 import contextlib
 import os
 import pwd
+import select
 import signal
 import socket
 import sys
+import time
 import traceback
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from corral.job import pack, unpack
+from corral.job import is_job_id, pack, unpack
 from corral.shim.shim import run_shim
 
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 4
+# How long a closing spawner waits for its warm shims to take their sandboxes down.
+CLOSE_TIMEOUT = 10.0
 
 
 def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
@@ -56,40 +69,117 @@ def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return unpack(message), list(fds)
 
 
-def _detach(job_dir: Path) -> None:
-    """Make the shim nobody's: new session, stdio away from corrald's terminal."""
+def _detach() -> None:
+    """Make the shim nobody's: new session, stdio away from corrald's terminal
+    (stderr stays corrald's until the shim has a job directory)."""
     os.setsid()
     null = os.open("/dev/null", os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    # A shim's own crash (a bug) leaves its traceback beside the job.
-    log = os.open(job_dir / "shim.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(log, 2)
     os.close(null)
-    os.close(log)
 
 
-def spawn(request: dict[str, Any], report_fd: int, control: socket.socket) -> tuple[int, int]:
-    """Fork a shim for `request`; return its pid and a pidfd for it."""
-    job_dir = Path(request["job_dir"])
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-    try:
-        shim = os.fork()
-        if shim == 0:
+@dataclass
+class Warm:
+    pid: int
+    pidfd: int
+    claim: socket.socket  # our end; EOF tells the shim to take its sandbox down
+
+
+class Spawner:
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.warm: dict[str, Warm] = {}
+
+    def prepare(self, request: dict[str, Any]) -> int:
+        """Fork a warm shim for job `request["id"]`; return its pid."""
+        job_id = _job_id(request)
+        if job_id in self.warm:
+            raise ValueError(f"job {job_id} already has a sandbox")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        request = {**request, "spawner_pid": os.getpid()}
+        try:
+            pid, pidfd = self._fork(lambda: run_shim(request, None, theirs), also_close=ours)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.warm[job_id] = Warm(pid, pidfd, ours)
+        return pid
+
+    def start(self, request: dict[str, Any], report_fd: int) -> tuple[int, int]:
+        """Start job `request["id"]` in its warm sandbox, or a cold one; return
+        the shim's pid and a pidfd for it."""
+        job_id = _job_id(request)
+        warm = self.warm.pop(job_id, None)
+        if warm is not None:
+            claim = {"job_dir": str(request["job_dir"])}
             try:
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-                control.close()
-                _detach(job_dir)
-                run_shim(job_dir, request, report_fd)
-            except BaseException:
-                traceback.print_exc()  # into jobs/<id>/shim.log
-                sys.stderr.flush()
+                warm.claim.sendmsg(
+                    [pack(claim)],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [report_fd]))],
+                )
+            except OSError:  # the warm shim is gone (killed): start cold
+                os.close(warm.pidfd)
+            else:
+                return warm.pid, warm.pidfd
             finally:
-                os._exit(1)
-        return shim, os.pidfd_open(shim)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                warm.claim.close()
+        return self._fork(lambda: run_shim(request, report_fd, None))
+
+    def _fork(
+        self, body: Callable[[], object], also_close: socket.socket | None = None
+    ) -> tuple[int, int]:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            shim = os.fork()
+            if shim == 0:
+                try:
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                    # Other sandboxes' claim sockets: held here, their EOF
+                    # would never come.
+                    self.control.close()
+                    if also_close is not None:
+                        also_close.close()
+                    for warm in self.warm.values():
+                        warm.claim.close()
+                        os.close(warm.pidfd)
+                    _detach()
+                    body()
+                except BaseException:
+                    traceback.print_exc()  # into jobs/<id>/shim.log, or corrald's stderr
+                    sys.stderr.flush()
+                finally:
+                    os._exit(1)
+            return shim, os.pidfd_open(shim)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+    def close(self) -> None:
+        """Take the warm sandboxes down (EOF to each shim) and wait for them:
+        their cgroups are gone when this returns."""
+        poller = select.poll()
+        for warm in self.warm.values():
+            warm.claim.close()
+            poller.register(warm.pidfd, select.POLLIN)
+        deadline = time.monotonic() + CLOSE_TIMEOUT
+        waiting = len(self.warm)
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(left * 1000):
+                poller.unregister(fd)
+                waiting -= 1
+        for warm in self.warm.values():
+            os.close(warm.pidfd)
+        self.warm.clear()
+
+
+def _job_id(request: dict[str, Any]) -> str:
+    job_id = request["id"]
+    if not (isinstance(job_id, str) and is_job_id(job_id)):
+        raise ValueError(f"invalid job id {job_id!r}")
+    return job_id
 
 
 def _reap(signum: int, frame: object) -> None:
@@ -112,19 +202,25 @@ def _load_user_database() -> None:
 
 
 def serve(control: socket.socket) -> NoReturn:
+    spawner = Spawner(control)
     while True:
         try:
             request, fds = receive(control)
         except OSError as exc:
             control.send(pack({"error": str(exc)}))
             continue
-        if request is None:
-            os._exit(0)  # corrald is gone; the shims live on
+        if request is None:  # corrald is gone; the running shims live on
+            spawner.close()
+            os._exit(0)
         try:
-            if len(fds) != 1:
-                control.send(pack({"error": f"expected one report descriptor, got {len(fds)}"}))
+            op = request.get("op")
+            if op == "prepare" and not fds:
+                control.send(pack({"pid": spawner.prepare(request)}))
                 continue
-            pid, pidfd = spawn(request, fds[0], control)
+            if op != "start" or len(fds) != 1:
+                control.send(pack({"error": f"bad request {op!r} with {len(fds)} descriptors"}))
+                continue
+            pid, pidfd = spawner.start(request, fds[0])
         except (OSError, KeyError, TypeError, ValueError) as exc:
             control.send(pack({"error": f"cannot start a shim: {exc}"}))
         else:

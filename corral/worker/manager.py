@@ -16,6 +16,7 @@ cgroup the watcher removes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -39,6 +40,7 @@ from corral.job import (
     SpecError,
     State,
     Status,
+    is_job_id,
     new_job_id,
     pack,
     read_spec,
@@ -56,6 +58,7 @@ from corral.shim.cgroup import (
     detect_flavour,
     disk_devices,
     open_cgroup,
+    orphans,
 )
 from corral.worker.spawner import Spawner, SpawnerError
 
@@ -126,6 +129,7 @@ class JobManager:
         cgroup_root: Path = CGROUP_ROOT,
         cgroup_parent: str = CGROUP_PARENT,
         default_limits: Limits | None = None,
+        warm: int = 1,
     ) -> None:
         self.state_dir = state_dir
         self.jobs_dir = state_dir / "jobs"
@@ -139,6 +143,12 @@ class JobManager:
         self._devices: list[tuple[int, int]] = []
         self._nursery: trio.Nursery | None = None
         self._nursery_manager: Any = None
+        # Sandboxes built ahead of the next starts (init jailed and in its
+        # cgroup), by the job ids they are for: a start takes one and only
+        # fills the job in.
+        self.warm = warm
+        self._warm: list[str] = []
+        self._warming = False
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -156,6 +166,8 @@ class JobManager:
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
         self._load()
+        await trio.to_thread.run_sync(self._sweep_sandboxes)
+        self._nursery.start_soon(self._warm_up)
         return self
 
     async def __aexit__(
@@ -190,6 +202,49 @@ class JobManager:
             pidfd = _shim_alive(status.shim_pid)
             assert self._nursery is not None
             self._nursery.start_soon(self._watch, job, pidfd)
+
+    def _sweep_sandboxes(self) -> None:
+        """Remove the cgroups of sandboxes built ahead by a spawner that died
+        (they never became jobs: no job directory has their id)."""
+        for name in orphans(self.flavour, self.cgroup_root, self.cgroup_parent):
+            if is_job_id(name) and not (self.jobs_dir / name).exists():
+                try:
+                    open_cgroup(self.flavour, name, self.cgroup_root, self.cgroup_parent).remove()
+                except CgroupError as exc:
+                    log.warning("cannot remove the cgroup of an unused sandbox %s: %s", name, exc)
+
+    async def _warm_up(self) -> None:
+        """Keep `warm` sandboxes built ahead of the next starts."""
+        if self._warming or self._spawner is None:
+            return
+        self._warming = True
+        try:
+            while len(self._warm) < self.warm:
+                job_id = new_job_id()
+                self._warm.append(job_id)
+                try:
+                    await self._spawner.prepare(self._spawn_request(job_id))
+                except SpawnerError as exc:
+                    log.warning("cannot build a sandbox ahead of a start: %s", exc)
+                    with contextlib.suppress(ValueError):
+                        self._warm.remove(job_id)
+                    return
+        finally:
+            self._warming = False
+
+    @property
+    def warm_ids(self) -> tuple[str, ...]:
+        """The job ids sandboxes are built (or being built) for."""
+        return tuple(self._warm)
+
+    def _spawn_request(self, job_id: str) -> dict[str, Any]:
+        return {
+            "id": job_id,
+            "flavour": str(self.flavour),
+            "cgroup_root": str(self.cgroup_root),
+            "cgroup_parent": self.cgroup_parent,
+            "devices": [list(device) for device in self._devices],
+        }
 
     # -- lookup ----------------------------------------------------------------------
 
@@ -238,7 +293,7 @@ class JobManager:
             resolved = spec.validate()
         except SpecError as exc:
             raise JobError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-        job_id = new_job_id()
+        job_id = self._warm.pop(0) if self._warm else new_job_id()
         resolved = replace(
             resolved,
             id=job_id,
@@ -253,13 +308,7 @@ class JobManager:
         self._jobs[job_id] = job
 
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        request = {
-            "job_dir": str(directory),
-            "flavour": str(self.flavour),
-            "cgroup_root": str(self.cgroup_root),
-            "cgroup_parent": self.cgroup_parent,
-            "devices": [list(device) for device in self._devices],
-        }
+        request = {**self._spawn_request(job_id), "job_dir": str(directory)}
         try:
             assert self._spawner is not None
             # Shielded up to the watcher: once a shim exists it must be
@@ -279,6 +328,8 @@ class JobManager:
             report = await self._read_report(report_r)
         finally:
             job.started.set()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._warm_up)  # after this start: it had the CPU first
         if report.get("ok"):
             try:
                 job.status = Status.from_wire(report["status"])

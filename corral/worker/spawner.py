@@ -66,28 +66,21 @@ class Spawner:
     def pid(self) -> int:
         return self.process.pid
 
+    async def prepare(self, request: dict[str, Any]) -> int:
+        """Have a sandbox built for job `request["id"]` ahead of its start;
+        return the warm shim's pid."""
+        message, _, _ = await self._exchange({**request, "op": "prepare"}, None)
+        if not message:
+            raise SpawnerError("the spawner is gone (it closed its socket)")
+        reply = unpack(message)
+        if "error" in reply:
+            raise SpawnerError(str(reply["error"]))
+        return int(reply["pid"])
+
     async def spawn(self, request: dict[str, Any], report_fd: int) -> tuple[int, int]:
-        """Ask for a shim; return its pid and a pidfd (ours to close)."""
-        if self._trio_sock is None:
-            self._sock.setblocking(False)
-            self._trio_sock = trio.socket.from_stdlib_socket(self._sock)
-            self._lock = trio.Lock()
-        assert self._lock is not None
-        fds = array.array("i", [report_fd])
-        # One request, one reply, never torn apart: a cancel between them
-        # would leave this reply for the next caller, who would then watch
-        # another job's shim. The spawner answers in milliseconds.
-        async with self._lock:
-            try:
-                with trio.CancelScope(shield=True):
-                    await self._trio_sock.sendmsg(
-                        [pack(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
-                    )
-                    message, ancillary, flags, _ = await self._trio_sock.recvmsg(
-                        MAX_REPLY, socket.CMSG_SPACE(fds.itemsize), socket.MSG_CMSG_CLOEXEC
-                    )
-            except OSError as exc:
-                raise SpawnerError(f"the spawner is gone: {exc.strerror or exc}") from exc
+        """Ask for a shim (in the job's warm sandbox if there is one); return
+        its pid and a pidfd (ours to close)."""
+        message, ancillary, flags = await self._exchange({**request, "op": "start"}, report_fd)
         received = array.array("i")
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -101,6 +94,32 @@ class Spawner:
             raise SpawnerError(str(reply.get("error", "the spawner sent no pidfd")))
         return int(reply["pid"]), received[0]
 
+    async def _exchange(
+        self, request: dict[str, Any], fd: int | None
+    ) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
+        if self._trio_sock is None:
+            self._sock.setblocking(False)
+            self._trio_sock = trio.socket.from_stdlib_socket(self._sock)
+            self._lock = trio.Lock()
+        assert self._lock is not None
+        fds = array.array("i", [] if fd is None else [fd])
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fd is not None else []
+        # One request, one reply, never torn apart: a cancel between them
+        # would leave this reply for the next caller, who would then watch
+        # another job's shim. The spawner answers in milliseconds.
+        async with self._lock:
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._trio_sock.sendmsg([pack(request)], ancillary)
+                    message, received, flags, _ = await self._trio_sock.recvmsg(
+                        MAX_REPLY,
+                        socket.CMSG_SPACE(array.array("i").itemsize),
+                        socket.MSG_CMSG_CLOEXEC,
+                    )
+            except OSError as exc:
+                raise SpawnerError(f"the spawner is gone: {exc.strerror or exc}") from exc
+        return message, received, flags
+
     def close(self) -> None:
         """Close our end (the spawner exits at EOF) and reap it."""
         if self._trio_sock is not None and _in_trio():
@@ -108,7 +127,7 @@ class Spawner:
         else:
             self._sock.close()  # corrald closes it after trio.run has returned
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=5)
+            self.process.wait(timeout=15)  # it waits up to 10 s for warm shims
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
