@@ -311,8 +311,6 @@ class Shim:
             self.cgroup.apply(self.spec.limits, devices)
         except CgroupError as exc:
             raise StartFailure("cgroup", str(exc), "internal") from None
-        self.log = OutputLog(self.job_dir / OUTPUT_FILE, self.spec.log_limit)
-        self.listener = self._listen()
         self.setup_deadline = time.monotonic() + SETUP_TIMEOUT
         job = JobConfig(
             argv=self.spec.argv,
@@ -321,9 +319,15 @@ class Shim:
             credentials=credentials,
             tmp_size=self.spec.tmp_size,
         )
+        # init goes on with the job while the rest is set up here: output
+        # is relayed only once the poll loop runs, after the log is open.
         self.job_out = job.encode()
         os.set_blocking(self.sandbox.job_w, False)
-        self._watch(self.sandbox.job_w, self._send_job, select.POLLOUT)
+        self._send_job(self.sandbox.job_w)
+        if self.job_out:
+            self._watch(self.sandbox.job_w, self._send_job, select.POLLOUT)
+        self.log = OutputLog(self.job_dir / OUTPUT_FILE, self.spec.log_limit)
+        self.listener = self._listen()
         self.pipes = {self.sandbox.out_r, self.sandbox.err_r}
         self._watch(self.sandbox.out_r, lambda fd: self._relay(fd, STREAM_STDOUT))
         self._watch(self.sandbox.err_r, lambda fd: self._relay(fd, STREAM_STDERR))
