@@ -8,16 +8,20 @@ Measures, with the worker library (what corrald runs):
 
 1. request -> running (start() returns once the command has exec'd) and
    request -> exit, for /bin/true, p50/p99 over N jobs started back to back
-   and again with 200 ms gaps (cgroup v1 joins are slower after a pause);
+   and again with 200 ms gaps (cgroup v1 joins are slower after a pause),
+   with a warm sandbox (the default) and cold (`warm=0`);
 2. the same command under `unshare --pid --fork --mount --mount-proc --net
-   --uts --ipc`, and `bwrap --unshare-all` where installed, spawn to exit;
-3. the private memory (USS) of a shim and of an init, and this process's
-   RSS (what corrald would hold) with N jobs running.
+   --uts --ipc`, `bwrap --unshare-all` and `runc run` (a bundle holding
+   /bin/true and its libraries) where installed, spawn to exit;
+3. the private memory (USS) of a shim and of an init, the same for the
+   idle warm sandbox, and this process's RSS (what corrald would hold)
+   with N jobs running.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -105,34 +109,92 @@ async def memory(jobs: JobManager, count: int) -> None:
     print(f"manager RSS {idle:.1f} MiB idle, {busy:.1f} MiB with {count} jobs running")
 
 
+async def latency(jobs: JobManager, name: str, count: int) -> None:
+    await corral_latency(jobs, 10, 0)  # warm up
+    running, finished = await corral_latency(jobs, count, 0)
+    print(f"{name}, back to back ({count}):".ljust(34) + f"running {percentiles(running)}")
+    print(f"{'':34}exited  {percentiles(finished)}")
+    running, finished = await corral_latency(jobs, count, 0.2)
+    print(f"{name}, 200 ms apart ({count}):".ljust(34) + f"running {percentiles(running)}")
+    print(f"{'':34}exited  {percentiles(finished)}")
+
+
+def warm_sandbox_uss() -> None:
+    """The idle warm sandbox's shim and init (named corral-shim/corral-init,
+    children of this run's spawner, with no job yet)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            comm = (proc / "comm").read_text().strip()
+            if (
+                comm == "corral-spawner"
+                and int((proc / "stat").read_text().split()[3]) == os.getpid()
+            ):
+                spawner = int(proc.name)
+                break
+        except OSError:
+            continue
+    else:
+        return
+    children = Path(f"/proc/{spawner}/task/{spawner}/children").read_text().split()
+    for shim in children:
+        inits = Path(f"/proc/{shim}/task/{shim}/children").read_text().split()
+        total = private_kib(int(shim)) + sum(private_kib(int(pid)) for pid in inits)
+        print(f"warm sandbox: shim + init USS {total / 1024:5.2f} MiB")
+
+
 async def main(count: int) -> None:
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as state:
         async with JobManager(Path(state), cgroup_parent=PARENT) as jobs:
-            await corral_latency(jobs, 10, 0)  # warm up
-            running, finished = await corral_latency(jobs, count, 0)
-            print(f"corral, back to back ({count}):   running {percentiles(running)}")
-            print(f"{'':33} exited  {percentiles(finished)}")
-            running, finished = await corral_latency(jobs, count, 0.2)
-            print(f"corral, 200 ms apart ({count}):   running {percentiles(running)}")
-            print(f"{'':33} exited  {percentiles(finished)}")
+            await latency(jobs, "corral", count)
             await memory(jobs, count)
+            await trio.sleep(0.5)  # let the next sandbox be built: its size is measured
+            warm_sandbox_uss()
+        async with JobManager(Path(state), cgroup_parent=PARENT, warm=0) as jobs:
+            await latency(jobs, "corral cold", count)
     for path in Path("/sys/fs/cgroup").glob(f"*/{PARENT}"):
         path.rmdir()
+
+
+def runc_bundle(directory: Path) -> Path:
+    """A runc bundle whose rootfs holds /bin/true and the libraries it needs."""
+    rootfs = directory / "rootfs"
+    needed = ["/bin/true"]
+    ldd = subprocess.run(["ldd", "/bin/true"], capture_output=True, text=True, check=True)
+    needed += [word for word in ldd.stdout.split() if word.startswith("/")]
+    for path in needed:
+        target = rootfs / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    subprocess.run(["runc", "spec"], cwd=directory, check=True)
+    config = json.loads((directory / "config.json").read_text())
+    config["process"]["args"] = ["/bin/true"]
+    config["process"]["terminal"] = False
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
 
 
 def others(count: int) -> None:
     unshare = ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--net", "--uts", "--ipc"]
     bwrap = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
-    candidates: list[tuple[str, list[str]]] = [
-        ("unshare(1)", [*unshare, "/bin/true"]),
-        ("bwrap --unshare-all", [*bwrap, "/bin/true"]),
-    ]
-    for name, argv in candidates:
-        if shutil.which(argv[0]) is None:
-            print(f"{name:33} not installed")
-            continue
-        command_latency(argv, 10)
-        print(f"{name + f' ({count})':33} exited  {percentiles(command_latency(argv, count))}")
+    with tempfile.TemporaryDirectory(prefix="corral-bench-runc-") as directory:
+        candidates: list[tuple[str, list[str]]] = [
+            ("unshare(1)", [*unshare, "/bin/true"]),
+            ("bwrap --unshare-all", [*bwrap, "/bin/true"]),
+        ]
+        if shutil.which("runc") is not None:
+            bundle = runc_bundle(Path(directory))
+            candidates.append(("runc run", ["runc", "run", "--bundle", str(bundle), PARENT]))
+        else:
+            print(f"{'runc run':34}not installed")
+        for name, argv in candidates:
+            if shutil.which(argv[0]) is None:
+                print(f"{name:34}not installed")
+                continue
+            command_latency(argv, 10)
+            samples = command_latency(argv, count)
+            print(f"{name + f' ({count})':34}exited  {percentiles(samples)}")
 
 
 if __name__ == "__main__":

@@ -225,6 +225,14 @@ def test_corrald_without_a_pki_says_what_to_do(short_dir: Path) -> None:
     assert f"no PKI in {short_dir}/pki: run `corral certs init" in stderr
 
 
+def test_corrald_refuses_a_cgroup_parent_that_is_not_a_name(pki_dir: Path, short_dir: Path) -> None:
+    process = start_corrald("--state-dir", str(short_dir), "--pki", str(pki_dir),
+                            "--listen", "127.0.0.1:0", "--cgroup-parent", "a/b")  # fmt: skip
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "--cgroup-parent: invalid cgroup parent 'a/b': one path component" in stderr
+
+
 def test_corrald_refuses_an_address_in_use(corrald: Daemon, pki_dir: Path, short_dir: Path) -> None:
     process = start_corrald("--state-dir", str(short_dir / "second"), "--pki", str(pki_dir),
                             "--listen", corrald.tcp)  # fmt: skip

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,10 +22,10 @@ import pytest
 import trio
 import trio.testing
 
-from corral.job import OUTPUT_FILE, JobSpec, Limits, State, Status
+from corral.job import OUTPUT_FILE, JobSpec, Limits, State, Status, new_job_id
 from corral.protocol import ErrorCode
 from corral.shim import libc
-from corral.shim.cgroup import Flavour, detect_flavour, open_cgroup, orphans
+from corral.shim.cgroup import CgroupError, Flavour, detect_flavour, open_cgroup, orphans
 from corral.worker.manager import Job, JobError, JobManager
 
 from .conftest import TEST_CGROUP_PARENT, live_tasks, open_fds, until
@@ -59,13 +60,15 @@ def shared_dir() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.fixture
-async def jobs(tmp_path: Path) -> AsyncIterator[JobManager]:
-    """A JobManager on a fresh state directory, under a cgroup parent of its own.
+@pytest.fixture(params=[1, 0], ids=["warm", "cold"])
+async def jobs(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[JobManager]:
+    """A JobManager on a fresh state directory, under a cgroup parent of its own,
+    with a sandbox built ahead of each start (warm) or none (cold): the two
+    halves of a start run apart or back to back, and both must work.
 
     Afterwards: every job has ended and no cgroup of ours is left.
     """
-    manager = JobManager(tmp_path / "state", cgroup_parent=PARENT)
+    manager = JobManager(tmp_path / "state", cgroup_parent=PARENT, warm=request.param)
     async with manager:
         try:
             yield manager
@@ -561,3 +564,76 @@ async def test_a_cancelled_start_leaves_the_next_job_alone(jobs: JobManager) -> 
     status = (await jobs.status(second.id))[1]
     assert status.state is State.RUNNING
     assert (await jobs.stop(second.id, grace=0)).state is State.STOPPED
+
+
+# -- warm sandboxes -------------------------------------------------------------------
+
+
+def sandbox_init(job_id: str) -> int | None:
+    """The pid of the init waiting in the sandbox built for `job_id`, once it is in its cgroup."""
+    try:
+        procs = open_cgroup(FLAVOUR, job_id, parent=PARENT).procs()
+    except CgroupError:
+        return None
+    return procs[0] if len(procs) == 1 else None
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.cgroup
+async def test_a_start_takes_the_sandbox_built_ahead_for_it(tmp_path: Path) -> None:
+    async with JobManager(tmp_path / "state", cgroup_parent=PARENT, warm=1) as jobs:
+        await until(lambda: jobs.warm_ids and sandbox_init(jobs.warm_ids[0]))
+        ahead = jobs.warm_ids[0]
+        init = sandbox_init(ahead)
+        job = await jobs.start(JobSpec(argv=["sleep", "1000"]))
+        assert (job.id, job.status.pid) == (ahead, init)
+        # The next one is being built already, for another id.
+        await until(lambda: jobs.warm_ids and jobs.warm_ids[0] != ahead)
+        await jobs.stop(job.id, grace=0)
+    assert orphans(FLAVOUR, parent=PARENT) == [], "a sandbox outlived its manager"
+
+
+@pytest.mark.cgroup
+async def test_a_dead_warm_shim_means_a_cold_start_with_the_same_id(tmp_path: Path) -> None:
+    async with JobManager(tmp_path / "state", cgroup_parent=PARENT, warm=1) as jobs:
+        await until(lambda: jobs.warm_ids and sandbox_init(jobs.warm_ids[0]))
+        ahead = jobs.warm_ids[0]
+        init = sandbox_init(ahead)
+        assert init is not None
+        os.kill(parent_of(init), signal.SIGKILL)  # the warm shim; init follows it
+        await until(lambda: sandbox_init(ahead) is None)
+        job = await jobs.start(JobSpec(argv=["sh", "-c", "exit 7"]))
+        status = await jobs.wait(job.id)
+        assert (job.id, status.state, status.exit_code) == (ahead, State.EXITED, 7)
+    assert orphans(FLAVOUR, parent=PARENT) == []
+
+
+@pytest.mark.cgroup
+async def test_sandboxes_a_dead_spawner_left_are_removed(tmp_path: Path) -> None:
+    left = open_cgroup(FLAVOUR, new_job_id(), parent=PARENT)
+    left.create()
+    sleeper = subprocess.Popen(["sleep", "1000"])
+    try:
+        left.add(sleeper.pid)
+        async with JobManager(tmp_path / "state", cgroup_parent=PARENT, warm=0):
+            assert orphans(FLAVOUR, parent=PARENT) == []
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        left.remove()
+
+
+async def test_argv_and_env_larger_than_a_pipe_reach_the_command(jobs: JobManager) -> None:
+    # The job goes to init through a pipe (64 KiB): this one takes several writes.
+    args = [bytes([ord("a") + i]) * 100_000 for i in range(3)]
+    env = {f"VAR{i}": "x" * 1000 for i in range(100)}
+    script = 'printf %s "$@" | sha256sum; env | grep -c "^VAR"'
+    status, job_dir = await run(jobs, "sh", "-c", script, "sh", *args, env=env)
+    assert status.exit_code == 0, status.reason
+    digest, count = output(job_dir).decode().split("\n")[:2]
+    assert digest.split()[0] == hashlib.sha256(b"".join(args)).hexdigest()
+    assert count == "100"

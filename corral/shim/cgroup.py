@@ -202,18 +202,23 @@ def _cpu_quota(cores: float) -> int:
     return max(MIN_CPU_QUOTA_US, round(cores * CPU_PERIOD_US))
 
 
+def check_component(what: str, value: str) -> None:
+    """CgroupError unless `value` can name one cgroup directory."""
+    if not value or "/" in value or "\n" in value or value in {".", ".."}:
+        raise CgroupError(f"invalid cgroup {what} {value!r}: one path component")
+
+
 class Cgroup:
     """One job's cgroup, in one (v2) or several (v1) hierarchies.
 
     Nothing exists until `create()`. Limits are written once, before the
-    job's first process joins. Every method raises CgroupError naming the
-    file that failed.
+    job's command starts (its init may be in the cgroup already). Every
+    method raises CgroupError naming the file that failed.
     """
 
     def __init__(self, name: str, root: Path, parent: str) -> None:
-        for what, value in (("name", name), ("parent", parent)):
-            if not value or "/" in value or value in {".", ".."}:
-                raise CgroupError(f"invalid cgroup {what} {value!r}: one path component")
+        check_component("name", name)
+        check_component("parent", parent)
         self.name = name
         self.root = root
         self.parent = parent

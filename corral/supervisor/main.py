@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import resource
 import shutil
@@ -25,7 +26,7 @@ import trio
 import corral
 from corral import pki
 from corral.address import Address, AddressError, TCPAddress, UnixAddress, parse_address
-from corral.shim.cgroup import CgroupError, Flavour, check_host, detect_flavour
+from corral.shim.cgroup import CgroupError, Flavour, check_component, check_host, detect_flavour
 from corral.supervisor.listeners import ListenError
 from corral.supervisor.server import (
     HANDSHAKE_TIMEOUT,
@@ -57,6 +58,10 @@ examples:
 """
 
 
+# Each warm sandbox is an idle shim and init (about 2 MiB) and a cgroup.
+MAX_WARM = 64
+
+
 class StartupError(Exception):
     """corrald cannot start; `str()` says why, `status` is the exit status."""
 
@@ -77,6 +82,24 @@ def _positive(kind: type[int] | type[float]) -> type:
 
     parse.__name__ = kind.__name__
     return parse  # type: ignore[return-value]
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= MAX_WARM:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_WARM}: {text!r}")
+    return value
+
+
+def _cgroup_parent(text: str) -> str:
+    try:
+        check_component("parent", text)
+    except CgroupError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _address(text: str) -> Address:
@@ -151,10 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cgroup-parent",
+        type=_cgroup_parent,
         default=CGROUP_PARENT,
         metavar="NAME",
         help=f"cgroup under which jobs get theirs (default {CGROUP_PARENT}); "
         "give each corrald on a host its own",
+    )
+    parser.add_argument(
+        "--warm",
+        type=_count,
+        default=1,
+        metavar="N",
+        help="sandboxes kept built ahead of the next starts, for fast starts (default 1; "
+        "0: every start builds its own)",
     )
     parser.add_argument(
         "--log-level",
@@ -252,7 +284,9 @@ async def serve(
     context: ssl.SSLContext,
     spawner: Spawner,
     pki_dir: Path,
+    *,
     cgroup_parent: str = CGROUP_PARENT,
+    warm: int = 1,
 ) -> str | None:
     """Serve until a signal: the first SIGINT/SIGTERM shuts down, a second cancels.
 
@@ -263,7 +297,9 @@ async def serve(
         async with contextlib.AsyncExitStack() as stack:
             try:
                 jobs = await stack.enter_async_context(
-                    JobManager(config.state_dir, spawner=spawner, cgroup_parent=cgroup_parent)
+                    JobManager(
+                        config.state_dir, spawner=spawner, cgroup_parent=cgroup_parent, warm=warm
+                    )
                 )
             except JobError as exc:
                 return str(exc)
@@ -330,7 +366,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         except SpawnerError as exc:
             raise StartupError(str(exc), EXIT_UNAVAILABLE) from None
         try:
-            failure = trio.run(serve, config, context, spawner, pki_dir, args.cgroup_parent)
+            serving = functools.partial(serve, cgroup_parent=args.cgroup_parent, warm=args.warm)
+            failure = trio.run(serving, config, context, spawner, pki_dir)
         finally:
             spawner.close()
     except StartupError as exc:

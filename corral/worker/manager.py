@@ -157,8 +157,12 @@ class JobManager:
             raise JobError(ErrorCode.FAILED_PRECONDITION, "no cgroup hierarchy is mounted")
         try:
             check_host(self.flavour, self.cgroup_root)
+            # A bad parent name fails here, not at the first job.
+            open_cgroup(self.flavour, "probe", self.cgroup_root, self.cgroup_parent)
         except CgroupError as exc:
             raise JobError(ErrorCode.FAILED_PRECONDITION, str(exc)) from None
+        if self.warm < 0:
+            raise JobError(ErrorCode.INVALID_ARGUMENT, f"warm must be 0 or more, not {self.warm}")
         self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._devices = disk_devices([self.state_dir, Path("/")])
         if self._spawner is None:
