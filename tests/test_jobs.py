@@ -7,6 +7,7 @@ a skip fail the run).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -432,6 +433,29 @@ async def test_stop_kills_the_whole_tree(jobs: JobManager) -> None:
     assert status.state is State.STOPPED
     assert status.stopped_by == "alice"
     assert not any(alive(pid) for pid in pids)
+
+
+async def test_stop_kills_a_tree_that_ignores_sigterm(jobs: JobManager) -> None:
+    # Ignored signals stay ignored across fork and exec: no process here dies of TERM.
+    script = "trap '' TERM; sleep 1000 & setsid sh -c 'sleep 1000 & wait' & echo ready; wait"
+    job = await start_ready(jobs, script)
+    cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT)
+    await until(lambda: len(cgroup.procs()) >= 5)
+    pids = cgroup.procs()
+    status = await jobs.stop(job.id, grace=0.2, by="alice")
+    assert (status.state, status.signal) == (State.STOPPED, "SIGKILL")
+    assert not any(alive(pid) for pid in pids)
+
+
+async def test_a_second_stop_with_a_shorter_grace_kills_sooner(jobs: JobManager) -> None:
+    job = await start_ready(jobs, "trap 'echo term' TERM; echo ready; while :; do sleep 0.05; done")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(jobs.stop, job.id, grace=30, by="alice"))
+        await until(lambda: b"term" in output(job.directory))  # the first stop's TERM arrived
+        status = await jobs.stop(job.id, grace=0, by="bob")
+    assert (status.state, status.signal, status.stopped_by) == (State.STOPPED, "SIGKILL", "alice")
+    grace = float(status.reason.split(" after ")[1].split(" s grace")[0])
+    assert 0 < grace < 30, status.reason
 
 
 async def test_a_job_handling_sigterm_ends_gracefully(jobs: JobManager) -> None:

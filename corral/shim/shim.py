@@ -282,6 +282,7 @@ class Shim:
         self.status = Status(state=State.STARTING, shim_pid=os.getpid(), pid=self.init_pid)
         self.stop_requested: tuple[str, float] | None = None  # (by, grace)
         self.kill_at: float | None = None
+        self.term_at = 0.0
         self.killed = False
         self.deadline: float | None = None
         self.setup_deadline: float | None = None
@@ -471,10 +472,14 @@ class Shim:
     # -- stop ------------------------------------------------------------------------
 
     def _stop(self, by: str, grace: float) -> None:
+        now = time.monotonic()
         if self.stop_requested is not None:
-            # Stopping twice is safe; a shorter grace brings the kill closer.
-            if grace < self.stop_requested[1] and self.kill_at is not None:
-                self.kill_at = min(self.kill_at, time.monotonic() + grace)
+            # Stopping twice is safe; a shorter grace brings the kill closer,
+            # and the reason then tells the grace the job really had.
+            if self.kill_at is not None and now + grace < self.kill_at:
+                self.kill_at = now + grace
+                first_by, _ = self.stop_requested
+                self.stop_requested = (first_by, round(self.kill_at - self.term_at, 3))
             return
         self.stop_requested = (by, grace)
         if grace <= 0:
@@ -482,7 +487,8 @@ class Shim:
             return
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGTERM)  # type: ignore[arg-type]
-        self.kill_at = time.monotonic() + grace
+        self.term_at = now
+        self.kill_at = now + grace
 
     def _kill(self) -> None:
         """Every process of the job dies: SIGKILL to init takes its whole PID

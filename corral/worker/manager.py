@@ -323,7 +323,8 @@ class JobManager:
                 self._nursery.start_soon(self._watch, job, pidfd)
         except SpawnerError as exc:
             os.close(report_r)
-            self._fail(job, "spawn", str(exc))
+            with trio.CancelScope(shield=True):  # a recorded failure, even if cancelled
+                await self._fail(job, "spawn", str(exc))
             job.started.set()
             raise JobError(ErrorCode.UNAVAILABLE, f"cannot start the job: {exc}") from None
         finally:
@@ -365,11 +366,12 @@ class JobManager:
             "message": f"the shim did not report in {START_TIMEOUT:g} s",
         }
 
-    def _fail(self, job: Job, step: str, message: str) -> None:
+    async def _fail(self, job: Job, step: str, message: str) -> None:
         job.status = Status(
             state=State.FAILED, reason=message, failed_step=step, finished_at=time.time_ns()
         )
-        write_status(job.directory, job.status)
+        # A final status is flushed to disk: never on the event loop.
+        await trio.to_thread.run_sync(write_status, job.directory, job.status)
         job.done.set()
 
     # -- watching shims --------------------------------------------------------------
@@ -399,7 +401,7 @@ class JobManager:
             reason += f"; its cgroup could not be removed: {exc}"
         base = last or Status(state=State.LOST)
         status = replace(base, state=State.LOST, reason=reason, finished_at=time.time_ns())
-        write_status(job.directory, status)
+        await trio.to_thread.run_sync(write_status, job.directory, status)
         log.warning("job %s %s", job.short_id, reason)
         return status
 
