@@ -15,6 +15,7 @@ task routes every reply to the request that waits for it, by id.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -39,12 +40,16 @@ from corral.client.errors import (
     TLSError,
 )
 from corral.client.jobs import JobInfo
+from corral.job import Record, RecordDecoder
 from corral.pki import CLIENT_CERT_FILE
 from corral.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
     Cancel,
     Connection,
+    Credit,
+    Data,
+    End,
     Error,
     ErrorCode,
     Hello,
@@ -67,6 +72,8 @@ RECEIVE_SIZE = 64 * 1024
 UNIX_SERVER_NAME = "localhost"
 # A send that makes no progress this long means corrald has stopped reading.
 SEND_TIMEOUT = 30.0
+# Credit granted to a log stream: corrald holds at most this much for us.
+LOG_WINDOW = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +107,101 @@ class ServerInfo:
 class _Pending:
     done: trio.Event = field(default_factory=trio.Event)
     reply: Message | CorralError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of a job's output.log as it lies in the file, at `offset`."""
+
+    offset: int
+    data: bytes
+
+
+class LogStream:
+    """A job's output as corrald streams it. Use it through `Client.logs()`:
+
+        async with client.logs(job_id, follow=True) as stream:
+            async for record in stream:            # decoded: Record(stream, time_ns, data)
+                ...
+        print(stream.job.state, stream.offset)     # the job at the end; where it ended
+
+    or `stream.chunks()` for the raw bytes of output.log with their offsets.
+    corrald sends no more than the credit we grant: `window` bytes at first,
+    topped up as we consume, so a consumer that stops reading holds at most
+    that much in corrald, and nothing of the job waits for it.
+    """
+
+    def __init__(
+        self, client: Client, job_id: str, *, follow: bool, offset: int, window: int
+    ) -> None:
+        self.offset = offset
+        self.job: JobInfo | None = None  # set at the end of the stream
+        self._client = client
+        self._args = {"id": job_id, "follow": follow, "offset": offset}
+        self._window = window
+        self._request_id: int | None = None
+        self._receive: trio.MemoryReceiveChannel[Message | CorralError] | None = None
+        self._ended = False
+
+    async def __aenter__(self) -> LogStream:
+        self._request_id, self._receive = await self._client._open_stream(
+            "logs", self._args, self._window
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the stream (corrald frees it at once) unless it has ended."""
+        if not self._ended and self._request_id is not None:
+            self._ended = True
+            await self._client._cancel(self._request_id)
+        if self._receive is not None:
+            self._receive.close()
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """The raw bytes, in order, as they arrive; ends when the stream does."""
+        if self._receive is None or self._request_id is None:
+            raise RuntimeError("use the stream inside `async with client.logs(...)`")
+        consumed = 0
+        while not self._ended:
+            event = await self._receive.receive()
+            if isinstance(event, CorralError):
+                self._ended = True
+                raise event
+            if isinstance(event, Data):
+                if event.offset != self.offset:
+                    raise TLSError(
+                        f"corrald sent output at offset {event.offset}, expected {self.offset}"
+                    )
+                self.offset += len(event.data)
+                yield Chunk(event.offset, event.data)
+                consumed += len(event.data)
+                if consumed >= self._window // 2:  # top the window up, not byte by byte
+                    await self._client._send(
+                        Credit(id=self._request_id, amount=consumed), unless_ended=True
+                    )
+                    consumed = 0
+                continue
+            self._ended = True
+            if isinstance(event, Error):
+                raise ServerError(event.code, event.message)
+            if isinstance(event, End):
+                self.offset = int(event.value.get("offset", self.offset))
+                self.job = JobInfo.from_wire(event.value["job"])
+                return
+            raise TLSError(f"unexpected message in a log stream: {type(event).__name__}")
+
+    async def __aiter__(self) -> AsyncIterator[Record]:
+        decoder = RecordDecoder()
+        async for chunk in self.chunks():
+            try:
+                records = decoder.feed(chunk.data)
+            except ValueError as exc:
+                raise TLSError(f"the job's output is not in corral's format: {exc}") from None
+            for record in records:
+                yield record
 
 
 def _os_reason(exc: OSError) -> str:
@@ -160,6 +262,7 @@ class Client:
         self._conn = conn
         self._ids = count(1)
         self._pending: dict[int, _Pending] = {}
+        self._streams: dict[int, trio.MemorySendChannel[Message | CorralError]] = {}
         self._send_lock = trio.Lock()
         self._closed: CorralError | None = None
 
@@ -214,6 +317,42 @@ class Client:
         """Remove a finished job and its files; return its full id."""
         return str((await self.call("remove", {"id": job_id}))["id"])
 
+    def logs(
+        self, job_id: str, *, follow: bool = False, offset: int = 0, window: int = LOG_WINDOW
+    ) -> LogStream:
+        """A job's output from `offset` (a byte offset in output.log): what is
+        there now, or with `follow` everything until the job ends. Use it with
+        `async with`; see `LogStream`."""
+        return LogStream(self, job_id, follow=follow, offset=offset, window=window)
+
+    async def _open_stream(
+        self, op: str, args: dict[str, Any], window: int
+    ) -> tuple[int, trio.MemoryReceiveChannel[Message | CorralError]]:
+        if self._closed is not None:
+            raise self._closed
+        request_id = next(self._ids)
+        # Unbounded, yet bounded by the credit: corrald sends no more than that.
+        send, receive = trio.open_memory_channel[Message | CorralError](math.inf)
+        self._streams[request_id] = send
+        try:
+            await self._send(Request(id=request_id, op=op, args=args))
+            await self._send(Credit(id=request_id, amount=window))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return request_id, receive
+
+    async def _cancel(self, request_id: int) -> None:
+        """Tell corrald to drop a request we no longer wait for."""
+        if self._streams.pop(request_id, None) is None and request_id not in self._pending:
+            return  # it has ended already
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(CLOSE_TIMEOUT),
+            contextlib.suppress(CorralError),
+        ):
+            await self._send(Cancel(id=request_id), unless_ended=True)
+
     async def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run one request and return its result value.
 
@@ -256,10 +395,14 @@ class Client:
 
     # -- plumbing ------------------------------------------------------------
 
-    async def _send(self, message: Message) -> None:
+    async def _send(self, message: Message, *, unless_ended: bool = False) -> None:
+        """Send one message; with `unless_ended`, nothing if its request has
+        had its final reply (credit racing the end of a stream)."""
         async with self._send_lock:
             if self._closed is not None:
                 raise self._closed
+            if unless_ended and getattr(message, "id", None) not in self._conn.open_ids:
+                return
             try:
                 frame = self._conn.send(message)
             except ProtocolError as exc:
@@ -283,6 +426,9 @@ class Client:
             pending.reply = self._closed
             pending.done.set()
             del self._pending[request_id]
+        for stream in self._streams.values():
+            stream.send_nowait(self._closed)
+        self._streams.clear()
         return self._closed
 
     async def _read_loop(self) -> None:
@@ -306,6 +452,12 @@ class Client:
                 self._close(ServerError(event.code, event.message))
                 return
             request_id = getattr(event, "id", None)
+            if (stream := self._streams.get(request_id)) is not None:  # type: ignore[arg-type]
+                with contextlib.suppress(trio.BrokenResourceError):  # its reader has gone
+                    stream.send_nowait(event)
+                if not isinstance(event, Data):
+                    del self._streams[request_id]  # type: ignore[arg-type]
+                continue
             pending = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
             if pending is not None:
                 pending.reply = event
@@ -466,4 +618,4 @@ async def connect(
         await close_stream(tls)
 
 
-__all__ = ["Client", "ServerInfo", "connect"]
+__all__ = ["Chunk", "Client", "LogStream", "Record", "ServerInfo", "connect"]

@@ -53,6 +53,15 @@ IFNAMSIZ = 16
 CLOSE_RANGE_CLOEXEC = 1 << 2
 _SYS_CLOSE_RANGE = 436
 
+# <sys/inotify.h>
+IN_MODIFY = 0x002
+IN_CREATE = 0x100
+IN_IGNORED = 0x8000
+IN_Q_OVERFLOW = 0x4000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+INOTIFY_EVENT = struct.Struct("=iIII")  # wd, mask, cookie, len; then len bytes of name
+
 # <linux/capability.h>
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
@@ -138,6 +147,22 @@ def cloexec_from(first: int) -> None:
         _SYS_CLOSE_RANGE, ctypes.c_uint(first), ctypes.c_uint(0xFFFFFFFF), CLOSE_RANGE_CLOEXEC
     )
     _check(result, "close_range")
+
+
+def inotify_init(flags: int = IN_NONBLOCK | IN_CLOEXEC) -> int:
+    return _check(_libc.inotify_init1(ctypes.c_int(flags)), "inotify_init1")
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    return _check(
+        _libc.inotify_add_watch(ctypes.c_int(fd), os.fsencode(path), ctypes.c_uint32(mask)),
+        "inotify_add_watch",
+        path,
+    )
+
+
+def inotify_rm_watch(fd: int, wd: int) -> None:
+    _check(_libc.inotify_rm_watch(ctypes.c_int(fd), ctypes.c_int(wd)), "inotify_rm_watch")
 
 
 def interface_up(name: str) -> None:

@@ -39,6 +39,9 @@ from corral.job import (
     OUTPUT_FILE,
     SHORT_ID,
     SOCKET_FILE,
+    STREAM_MARKER,
+    STREAM_STDERR,
+    STREAM_STDOUT,
     ResolvedSpec,
     SpecError,
     State,
@@ -63,7 +66,6 @@ from corral.shim.init import (
 )
 
 READ_SIZE = 64 * 1024
-STREAM_MARKER, STREAM_STDOUT, STREAM_STDERR = 0, 1, 2
 # Room kept below the log cap for the final "dropped" marker record.
 MARKER_RESERVE = 64
 # After init exits the kernel kills the rest of the namespace; its pipes

@@ -1,4 +1,4 @@
-"""The job operations corrald serves: start, stop, status, list, remove.
+"""The job operations corrald serves: start, stop, status, list, remove, wait, logs.
 
 Each handler turns a request's args into a call on the `JobManager` and
 its result into a plain map. Who may touch which job is decided in
@@ -13,9 +13,10 @@ from typing import Any
 
 from corral.job import JobSpec, Limits, SpecError, Status
 from corral.protocol import ErrorCode
-from corral.supervisor.session import Handler, OperationError, RequestContext
+from corral.supervisor.session import Handler, OperationError, RequestContext, StreamEnd
 from corral.tls import Identity
 from corral.worker.manager import Job, JobError, JobManager
+from corral.worker.output import CHUNK
 
 DEFAULT_GRACE = 10.0
 MAX_GRACE = 3600.0
@@ -59,6 +60,7 @@ class JobOperations:
             "list": self.list,
             "remove": self.remove,
             "wait": self.wait,
+            "logs": self.logs,
         }
 
     def _visible(self, identity: Identity, job_id: Any) -> Job:
@@ -139,3 +141,32 @@ class JobOperations:
         except JobError as exc:
             raise OperationError(exc.code, str(exc)) from None
         return {"id": job.id}
+
+    async def logs(self, context: RequestContext) -> StreamEnd:
+        """Stream the job's output.log from `offset`: data within the client's
+        credit, then an end with the offset reached and the job's state (final
+        when it has ended). With `follow`, until the job has ended."""
+        args = context.request.args
+        job = self._visible(context.identity, args.get("id"))
+        offset = _arg(args, "offset", int, 0)
+        follow = bool(_arg(args, "follow", bool, False))
+        if offset < 0:
+            raise OperationError(ErrorCode.INVALID_ARGUMENT, "offset: must be zero or more")
+        with self.manager.open_output(job.id, offset) as reader:
+            while True:
+                # Credit first, then the read: nothing is read that cannot be sent.
+                credit = await context.wait_credit()
+                at = reader.offset
+                data = await reader.read(min(credit, CHUNK), follow=follow)
+                if not data:
+                    break
+                await context.send_data(at, data)
+            end = reader.offset
+        if job.done.is_set():
+            status = job.status
+        else:
+            try:
+                _, status = await self.manager.status(job.id)
+            except JobError:
+                status = job.status
+        return StreamEnd({"offset": end, "job": job_record(job, status)})

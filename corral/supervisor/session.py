@@ -8,7 +8,10 @@ Theory of operation. A session has three kinds of task:
   the outgoing queue is full the peer is not reading and is dropped.
 - one task per request runs the operation and sends its reply; it may wait
   for room in the outgoing queue, which is how a peer that stops reading
-  slows only its own requests.
+  slows only its own requests. A stream (an operation that returns
+  `StreamEnd`) sends data within the credit its client grants: it waits
+  for credit before it reads what it will send, so a client that stops
+  granting holds no server memory and slows no other stream.
 - the writer drains the outgoing queue onto the stream.
 
 When the reader ends (EOF, protocol error, shutdown) the request tasks are
@@ -32,6 +35,8 @@ from corral.protocol import (
     Cancel,
     Connection,
     Credit,
+    Data,
+    End,
     Error,
     ErrorCode,
     Hello,
@@ -76,6 +81,13 @@ class _PeerNotReading(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """What a streaming handler returns: the value of the stream's end message."""
+
+    value: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class RequestContext:
     """What an operation handler knows about the request it serves."""
 
@@ -83,8 +95,16 @@ class RequestContext:
     request: Request
     session: Session
 
+    async def wait_credit(self) -> int:
+        """The bytes of data this stream may send now, once there are some."""
+        return await self.session.wait_credit(self.request.id)
 
-Handler = Callable[[RequestContext], Awaitable[dict[str, Any]]]
+    async def send_data(self, offset: int, data: bytes) -> None:
+        """Send a piece of the stream (within the credit `wait_credit` gave)."""
+        await self.session.send(Data(id=self.request.id, offset=offset, data=data))
+
+
+Handler = Callable[[RequestContext], Awaitable[dict[str, Any] | StreamEnd]]
 
 
 class Session:
@@ -112,6 +132,7 @@ class Session:
         self._send_channel, self._receive_channel = trio.open_memory_channel[bytes](OUTGOING_FRAMES)
         self._room = trio.lowlevel.ParkingLot()
         self._in_flight: dict[int, trio.CancelScope] = {}
+        self._credit: dict[int, trio.lowlevel.ParkingLot] = {}  # streams waiting for credit
         self._reader_scope = trio.CancelScope()
 
     def statistics(self) -> dict[str, int]:
@@ -137,6 +158,16 @@ class Session:
         # No checkpoint between encoding and queueing: frames leave in the
         # order the protocol state machine saw them.
         self._send_channel.send_nowait(self._conn.send(message))
+
+    async def wait_credit(self, request_id: int) -> int:
+        while (credit := self._conn.credit(request_id)) <= 0:
+            lot = self._credit.setdefault(request_id, trio.lowlevel.ParkingLot())
+            try:
+                await lot.park()
+            finally:
+                if not lot:
+                    self._credit.pop(request_id, None)
+        return credit
 
     async def _write_loop(self) -> None:
         async with self._receive_channel:
@@ -176,7 +207,7 @@ class Session:
                 # that does not read must not keep the session alive.
                 outer.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
 
-    async def _reply(self, reply: Result | Error) -> None:
+    async def _reply(self, reply: Result | End | Error) -> None:
         """Send a request's reply; one that cannot be encoded becomes `internal`."""
         try:
             await self.send(reply)
@@ -269,8 +300,10 @@ class Session:
             case Cancel(id=request_id):
                 if request_scope := self._in_flight.get(request_id):
                     request_scope.cancel()
-            case Credit():
-                pass  # the Connection keeps the count; streams read it
+            case Credit(id=request_id):
+                # The Connection keeps the count; a stream waiting for it wakes.
+                if lot := self._credit.get(request_id):
+                    lot.unpark_all()
             case _:
                 raise AssertionError(f"unexpected event {event!r}")  # Connection forbids it
 
@@ -278,12 +311,14 @@ class Session:
         self, handler: Handler, context: RequestContext, scope: trio.CancelScope
     ) -> None:
         request_id = context.request.id
-        reply: Result | Error
+        reply: Result | End | Error
         try:
             with scope:
                 value = await handler(context)
             if scope.cancelled_caught:
                 reply = Error(id=request_id, code=ErrorCode.CANCELLED, message="cancelled")
+            elif isinstance(value, StreamEnd):
+                reply = End(id=request_id, value=value.value)
             else:
                 reply = Result(id=request_id, value=value)
         except OperationError as exc:

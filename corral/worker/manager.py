@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -60,6 +61,7 @@ from corral.shim.cgroup import (
     open_cgroup,
     orphans,
 )
+from corral.worker.output import OutputReader, OutputWatcher
 from corral.worker.spawner import Spawner, SpawnerError
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,7 @@ class JobManager:
         self.warm = warm
         self._warm: list[str] = []
         self._warming = False
+        self._output: OutputWatcher | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -169,6 +172,8 @@ class JobManager:
             self._spawner = Spawner.start()
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
+        self._output = OutputWatcher()
+        self._nursery.start_soon(self._output.run)
         self._load()
         await trio.to_thread.run_sync(self._sweep_sandboxes)
         self._nursery.start_soon(self._warm_up)
@@ -390,6 +395,8 @@ class JobManager:
         job.status = status
         job.started.set()
         job.done.set()
+        if self._output is not None:
+            self._output.notify(job.id)  # followers: the output is complete
 
     async def _lost(self, job: Job, last: Status | None) -> Status:
         """The shim vanished without recording an end: kill what is left, say so."""
@@ -422,6 +429,34 @@ class JobManager:
                 raise JobError(ErrorCode.INTERNAL, f"cannot reach the job's shim: {exc}") from exc
             return unpack(reply) if reply else None
         raise JobError(ErrorCode.INTERNAL, f"the job's shim did not answer in {SHIM_TIMEOUT:g} s")
+
+    # -- output -------------------------------------------------------------------
+
+    def open_output(self, job_id: str, offset: int = 0) -> OutputReader:
+        """A reader of the job's output.log from `offset` (a context manager).
+
+        `await reader.read(size, follow=...)` returns the next bytes of the log
+        (msgpack records; `corral.job.RecordDecoder` decodes them), b"" at the end.
+        """
+        job = self.resolve(job_id)
+        if offset < 0:
+            raise JobError(ErrorCode.INVALID_ARGUMENT, "offset: must be zero or more")
+        assert self._output is not None
+        return OutputReader(self._output, job.id, job.directory, offset, job.done)
+
+    async def output(
+        self, job_id: str, *, offset: int = 0, follow: bool = True
+    ) -> AsyncIterator[bytes]:
+        """The raw bytes of the job's output.log from `offset`: to its current
+        end, or with `follow` until the job has ended and all was read."""
+        with self.open_output(job_id, offset) as reader:
+            while data := await reader.read(follow=follow):
+                yield data
+
+    @property
+    def followed(self) -> int:
+        """How many jobs have readers now (each holds one inotify watch)."""
+        return self._output.watched if self._output is not None else 0
 
     # -- operations ------------------------------------------------------------------
 
