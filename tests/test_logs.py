@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import signal
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ from corral.protocol import ErrorCode
 from corral.worker.manager import JobManager
 
 from .conftest import TEST_CGROUP_PARENT, Daemon, identity, live_tasks, open_fds, until
+from .test_cli import CORRAL
 
 pytestmark = [
     pytest.mark.jobs,
@@ -221,3 +225,99 @@ async def test_a_reader_that_grants_no_credit_stalls_nobody(corrald: Daemon, pki
         assert reader.job.state == "exited"
         assert total == reader.offset
         assert total > 30_000_000
+
+
+# -- corral logs and corral run ---------------------------------------------------------
+
+
+@pytest.fixture
+def as_admin(corrald: Daemon, pki_dir: Path) -> dict[str, str]:
+    """The environment for the CLI, as admin, against the test corrald."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    environment.update(CORRAL_ADDR=corrald.tcp, CORRAL_IDENTITY=str(identity(pki_dir, "admin")))
+    return environment
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*CORRAL, *args], capture_output=True, env=env, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(
+    ("script", "status"),
+    [
+        ("printf 'out\\0put'; echo err >&2", 0),
+        ("exit 3", 3),
+        ("kill -SEGV $$", 128 + signal.SIGSEGV),
+    ],
+)
+def test_run_writes_the_output_and_exits_with_the_jobs_status(
+    as_admin: dict[str, str], script: str, status: int
+) -> None:
+    result = cli(as_admin, "run", "--", "sh", "-c", script)
+    assert result.returncode == status, result.stderr
+    if status == 0:
+        assert (result.stdout, result.stderr) == (b"out\0put", b"err\n")
+
+
+def test_run_says_when_the_job_ran_out_of_memory(as_admin: dict[str, str]) -> None:
+    grab = "x = bytearray(200 << 20)"
+    result = cli(as_admin, "run", "--memory", "32M", "--", "python3", "-c", grab)
+    assert result.returncode == 137
+    assert result.stderr.decode().endswith("was killed: out of memory (memory limit 32.0 MiB)\n")
+
+
+def test_run_of_a_missing_command_exits_127(as_admin: dict[str, str]) -> None:
+    result = cli(as_admin, "run", "--", "no-such-command")
+    assert result.returncode == 127
+    assert b"cannot run 'no-such-command': not found in PATH=" in result.stderr
+
+
+def interrupted_run(env: dict[str, str], script: str, presses: int) -> tuple[int, str]:
+    """`corral run` of a job that prints "ready", Ctrl+C'd `presses` times."""
+    process = subprocess.Popen(
+        [*CORRAL, "run", "--grace", "30s", "--", "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    try:
+        assert process.stdout.readline() == "ready\n"
+        process.send_signal(signal.SIGINT)
+        notes = [process.stderr.readline()]
+        if presses == 2:
+            process.send_signal(signal.SIGINT)
+        notes.append(process.stderr.read())
+        return process.wait(timeout=30), "".join(notes)
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_ctrl_c_stops_the_remote_job_with_its_grace(as_admin: dict[str, str]) -> None:
+    script = "trap 'echo bye >&2; exit 5' TERM; echo ready; while :; do sleep 0.05; done"
+    status, notes = interrupted_run(as_admin, script, presses=1)
+    assert status == 5
+    assert "stopping job" in notes
+    assert "bye" in notes
+
+
+def test_a_second_ctrl_c_kills_the_remote_job_at_once(as_admin: dict[str, str]) -> None:
+    status, notes = interrupted_run(as_admin, "trap '' TERM; echo ready; sleep 1000", presses=2)
+    assert status == 128 + signal.SIGKILL
+    assert "killing job" in notes
+
+
+def test_logs_writes_each_stream_to_its_own_and_can_pick_one(
+    as_admin: dict[str, str],
+) -> None:
+    started = cli(as_admin, "start", "--", "sh", "-c", "printf 'a\\0'; printf 'b' >&2")
+    job_id = started.stdout.decode().strip()
+    whole = cli(as_admin, "logs", "-f", job_id)
+    assert (whole.returncode, whole.stdout, whole.stderr) == (0, b"a\0", b"b")
+    only_err = cli(as_admin, "logs", "-f", "--stderr", job_id)
+    assert (only_err.stdout, only_err.stderr) == (b"", b"b")
+    stamped = cli(as_admin, "logs", "-f", "--timestamps", "--stdout", job_id)
+    assert re.fullmatch(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z a\0", stamped.stdout)

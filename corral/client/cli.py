@@ -8,11 +8,13 @@ exit status their class names (see `corral.client.errors` and the README).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -20,7 +22,7 @@ import trio
 
 import corral
 from corral import pki
-from corral.client.client import CONNECT_TIMEOUT, ServerInfo, connect
+from corral.client.client import CONNECT_TIMEOUT, Client, LogStream, ServerInfo, connect
 from corral.client.errors import (
     EXIT_CONFIG,
     EXIT_NOPERM,
@@ -30,7 +32,10 @@ from corral.client.errors import (
     CorralError,
     ServerError,
 )
+from corral.client.jobs import JobInfo
 from corral.client.units import format_age, format_size, parse_duration, parse_size, rfc3339
+from corral.job import STREAM_STDERR, STREAM_STDOUT, Record, RecordDecoder
+from corral.protocol import ErrorCode
 
 DEFAULT_ADDR = "127.0.0.1:7443"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
@@ -243,26 +248,65 @@ def _subcommand(
     )
 
 
-def _job_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
-    start = _subcommand(
-        commands, "start", connection, "start a job and print its id",
-        "corral start --memory 256M --cpu 0.5 -- python3 -c 'print(42)'",
-    )  # fmt: skip
+def _job_spec_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `start` and `run`: what to run, as whom, within what."""
     for flag, dest, kind, text in LIMIT_FLAGS:
-        start.add_argument(flag, dest=f"limit_{dest}", type=kind, metavar="N", help=text)
-    start.add_argument("--timeout", type=_duration, metavar="DURATION",
-                       help="stop the job after this long, e.g. 30s, 5m")  # fmt: skip
-    start.add_argument("--user", help="run as this user (admins only; default nobody)")
-    start.add_argument(
+        parser.add_argument(flag, dest=f"limit_{dest}", type=kind, metavar="N", help=text)
+    parser.add_argument("--timeout", type=_duration, metavar="DURATION",
+                        help="stop the job after this long, e.g. 30s, 5m")  # fmt: skip
+    parser.add_argument("--user", help="run as this user (admins only; default nobody)")
+    parser.add_argument(
         "--env",
         action="append",
         type=_env_pair,
         metavar="NAME=VALUE",
         help="an environment variable (repeatable; default: a small clean set)",
     )
-    start.add_argument("--cwd", metavar="DIR", help="working directory (default /)")
-    start.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+    parser.add_argument("--cwd", metavar="DIR", help="working directory (default /)")
+    parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+
+
+def _job_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
+    start = _subcommand(
+        commands, "start", connection, "start a job and print its id",
+        "corral start --memory 256M --cpu 0.5 -- python3 -c 'print(42)'",
+    )  # fmt: skip
+    _job_spec_options(start)
     start.set_defaults(run=cmd_start)
+
+    run = _subcommand(
+        commands, "run", connection,
+        "start a job, follow its output to the end and exit with its status",
+        "corral run --memory 64M -- sh -c 'echo hello; exit 3'   # prints hello, exits 3",
+    )  # fmt: skip
+    run.epilog = (run.epilog or "") + (
+        "\n\nThe exit status is the job's: its code, or 128+N when signal N killed it.\n"
+        "127: the command was not found; 126: it could not be run.\n"
+        "Ctrl+C stops the job (SIGTERM, then SIGKILL after the grace); a second\n"
+        "Ctrl+C kills it at once."
+    )
+    _job_spec_options(run)
+    run.add_argument("--grace", type=_duration, metavar="DURATION",
+                     help="on Ctrl+C, time between SIGTERM and SIGKILL (default 10s)")  # fmt: skip
+    run.set_defaults(run=cmd_run)
+
+    logs = _subcommand(
+        commands, "logs", connection,
+        "write a job's output: stdout to stdout, stderr to stderr, byte for byte",
+        "corral logs -f 3f2a9c",
+    )  # fmt: skip
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep writing new output until the job ends")  # fmt: skip
+    logs.add_argument("--since-offset", type=_count, default=0, metavar="N",
+                      help="start at byte N of the job's log (an offset a stream "
+                      "ended at, from --json or the client library)")  # fmt: skip
+    logs.add_argument("--timestamps", action="store_true",
+                      help="prefix each piece of output with its time (RFC 3339)")  # fmt: skip
+    which = logs.add_mutually_exclusive_group()
+    which.add_argument("--stdout", action="store_true", help="only the job's stdout")
+    which.add_argument("--stderr", action="store_true", help="only the job's stderr")
+    logs.add_argument("id", metavar="ID", help="a job id or unique prefix")
+    logs.set_defaults(run=cmd_logs)
 
     stop = _subcommand(
         commands, "stop", connection, "stop a job: SIGTERM, then SIGKILL after the grace",
@@ -338,29 +382,169 @@ async def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-async def cmd_start(args: argparse.Namespace, out: TextIO) -> int:
+async def _start(client: Client, args: argparse.Namespace, command: str) -> JobInfo:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
-        raise UsageError("start needs a command: corral start [OPTIONS] -- COMMAND [ARG...]")
+        raise UsageError(
+            f"{command} needs a command: corral {command} [OPTIONS] -- COMMAND [ARG...]"
+        )
     limits = {
         dest: value
         for _, dest, _, _ in LIMIT_FLAGS
         if (value := getattr(args, f"limit_{dest}")) is not None
     }
+    return await client.start(
+        [os.fsencode(arg) for arg in argv],
+        env=dict(args.env) if args.env else None,
+        cwd=args.cwd,
+        user=args.user,
+        limits=limits,
+        max_runtime=args.timeout,
+    )
+
+
+async def cmd_start(args: argparse.Namespace, out: TextIO) -> int:
     async with connect(**_connect_args(args)) as client:
-        job = await client.start(
-            [os.fsencode(arg) for arg in argv],
-            env=dict(args.env) if args.env else None,
-            cwd=args.cwd,
-            user=args.user,
-            limits=limits,
-            max_runtime=args.timeout,
-        )
+        job = await _start(client, args, "start")
     if _json(args):
         _print_json({"id": job.id}, out)
     else:
         out.write(f"{job.id}\n")
     return 0
+
+
+class _Output:
+    """Where a job's records go: stdout's bytes to our stdout, stderr's to
+    our stderr, unchanged; markers as a note on stderr."""
+
+    def __init__(self, args: argparse.Namespace, out: TextIO) -> None:
+        out.flush()
+        self.streams = {
+            STREAM_STDOUT: getattr(out, "buffer", sys.stdout.buffer),
+            STREAM_STDERR: sys.stderr.buffer,
+        }
+        if getattr(args, "stdout", False):
+            del self.streams[STREAM_STDERR]
+        if getattr(args, "stderr", False):
+            del self.streams[STREAM_STDOUT]
+        self.timestamps = bool(getattr(args, "timestamps", False))
+
+    def write(self, records: Sequence[Record], job_id: str) -> None:
+        touched = set()
+        for record in records:
+            if isinstance(record.data, dict):
+                self.note(record.data, job_id)
+                continue
+            target = self.streams.get(record.stream)
+            if target is None:
+                continue
+            if self.timestamps:
+                target.write(f"{rfc3339(record.time_ns)} ".encode())
+            target.write(record.data)
+            touched.add(target)
+        for target in touched:
+            target.flush()
+
+    @staticmethod
+    def note(marker: dict[str, Any], job_id: str) -> None:
+        dropped = marker.get("dropped_bytes")
+        if dropped:
+            why = marker.get("error") or "the job's log reached its size cap"
+            sys.stderr.write(
+                f"corral: {dropped} bytes of job {job_id[:12]}'s output were not kept: {why}\n"
+            )
+            sys.stderr.flush()
+
+
+async def _write_logs(stream: LogStream, output: _Output, job_id: str) -> None:
+    decoder = RecordDecoder()
+    async for chunk in stream.chunks():
+        try:
+            records = decoder.feed(chunk.data)
+        except ValueError as exc:
+            raise ServerError(ErrorCode.INTERNAL, f"the job's log is damaged: {exc}") from None
+        output.write(records, job_id)
+
+
+async def cmd_logs(args: argparse.Namespace, out: TextIO) -> int:
+    output = _Output(args, out)
+    async with (
+        connect(**_connect_args(args)) as client,
+        client.logs(args.id, follow=args.follow, offset=args.since_offset) as stream,
+    ):
+        await _write_logs(stream, output, args.id)
+    return 0
+
+
+async def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    output = _Output(args, out)
+    async with connect(**_connect_args(args)) as client:
+        # From here Ctrl+C is the job's: one pressed while it starts stops it
+        # once it has (trio keeps the signal for the receiver).
+        with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+            try:
+                job = await _start(client, args, "run")
+            except ServerError as exc:
+                return _start_failure(exc)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_interrupt, client, job.id, args.grace, interrupts)
+                async with client.logs(job.id, follow=True) as stream:
+                    await _write_logs(stream, output, job.id)
+                nursery.cancel_scope.cancel()
+    final = stream.job
+    assert final is not None
+    return _exit_status(final)
+
+
+async def _stop_on_interrupt(
+    client: Client, job_id: str, grace: float | None, interrupts: AsyncIterator[int]
+) -> None:
+    """Ctrl+C stops the job, like ssh's remote end: first with its grace, then at once."""
+    presses = 0
+    async with trio.open_nursery() as nursery:
+        async for _ in interrupts:
+            presses += 1
+            if presses == 1:
+                sys.stderr.write(
+                    f"corral: stopping job {job_id[:12]} (Ctrl+C again to kill it now)\n"
+                )
+                nursery.start_soon(_stop, client, job_id, grace)
+            else:
+                sys.stderr.write(f"corral: killing job {job_id[:12]}\n")
+                nursery.start_soon(_stop, client, job_id, 0.0)
+            sys.stderr.flush()
+
+
+async def _stop(client: Client, job_id: str, grace: float | None) -> None:
+    # The job may have ended meanwhile: the stream's end tells the rest.
+    with contextlib.suppress(ServerError):
+        await client.stop(job_id, grace)
+
+
+def _start_failure(exc: ServerError) -> int:
+    """A job that could not start, in a shell's words: 127 not found, 126 not runnable."""
+    sys.stderr.write(f"corral: error: {exc}\n")
+    if str(exc).startswith("cannot run "):
+        return 127 if exc.code is ErrorCode.INVALID_ARGUMENT else 126
+    return int(exc.exit_status)
+
+
+def _exit_status(job: JobInfo) -> int:
+    """The job's end as a shell reports a command's: its code, or 128+N for signal N."""
+    if job.oom_killed:
+        limit = job.limits.get("memory")
+        within = f" (memory limit {format_size(limit)})" if limit else ""
+        sys.stderr.write(f"corral: job {job.short_id} was killed: out of memory{within}\n")
+    elif job.state in {"lost", "failed"}:
+        sys.stderr.write(f"corral: job {job.short_id} {job.state}: {job.reason}\n")
+    if job.exit_code is not None:
+        return job.exit_code
+    if job.signal is not None:
+        try:
+            return 128 + signal.Signals[job.signal].value
+        except KeyError:
+            return 128 + int(job.signal.removeprefix("signal "))
+    return 1
 
 
 async def cmd_stop(args: argparse.Namespace, out: TextIO) -> int:
