@@ -321,3 +321,167 @@ def test_logs_writes_each_stream_to_its_own_and_can_pick_one(
     assert (only_err.stdout, only_err.stderr) == (b"", b"b")
     stamped = cli(as_admin, "logs", "-f", "--timestamps", "--stdout", job_id)
     assert re.fullmatch(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z a\0", stamped.stdout)
+
+
+# -- many readers, slow readers, idle readers ------------------------------------------
+
+
+def proc_stat(pid: int) -> tuple[int, int]:
+    """(CPU clock ticks used, resident KiB) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    rss = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmRSS:")
+    )
+    return ticks, rss
+
+
+def gated(gate: Path, before: str, after: str) -> list[str]:
+    """sh: run `before`, wait for a line on the fifo `gate`, run `after`."""
+    os.mkfifo(gate)
+    gate.chmod(0o666)
+    return ["sh", "-c", f"{before}; read x < {gate}; {after}"]
+
+
+async def test_fifty_followers_attached_at_any_moment_get_the_same_whole_output(
+    corrald: Daemon, pki_dir: Path, shared_dir: Path
+) -> None:
+    first, second = shared_dir / "first", shared_dir / "second"
+    os.mkfifo(first)
+    first.chmod(0o666)
+    argv = gated(
+        second,
+        f"read x < {first}; head -c 3000000 /dev/urandom",
+        "head -c 3000000 /dev/urandom; exit 4",
+    )
+    results: list[tuple[bytes, str | None, int | None]] = []
+    attached = 0
+
+    async def follow() -> None:
+        nonlocal attached
+        pieces: list[bytes] = []
+        async with (
+            connect(corrald.tcp, identity(pki_dir, "alice")) as client,
+            client.logs(job_id, follow=True) as stream,
+        ):
+            async for chunk in stream.chunks():
+                if not pieces:
+                    attached += 1
+                pieces.append(chunk.data)
+        assert stream.job is not None
+        results.append((b"".join(pieces), stream.job.state, stream.job.exit_code))
+
+    async with connect(corrald.tcp, identity(pki_dir, "alice")) as alice:
+        job = await alice.start(argv)
+        job_id = job.id
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):  # before the first byte
+                nursery.start_soon(follow)
+            await until_async(alice.info, lambda info: info.followed_jobs == 1)
+            await trio.to_thread.run_sync(first.write_bytes, b"go\n")
+            await until(lambda: attached == 10)
+            for _ in range(20):  # once the first half is written
+                nursery.start_soon(follow)
+            await until(lambda: attached == 30)  # all have some output; the job waits
+            await trio.to_thread.run_sync(second.write_bytes, b"go\n")
+            for _ in range(10):  # while the second half is written
+                nursery.start_soon(follow)
+        await alice.wait(job_id)
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):  # after the end
+                nursery.start_soon(follow)
+    log = (corrald.state_dir / "jobs" / job_id / "output.log").read_bytes()
+    assert len(results) == 50
+    assert {(hashlib.sha256(data).hexdigest(), state, code) for data, state, code in results} == {
+        (hashlib.sha256(log).hexdigest(), "exited", 4)
+    }
+    out, _, _ = split(log)
+    assert len(out) == 6_000_000
+
+
+async def test_a_reader_that_stops_reading_costs_corrald_no_memory(
+    corrald: Daemon, pki_dir: Path
+) -> None:
+    async with connect(corrald.tcp, identity(pki_dir, "alice")) as alice:
+        _, rss_before = proc_stat(corrald.process.pid)
+        job = await alice.start(["head", "-c", "500000000", "/dev/zero"])
+        # Three streams that never read past their first window, on their
+        # own connections and on this one: the job does not wait for them.
+        async with (
+            connect(corrald.tcp, identity(pki_dir, "alice")) as other,
+            other.logs(job.id, follow=True),
+            alice.logs(job.id, follow=True, window=1 << 20),
+            alice.logs(job.id, follow=True, window=1 << 20),
+        ):
+            final = await alice.wait(job.id)
+            _, rss_after = proc_stat(corrald.process.pid)
+        assert (final.state, final.exit_code) == ("exited", 0)
+        assert rss_after - rss_before < 30 * 1024, (rss_before, rss_after)  # KiB
+
+
+async def test_an_idle_follower_costs_no_cpu_and_wakes_on_the_next_byte(
+    corrald: Daemon, pki_dir: Path, shared_dir: Path
+) -> None:
+    gate = shared_dir / "gate"
+    async with connect(corrald.tcp, identity(pki_dir, "alice")) as alice:
+        job = await alice.start(gated(gate, "echo first", "echo second"))
+        async with alice.logs(job.id, follow=True) as stream:
+            records = aiter(stream)
+            assert (await anext(records)).data == b"first\n"
+            ticks_before, _ = proc_stat(corrald.process.pid)
+            # The measured window: corrald has a follower and nothing to send.
+            await trio.sleep(2)
+            ticks_after, _ = proc_stat(corrald.process.pid)
+            await trio.to_thread.run_sync(gate.write_bytes, b"go\n")
+            assert (await anext(records)).data == b"second\n"
+    # A poller waking every 10 ms would use 200 wake-ups' worth; a tick is 10 ms.
+    assert ticks_after - ticks_before <= 2
+
+
+async def test_a_cancelled_or_disconnected_follower_frees_what_it_held(
+    corrald: Daemon, pki_dir: Path
+) -> None:
+    async with connect(corrald.tcp, identity(pki_dir, "admin")) as admin:
+        job = await admin.start(["sh", "-c", "echo hi; exec sleep 1000"])
+        fds = len(os.listdir(f"/proc/{corrald.process.pid}/fd"))
+        # Cancelled: the stream is left mid-way (after its first record).
+        async with admin.logs(job.id, follow=True) as stream:
+            assert (await anext(aiter(stream))).data == b"hi\n"
+            assert (await admin.info()).followed_jobs == 1
+        await until_async(admin.info, lambda info: info.followed_jobs == 0)
+        # Disconnected: the connection goes away under a live stream.
+        async with (
+            connect(corrald.tcp, identity(pki_dir, "admin")) as gone,
+            gone.logs(job.id, follow=True) as stream,
+        ):
+            assert (await anext(aiter(stream))).data == b"hi\n"
+            await gone._tls.aclose()
+        await until_async(admin.info, lambda info: info.followed_jobs == 0)
+        assert len(os.listdir(f"/proc/{corrald.process.pid}/fd")) == fds
+        await admin.stop(job.id, grace=0)
+
+
+async def until_async(ask: Any, condition: Any, timeout: float = 10.0) -> None:
+    """Ask corrald until its answer meets the condition (what it does
+    asynchronously, after a stream is cancelled, cannot be awaited)."""
+    with trio.fail_after(timeout):
+        while not condition(await ask()):
+            await trio.sleep(0.01)
+
+
+async def test_output_still_unread_when_the_job_ends_is_all_delivered(
+    corrald: Daemon, pki_dir: Path
+) -> None:
+    async with connect(corrald.tcp, identity(pki_dir, "alice")) as alice:
+        job = await alice.start(["head", "-c", "5000000", "/dev/urandom"])
+        async with alice.logs(job.id, follow=True, window=64 << 10) as stream:
+            chunks = stream.chunks()
+            first = await anext(chunks)
+            await alice.wait(job.id)  # the job has ended; we have read 64 KiB at most
+            rest = b"".join([chunk.data async for chunk in chunks])
+        log = (corrald.state_dir / "jobs" / job.id / "output.log").read_bytes()
+        assert first.data + rest == log
+        assert stream.job is not None
+        assert stream.job.state == "exited"

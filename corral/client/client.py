@@ -85,6 +85,7 @@ class ServerInfo:
     cgroup: str
     connections: int
     jobs: int
+    followed_jobs: int  # jobs whose output someone is reading now
     raw: dict[str, Any] = field(compare=False, repr=False)
 
     @classmethod
@@ -97,6 +98,7 @@ class ServerInfo:
                 cgroup=str(value["cgroup"]),
                 connections=int(value["connections"]),
                 jobs=int(value["jobs"]),
+                followed_jobs=int(value.get("followed_jobs", 0)),
                 raw=value,
             )
         except (KeyError, TypeError, ValueError) as exc:

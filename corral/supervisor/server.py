@@ -145,6 +145,8 @@ class Server:
             "cgroup": str(self.cgroup),
             "connections": len(self._sessions),
             "jobs": jobs,
+            # Jobs with live output readers (one inotify watch each).
+            "followed_jobs": self.jobs.followed if self.jobs is not None else 0,
         }
 
     # -- serving -------------------------------------------------------------
