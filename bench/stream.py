@@ -33,9 +33,9 @@ Numbers go to docs/BENCHMARKS.md with the command that produced them.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import resource
-import shutil
 import ssl
 import statistics
 import subprocess
@@ -83,6 +83,10 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+def minor_faults(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
@@ -127,7 +131,9 @@ async def clients(daemon: Daemon, count: int) -> AsyncIterator[list[Client]]:
 async def follow_all(followers: list[Client], job_id: str, pid: int) -> tuple[int, float]:
     """Every follower reads the job's log from 0 to its end: (total bytes, seconds)."""
     total = 0
+    sizes: list[int] = []
     ticks = cpu_ticks(pid)
+    faults = minor_faults(pid)
     ours = time.process_time()
 
     async def one(client: Client) -> None:
@@ -135,6 +141,7 @@ async def follow_all(followers: list[Client], job_id: str, pid: int) -> tuple[in
         async with client.logs(job_id, follow=True) as stream:
             async for chunk in stream.chunks():
                 total += len(chunk.data)
+                sizes.append(len(chunk.data))
 
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
@@ -142,35 +149,66 @@ async def follow_all(followers: list[Client], job_id: str, pid: int) -> tuple[in
             nursery.start_soon(one, client)
     seconds = time.perf_counter() - start
     corrald_cpu = (cpu_ticks(pid) - ticks) / os.sysconf("SC_CLK_TCK") / seconds
-    print(f"  corrald CPU {corrald_cpu:.0%}, followers' process CPU "
-          f"{(time.process_time() - ours) / seconds:.0%}")  # fmt: skip
+    followers_cpu = (time.process_time() - ours) / seconds
+    faults_per_mib = (minor_faults(pid) - faults) / (total / MIB)
+    print(
+        f"  corrald CPU {corrald_cpu:.0%}, the followers' process CPU {followers_cpu:.0%}; "
+        f"chunks of {total / len(sizes) / 1024:.0f} KiB; corrald page faults per MiB "
+        f"{faults_per_mib:.0f}"
+    )
     return total, seconds
 
 
-async def throughput(daemon: Daemon, counts: list[int], size: int) -> tuple[Path, list[str]]:
-    rows = []
-    log_path = Path()
+def rate(samples: list[float]) -> str:
+    """The median of the runs' MiB/s, with their range."""
+    return f"{statistics.median(samples):.0f} ({min(samples):.0f}-{max(samples):.0f})"
+
+
+async def throughput(
+    daemon: Daemon, counts: list[int], size: int, budget: int, repeat: int
+) -> Path:
+    """Rows of MiB/s, live and replayed, per follower count; returns the log of
+    the first job (the largest), for the others to read. Between the runs of
+    each count, the plain pump moves the same log: the machine is noisy, so
+    the figures are medians of interleaved runs."""
+    first_log: Path | None = None
+    pump_runs: list[float] = []
     async with connect(daemon.address, daemon.identity) as control:
         for count in counts:
+            job_size = min(size, budget // count)
+            live_runs: list[float] = []
+            replay_runs: list[float] = []
             async with clients(daemon, count) as followers:
-                job = await control.start(["head", "-c", str(size), "/dev/zero"])
-                total, seconds = await follow_all(followers, job.id, daemon.pid)
-                final = await control.wait(job.id)
-                assert final.exit_code == 0, final
-                log_path = daemon.state / "jobs" / job.id / "output.log"
-                expected = log_path.stat().st_size
-                assert total == expected * count, (total, expected, count)
-                live = total / seconds / MIB
-                total, seconds = await follow_all(followers, job.id, daemon.pid)
-                replay = total / seconds / MIB
-                rows.append(
-                    f"| {count} | {live:7.0f} MiB/s | {live / count:7.0f} MiB/s "
-                    f"| {replay:7.0f} MiB/s | {replay / count:7.0f} MiB/s |"
-                )
-                print(rows[-1], flush=True)
-            if count != counts[-1]:
-                await control.remove(job.id)
-    return log_path, rows
+                for _ in range(repeat):
+                    job = await control.start(["head", "-c", str(job_size), "/dev/zero"])
+                    total, seconds = await follow_all(followers, job.id, daemon.pid)
+                    final = await control.wait(job.id)
+                    assert final.exit_code == 0, final
+                    log_path = daemon.state / "jobs" / job.id / "output.log"
+                    assert total == log_path.stat().st_size * count, (total, count)
+                    live_runs.append(total / seconds / MIB)
+                    total, seconds = await follow_all(followers, job.id, daemon.pid)
+                    replay_runs.append(total / seconds / MIB)
+                    if first_log is None:
+                        first_log = log_path
+                    else:
+                        await control.remove(job.id)
+                    pki = daemon.state / "pki"
+                    pump_runs.append(await trio.to_thread.run_sync(pump_rate, first_log, pki))
+            live, replay = statistics.median(live_runs), statistics.median(replay_runs)
+            print(
+                f"| {count} | {job_size / MIB:.0f} MiB | {rate(live_runs)} | {live / count:.0f} "
+                f"| {rate(replay_runs)} | {replay / count:.0f} |",
+                flush=True,
+            )
+    assert first_log is not None
+    log_mib = first_log.stat().st_size / MIB
+    print(
+        f"| plain trio TLS + msgpack pump, two processes ({log_mib:.0f} MiB) "
+        f"| | {rate(pump_runs)} |"
+    )
+    print(f"| `cat` of the same output.log to /dev/null | | {cat_rate(first_log):.0f} |")
+    return first_log
 
 
 def cat_rate(path: Path) -> float:
@@ -191,38 +229,73 @@ def pump_contexts(pki: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     server.verify_mode = ssl.CERT_REQUIRED
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.minimum_version = ssl.TLSVersion.TLSv1_3
-    client.load_cert_chain(pki / "clients" / "admin" / "client.crt", pki / "clients" / "admin" / "client.key")
+    client.load_cert_chain(
+        pki / "clients" / "admin" / "client.crt", pki / "clients" / "admin" / "client.key"
+    )
     client.load_verify_locations(pki / "ca.crt")
     return server, client
 
 
-async def pump_send(path: Path, pki: Path) -> None:
-    """The sender: one connection, the file as length-prefixed msgpack frames."""
+async def pump_send(path: Path, pki: Path, follow: int) -> None:
+    """The sender: one connection, the file as length-prefixed msgpack frames.
+    With `follow` > 0, new bytes found by inotify, until that many lines."""
     context, _ = pump_contexts(pki)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    inotify = -1
+    if follow:
+        libc = ctypes.CDLL(None, use_errno=True)
+        inotify = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        libc.inotify_add_watch(inotify, bytes(path), 0x2)  # IN_MODIFY
     print(listeners[0].socket.getsockname()[1], flush=True)
-    tcp = await listeners[0].accept()
-    stream = trio.SSLStream(tcp, context, server_side=True)
+    stream = trio.SSLStream(await listeners[0].accept(), context, server_side=True)
+    await stream.do_handshake()
+    lines = offset = 0
     with open(path, "rb") as file:
-        offset = 0
-        while chunk := file.read(PUMP_CHUNK):
-            body = msgpack.packb({"t": "data", "id": 1, "offset": offset, "data": chunk})
-            await stream.send_all(len(body).to_bytes(4, "big") + body)
-            offset += len(chunk)
-    await stream.send_all(len(b"\x80").to_bytes(4, "big") + b"\x80")
+        while True:
+            chunk = os.pread(file.fileno(), PUMP_CHUNK, offset)
+            if chunk:
+                body = msgpack.packb({"t": "data", "id": 1, "offset": offset, "data": chunk})
+                await stream.send_all(len(body).to_bytes(4, "big") + body)
+                offset += len(chunk)
+                lines += chunk.count(b"\n")
+            elif lines >= follow:
+                break
+            else:
+                await trio.lowlevel.wait_readable(inotify)
+                os.read(inotify, 4096)
+    await stream.send_all(len(b"\x80").to_bytes(4, "big") + b"\x80")  # {}: the end
     await stream.aclose()
 
 
-async def pump_receive(port: int, pki: Path) -> int:
+async def pump_receive(
+    port: int, pki: Path, writer: list[str] | None = None
+) -> tuple[int, list[float]]:
+    """Receive the pump's bytes: (how many, latencies of timestamp lines). With
+    `writer`, that command is started once connected, its stdout the file."""
     _, context = pump_contexts(pki)
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    stream = trio.SSLStream(tcp, context, server_hostname="localhost")
+    stream = trio.SSLStream(
+        await trio.open_tcp_stream("127.0.0.1", port), context, server_hostname="localhost"
+    )
+    await stream.do_handshake()
+    process = None
+    if writer:
+        with open(writer[0], "ab") as output:
+            process = subprocess.Popen(writer[1:], stdout=output)
+    try:
+        return await _receive_frames(stream, latencies=process is not None)
+    finally:
+        if process is not None:
+            process.wait(60)  # it has written its last line before the pump ends
+
+
+async def _receive_frames(stream: trio.abc.Stream, *, latencies: bool) -> tuple[int, list[float]]:
     buffer = bytearray()
     received = 0
+    samples: list[float] = []
     while True:
         data = await stream.receive_some(64 * 1024)
         if not data:
-            return received
+            return received, samples
         buffer += data
         while len(buffer) >= 4:
             size = int.from_bytes(buffer[:4], "big")
@@ -231,24 +304,46 @@ async def pump_receive(port: int, pki: Path) -> int:
             message = msgpack.unpackb(bytes(buffer[4 : 4 + size]))
             del buffer[: 4 + size]
             if not message:
-                return received
+                return received, samples
             received += len(message["data"])
+            if latencies:
+                now = time.time_ns()
+                samples.extend((now - int(line)) / 1e9 for line in message["data"].split())
 
 
-def pump_rate(path: Path, pki: Path) -> float:
+def pump(
+    path: Path, pki: Path, writer: list[str] | None = None, lines: int = 0
+) -> tuple[int, float, list[float]]:
+    """Run the plain pump of `path` to us: (bytes, seconds, latencies)."""
     sender = subprocess.Popen(
-        [sys.executable, __file__, "pump-send", str(path), str(pki)], stdout=subprocess.PIPE, text=True
-    )
+        [sys.executable, __file__, "pump-send", str(path), str(pki), str(lines)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
         assert sender.stdout is not None
         port = int(sender.stdout.readline())
         start = time.perf_counter()
-        received = trio.run(pump_receive, port, pki)
+        received, latencies = trio.run(pump_receive, port, pki, writer)
         seconds = time.perf_counter() - start
     finally:
         sender.wait(60)
+    return received, seconds, latencies
+
+
+def pump_rate(path: Path, pki: Path) -> float:
+    received, seconds, _ = pump(path, pki)
     assert received == path.stat().st_size, (received, path.stat().st_size)
     return received / seconds / MIB
+
+
+def plain_latency(pki: Path, samples: int, gap: float) -> list[float]:
+    """A writer appends timestamp lines to a file; the pump sends them on."""
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as directory:
+        path = Path(directory) / "lines"
+        path.touch()
+        script = LATENCY_JOB.format(samples=samples, gap=gap)
+        _, _, latencies = pump(path, pki, [str(path), sys.executable, "-c", script], samples)
+    return latencies
 
 
 # -- latency ----------------------------------------------------------------------
@@ -272,26 +367,31 @@ async def latency(daemon: Daemon, samples: int, gap: float) -> tuple[list[float]
             async for record in stream:
                 now = time.time_ns()
                 assert record.stream == STREAM_STDOUT, record
+                assert isinstance(record.data, bytes)
                 for line in record.data.split():
                     written = int(line)
                     to_follower.append((now - written) / 1e9)
                     to_shim.append((record.time_ns - written) / 1e9)
-        assert stream.job is not None and stream.job.exit_code == 0, stream.job
+        assert stream.job is not None
+        assert stream.job.exit_code == 0, stream.job
     return to_follower, to_shim
 
 
 # -- idle followers ---------------------------------------------------------------
 
 
-async def idle_followers(daemon: Daemon, count: int, per_connection: int) -> tuple[float, float, float]:
-    """corrald's RSS growth per follower (KiB), its CPU seconds over a 2 s idle
-    window, and the RSS before (MiB), with `count` followers parked on one job."""
+async def idle_followers(
+    daemon: Daemon, count: int, per_connection: int
+) -> tuple[float, float, float]:
+    """corrald's RSS growth per follower (KiB, their connections included), its
+    CPU seconds over a 2 s idle window, and the RSS before (MiB), with `count`
+    followers parked on one job."""
     connections = -(-count // per_connection)
     async with connect(daemon.address, daemon.identity) as control:
         job = await control.start(["sh", "-c", "echo ready; exec sleep 3600"])
         try:
+            rss_before = rss_kib(daemon.pid)
             async with clients(daemon, connections) as followers:
-                rss_before = rss_kib(daemon.pid)
                 parked = 0
                 all_parked = trio.Event()
 
@@ -321,13 +421,16 @@ async def idle_followers(daemon: Daemon, count: int, per_connection: int) -> tup
 async def idle(daemon: Daemon, count: int) -> list[str]:
     rows = []
     for per_connection, label in (
-        (STREAMS_PER_CONNECTION, f"{count} followers on {-(-count // STREAMS_PER_CONNECTION)} connections"),
+        (
+            STREAMS_PER_CONNECTION,
+            f"{count} followers on {-(-count // STREAMS_PER_CONNECTION)} connections",
+        ),
         (1, f"{count} followers, one connection each"),
     ):
         per_follower, idle_cpu, before = await idle_followers(daemon, count, per_connection)
         rows.append(
-            f"| {label} | {per_follower:.1f} KiB per follower | {idle_cpu:.2f} s CPU in 2 s idle "
-            f"| RSS before {before:.1f} MiB |"
+            f"| {label} | {per_follower:.1f} KiB per follower (RSS before: {before:.1f} MiB) "
+            f"| {idle_cpu:.2f} s |"
         )
         print(rows[-1], flush=True)
     return rows
@@ -335,34 +438,53 @@ async def idle(daemon: Daemon, count: int) -> list[str]:
 
 def main() -> None:
     if sys.argv[1:2] == ["pump-send"]:
-        trio.run(pump_send, Path(sys.argv[2]), Path(sys.argv[3]))
+        trio.run(pump_send, Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="MiB each job writes (default 512)")
-    parser.add_argument("--followers", default="1,10,100", help="follower counts (default 1,10,100)")
+    parser.add_argument(
+        "--followers", default="1,10,100", help="follower counts (default 1,10,100)"
+    )
     parser.add_argument("--idle", type=int, default=1000, help="idle followers (default 1000)")
-    parser.add_argument("--samples", type=int, default=1000, help="latency samples (default 1000)")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=2048,
+        help="MiB all followers of a run read together, at most (default 2048)",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each measure (default 3)")
+    parser.add_argument("--samples", type=int, default=2000, help="latency samples (default 2000)")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.005,
+        help="seconds between the timestamp lines (default 0.005)",
+    )
     args = parser.parse_args()
     counts = [int(count) for count in args.followers.split(",")]
     # Every connection is an fd, at both ends.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    with corrald(max_connections=max(args.idle, max(counts)) + 16) as daemon:
+    with corrald(max_connections=max(args.idle, *counts) + 16) as daemon:
         print(f"corrald pid {daemon.pid} on {daemon.address}; python {sys.version.split()[0]}, "
-              f"{os.cpu_count()} CPUs, {shutil.which('head')} writing {args.size} MiB")  # fmt: skip
-        print("| followers | live, all | live, each | replay, all | replay, each |")
-        log_path, _ = trio.run(throughput, daemon, counts, args.size * MIB)
-        print(f"cat of output.log ({log_path.stat().st_size / MIB:.0f} MiB): {cat_rate(log_path):.0f} MiB/s")
-        rate = pump_rate(log_path, daemon.state / "pki")
-        print(f"plain trio TLS + msgpack pump, two processes: {rate:.0f} MiB/s")
-        to_follower, to_shim = trio.run(latency, daemon, args.samples, 0.005)
-        for name, samples in (("write -> follower", to_follower), ("write -> shim record", to_shim)):
-            print(
-                f"{name}: p50 {statistics.median(samples) * 1e3:.3f} ms, "
-                f"p99 {percentile(samples, 0.99) * 1e3:.3f} ms ({len(samples)} writes)"
-            )
+              f"{os.cpu_count()} CPUs; median (range) of {args.repeat} runs")  # fmt: skip
         if args.idle:
+            print("| idle followers | corrald memory | corrald CPU over 2 s |")
             trio.run(idle, daemon, args.idle)
+        print("| followers | MiB each | live MiB/s, all | each | replay MiB/s, all | each |")
+        trio.run(throughput, daemon, counts, args.size * MIB, args.budget * MIB, args.repeat)
+        to_follower, to_shim = trio.run(latency, daemon, args.samples, args.gap)
+        plain = plain_latency(daemon.state / "pki", args.samples, args.gap)
+        print(f"| latency, one line every {args.gap * 1e3:g} ms | p50 | p99 |")
+        for name, samples in (
+            ("write in the job -> follower", to_follower),
+            ("write in the job -> the shim's record", to_shim),
+            ("plain: file write -> inotify -> TLS pump -> receiver", plain),
+        ):
+            print(
+                f"| {name} | {statistics.median(samples) * 1e3:.3f} ms "
+                f"| {percentile(samples, 0.99) * 1e3:.3f} ms |"
+            )
 
 
 if __name__ == "__main__":

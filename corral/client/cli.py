@@ -54,10 +54,14 @@ exit statuses:
   {EXIT_NOPERM}   corrald refused our certificate, or the operation
   {EXIT_CONFIG}   a local setting is wrong: address, identity directory, PKI files
   130  interrupted
+  `corral run` exits with the job's own status instead: its exit code, 128+N
+  when signal N killed it, 127 command not found, 126 command not runnable
 
 examples:
   export CORRAL_ADDR=127.0.0.1:7443 CORRAL_IDENTITY=var/pki/clients/admin
   corral info
+  corral run -- sh -c 'echo hello; exit 3'
+  corral logs -f 3f2a9c
   corral --addr unix:var/corrald.sock --json info
   corral certs init /etc/corral/pki --server-name corral.example.com
   corral certs issue --pki /etc/corral/pki carol --role user

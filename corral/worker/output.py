@@ -201,6 +201,11 @@ class OutputReader:
                 self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:  # the shim has not created it yet (or never will)
                 return b""
+        # The log only grows: its size says how much there is to read, so a
+        # small write costs a small buffer, and no new output costs no read.
+        size = min(size, os.fstat(self._fd).st_size - self.offset)
+        if size <= 0:
+            return b""
         if self._nowait:
             buffer = bytearray(size)
             try:
