@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 
-from corral.client.client import connect
+from corral.client.client import Client, connect
 from corral.client.errors import ServerError
 from corral.job import STREAM_MARKER, STREAM_STDERR, STREAM_STDOUT, JobSpec, RecordDecoder
 from corral.protocol import ErrorCode
@@ -114,34 +114,39 @@ async def test_without_follow_the_stream_ends_at_the_current_end(jobs: JobManage
 
 
 async def test_binary_output_is_byte_exact_for_every_reader(
-    jobs: JobManager, shared_dir: Path
+    corrald: Daemon, pki_dir: Path, shared_dir: Path
 ) -> None:
-    # 20 MB of random bytes (NULs and all) on stdout, interleaved with stderr.
+    # 50 MB of random bytes (NULs and all) on stdout, interleaved with stderr.
     payload = shared_dir / "payload"
-    payload.write_bytes(os.urandom(20 << 20))
+    payload.write_bytes(os.urandom(50 << 20))
     payload.chmod(0o644)
     script = (
         f"for i in 0 1 2 3 4 5 6 7 8 9; do "
-        f"dd if={payload} bs=1M skip=$((i*2)) count=2 status=none; echo chunk $i >&2; done"
+        f"dd if={payload} bs=1M skip=$((i*5)) count=5 status=none; echo chunk $i >&2; done"
     )
-    job = await jobs.start(JobSpec(argv=["sh", "-c", script]))
-    results: list[bytes] = []
+    want_out = hashlib.sha256(payload.read_bytes()).hexdigest()
+    want_err = hashlib.sha256(b"".join(f"chunk {i}\n".encode() for i in range(10))).hexdigest()
+    digests: list[tuple[str, str]] = []
 
-    async def follow(delay_until: int) -> None:
-        # Attach at different moments: before, during, after.
-        await until(lambda: job.done.is_set() or output_size(job.directory) >= delay_until)
-        results.append(await read_all(jobs, job.id))
+    async def follow(client: Client, job_id: str, attach_at: int) -> None:
+        # Attach at different moments: before the first byte, during, after.
+        log = corrald.state_dir / "jobs" / job_id / "output.log"
+        await until(lambda: attach_at == 0 or output_size(log.parent) >= attach_at, timeout=60)
+        out, err = hashlib.sha256(), hashlib.sha256()
+        async with client.logs(job_id, follow=True) as stream:
+            async for record in stream:  # the client's own record decoder
+                assert isinstance(record.data, bytes)
+                (out if record.stream == STREAM_STDOUT else err).update(record.data)
+        digests.append((out.hexdigest(), err.hexdigest()))
 
-    async with trio.open_nursery() as nursery:
-        for start_at in (0, 0, 5 << 20, 15 << 20):
-            nursery.start_soon(follow, start_at)
-    await jobs.wait(job.id)
-    results.append(await read_all(jobs, job.id))
-    want = hashlib.sha256(payload.read_bytes()).hexdigest()
-    for data in results:
-        out, err, _ = split(data)
-        assert hashlib.sha256(out).hexdigest() == want
-        assert err == b"".join(f"chunk {i}\n".encode() for i in range(10))
+    async with connect(corrald.tcp, identity(pki_dir, "alice")) as alice:
+        job = await alice.start(["sh", "-c", script])
+        async with trio.open_nursery() as nursery:
+            for attach_at in (0, 0, 10 << 20, 30 << 20):
+                nursery.start_soon(follow, alice, job.id, attach_at)
+        assert (await alice.wait(job.id)).exit_code == 0
+        await follow(alice, job.id, 0)
+    assert digests == [(want_out, want_err)] * 5
 
 
 def output_size(directory: Path) -> int:

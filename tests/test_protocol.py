@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Any
 
@@ -34,6 +35,7 @@ from corral.protocol import (
     State,
     Welcome,
 )
+from corral.protocol.codec import FrameBuffer
 
 
 def deliver(data: bytes, receiver: Connection) -> list[Message | Signal]:
@@ -306,3 +308,26 @@ def test_wellformed_msgpack_of_any_shape_only_raises_protocol_errors(
     data = b"".join(frame(v) for v in values)
     _drain(server, data)
     _drain(client, data)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.binary(max_size=300), max_size=20),
+    st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=20),
+)
+def test_frames_come_out_whole_however_the_bytes_are_split(
+    bodies: list[bytes], cuts: list[int]
+) -> None:
+    frames = FrameBuffer()
+    stream = b"".join(struct.pack(">I", len(body)) + body for body in bodies)
+    received: list[bytes] = []
+    position = 0
+    for size in itertools.cycle(cuts):
+        if position >= len(stream):
+            break
+        frames.feed(stream[position : position + size])
+        position += size
+        while (body := frames.next_body()) is not None:
+            received.append(body)
+    assert received == bodies
+    assert frames.pending == 0

@@ -10,6 +10,8 @@ RemoteProtocolError.
 from __future__ import annotations
 
 import struct
+from collections import deque
+from itertools import islice
 from typing import Any
 
 import msgpack
@@ -91,33 +93,76 @@ def _check_shape(root: dict[str, Any]) -> None:
 
 
 class FrameBuffer:
-    """Accumulates received bytes and yields complete frame bodies."""
+    """Accumulates received bytes and yields complete frame bodies.
+
+    Received pieces are kept as they came and each body is copied out once:
+    a bytearray that grows by small receives and shrinks from the front
+    would copy a large frame many times over as it arrives.
+    """
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
-        self._buffer = bytearray()
+        self._pieces: deque[bytes] = deque()
+        self._offset = 0  # how much of the first piece is consumed
+        self._size = 0  # bytes held, not yet consumed
         self._max_frame_size = max_frame_size
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
+        if data:
+            self._pieces.append(data)
+            self._size += len(data)
 
     def next_body(self) -> bytes | None:
         """Return the next complete frame body, or None if more bytes are needed."""
-        if len(self._buffer) < HEADER.size:
+        if self._size < HEADER.size:
             return None
-        (size,) = HEADER.unpack_from(self._buffer)
+        (size,) = HEADER.unpack(self._peek(HEADER.size))
         if size > self._max_frame_size:
             raise RemoteProtocolError(
                 f"frame of {size} bytes exceeds the limit of {self._max_frame_size}",
                 ErrorCode.RESOURCE_EXHAUSTED,
             )
-        end = HEADER.size + size
-        if len(self._buffer) < end:
+        if self._size < HEADER.size + size:
             return None
-        body = bytes(self._buffer[HEADER.size : end])
-        del self._buffer[:end]
-        return body
+        self._take(HEADER.size)
+        return self._take(size)
 
     @property
     def pending(self) -> int:
         """Bytes received but not yet returned as a frame."""
-        return len(self._buffer)
+        return self._size
+
+    def _peek(self, count: int) -> bytes:
+        first = self._pieces[0]
+        if len(first) - self._offset >= count:
+            return first[self._offset : self._offset + count]
+        head = b"".join([memoryview(first)[self._offset :], *islice(self._pieces, 1, None)])
+        return head[:count]  # only when a header straddles receives: a few bytes
+
+    def _take(self, count: int) -> bytes:
+        """Consume `count` bytes (held): one copy, however many pieces they span."""
+        if count == 0:
+            return b""
+        first = self._pieces[0]
+        end = self._offset + count
+        if end <= len(first):
+            taken = first[self._offset : end]
+            self._advance(end, len(first))
+        else:
+            parts: list[bytes | memoryview] = [memoryview(first)[self._offset :]]
+            remaining = end - len(first)
+            self._pieces.popleft()
+            while remaining > len(self._pieces[0]):
+                remaining -= len(self._pieces[0])
+                parts.append(self._pieces.popleft())
+            parts.append(memoryview(self._pieces[0])[:remaining])
+            taken = b"".join(parts)
+            self._advance(remaining, len(self._pieces[0]))
+        self._size -= count
+        return taken
+
+    def _advance(self, offset: int, length: int) -> None:
+        if offset == length:
+            self._pieces.popleft()
+            self._offset = 0
+        else:
+            self._offset = offset
