@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="another DNS name or IP address for the server certificate (repeatable)",
     )
     init.add_argument("--force", action="store_true", help="replace existing keys and certificates")
-    init.set_defaults(run=cmd_certs_init)
+    init.set_defaults(run=cmd_certs_init, connects=False)
 
     issue = certs_commands.add_parser(
         "issue",
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("name", metavar="NAME", help="the client's name (its certificate's CN)")
     issue.add_argument("--role", required=True, choices=pki.ROLES, help="the client's role")
     issue.add_argument("--force", action="store_true", help="replace an existing identity")
-    issue.set_defaults(run=cmd_certs_issue)
+    issue.set_defaults(run=cmd_certs_issue, connects=False)
     return parser
 
 
@@ -369,9 +369,8 @@ def _print_json(value: Any, out: TextIO) -> None:
 # -- commands ------------------------------------------------------------------
 
 
-async def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
-    async with connect(**_connect_args(args)) as client:
-        info: ServerInfo = await client.info()
+async def cmd_info(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    info: ServerInfo = await client.info()
     if _json(args):
         _print_json(info.raw, out)
         return 0
@@ -407,9 +406,8 @@ async def _start(client: Client, args: argparse.Namespace, command: str) -> JobI
     )
 
 
-async def cmd_start(args: argparse.Namespace, out: TextIO) -> int:
-    async with connect(**_connect_args(args)) as client:
-        job = await _start(client, args, "start")
+async def cmd_start(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    job = await _start(client, args, "start")
     if _json(args):
         _print_json({"id": job.id}, out)
     else:
@@ -470,38 +468,45 @@ async def _write_logs(stream: LogStream, output: _Output, job_id: str) -> None:
         output.write(records, job_id)
 
 
-async def cmd_logs(args: argparse.Namespace, out: TextIO) -> int:
+async def cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     output = _Output(args, out)
-    async with (
-        connect(**_connect_args(args)) as client,
-        client.logs(args.id, follow=args.follow, offset=args.since_offset) as stream,
-    ):
+    async with client.logs(args.id, follow=args.follow, offset=args.since_offset) as stream:
         await _write_logs(stream, output, args.id)
     return 0
 
 
-async def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+async def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    """Start, follow to the end, exit with the job's status. Interrupts (Ctrl+C,
+    or what `args.interrupts` yields in the shell) stop the job."""
+    interrupts: AsyncIterator[object] | None = getattr(args, "interrupts", None)
+    if interrupts is not None:
+        return await _run_job(client, args, out, interrupts)
+    # From here Ctrl+C is the job's: one pressed while it starts stops it
+    # once it has (trio keeps the signal for the receiver).
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        return await _run_job(client, args, out, signals)
+
+
+async def _run_job(
+    client: Client, args: argparse.Namespace, out: TextIO, interrupts: AsyncIterator[object]
+) -> int:
     output = _Output(args, out)
-    async with connect(**_connect_args(args)) as client:
-        # From here Ctrl+C is the job's: one pressed while it starts stops it
-        # once it has (trio keeps the signal for the receiver).
-        with trio.open_signal_receiver(signal.SIGINT) as interrupts:
-            try:
-                job = await _start(client, args, "run")
-            except ServerError as exc:
-                return _start_failure(exc)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_interrupt, client, job.id, args.grace, interrupts)
-                async with client.logs(job.id, follow=True) as stream:
-                    await _write_logs(stream, output, job.id)
-                nursery.cancel_scope.cancel()
+    try:
+        job = await _start(client, args, "run")
+    except ServerError as exc:
+        return _start_failure(exc)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_interrupt, client, job.id, args.grace, interrupts)
+        async with client.logs(job.id, follow=True) as stream:
+            await _write_logs(stream, output, job.id)
+        nursery.cancel_scope.cancel()
     final = stream.job
     assert final is not None
     return _exit_status(final)
 
 
 async def _stop_on_interrupt(
-    client: Client, job_id: str, grace: float | None, interrupts: AsyncIterator[int]
+    client: Client, job_id: str, grace: float | None, interrupts: AsyncIterator[object]
 ) -> None:
     """Ctrl+C stops the job, like ssh's remote end: first with its grace, then at once."""
     presses = 0
@@ -551,9 +556,8 @@ def _exit_status(job: JobInfo) -> int:
     return 1
 
 
-async def cmd_stop(args: argparse.Namespace, out: TextIO) -> int:
-    async with connect(**_connect_args(args)) as client:
-        job = await client.stop(args.id, args.grace)
+async def cmd_stop(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    job = await client.stop(args.id, args.grace)
     if _json(args):
         _print_json(job.to_json(), out)
     else:
@@ -561,9 +565,8 @@ async def cmd_stop(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-async def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
-    async with connect(**_connect_args(args)) as client:
-        job = await client.status(args.id)
+async def cmd_status(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    job = await client.status(args.id)
     if _json(args):
         _print_json(job.to_json(), out)
         return 0
@@ -587,9 +590,8 @@ async def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-async def cmd_ps(args: argparse.Namespace, out: TextIO) -> int:
-    async with connect(**_connect_args(args)) as client:
-        jobs = await client.list(everyone=args.all)
+async def cmd_ps(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    jobs = await client.list(everyone=args.all)
     if _json(args):
         _print_json([job.to_json() for job in jobs], out)
         return 0
@@ -605,9 +607,8 @@ async def cmd_ps(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-async def cmd_rm(args: argparse.Namespace, out: TextIO) -> int:
-    async with connect(**_connect_args(args)) as client:
-        job_id = await client.remove(args.id)
+async def cmd_rm(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    job_id = await client.remove(args.id)
     if _json(args):
         _print_json({"id": job_id}, out)
     else:
@@ -651,12 +652,19 @@ def _default_clients() -> str:
 # -- entry point ---------------------------------------------------------------
 
 
+async def _run_command(args: argparse.Namespace, out: TextIO) -> int:
+    if not getattr(args, "connects", True):
+        return int(await args.run(args, out))
+    async with connect(**_connect_args(args)) as client:
+        return int(await args.run(client, args, out))
+
+
 def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run one command line; return the exit status. Errors go to stderr."""
     args = build_parser().parse_args(argv)
     out = out or sys.stdout
     try:
-        status: int = trio.run(args.run, args, out)
+        status: int = trio.run(_run_command, args, out)
     except UsageError as exc:
         sys.stderr.write(f"corral: error: {exc}\n")
         return EXIT_USAGE
