@@ -338,6 +338,14 @@ def _job_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
     rm.add_argument("id", metavar="ID", help="a job id or unique prefix")
     rm.set_defaults(run=cmd_rm)
 
+    shell = _subcommand(
+        commands, "shell", connection,
+        "an interactive shell: every command above on one connection, with history, "
+        "completion and background follows",
+        "corral shell   # then: run -- sh -c 'echo hi', ps, logs -f ID &, jobs, help, exit",
+    )  # fmt: skip
+    shell.set_defaults(run=None, interactive=True)
+
 
 # -- connection settings -------------------------------------------------------
 
@@ -664,6 +672,11 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = out or sys.stdout
     try:
+        if getattr(args, "interactive", False):
+            # The shell owns the terminal: readline in this thread, trio in another.
+            from corral.client.shell import run_shell  # noqa: PLC0415
+
+            return run_shell(args, _connect_args(args))
         status: int = trio.run(_run_command, args, out)
     except UsageError as exc:
         sys.stderr.write(f"corral: error: {exc}\n")
