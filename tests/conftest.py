@@ -124,13 +124,13 @@ def start_corrald(*args: str) -> subprocess.Popen[str]:
     )
 
 
-@pytest.fixture
-def corrald(pki_dir: Path, short_dir: Path) -> Iterator[Daemon]:
-    """A real corrald process on a free port and a unix socket."""
-    socket_path = short_dir / "corrald.sock"
+@contextlib.contextmanager
+def running_corrald(pki_dir: Path, directory: Path, *flags: str) -> Iterator[Daemon]:
+    """A real corrald process on a free port and a unix socket in `directory`."""
+    socket_path = directory / "corrald.sock"
     process = start_corrald(
         "--state-dir",
-        str(short_dir / "state"),
+        str(directory / "state"),
         "--pki",
         str(pki_dir),
         "--listen",
@@ -139,18 +139,26 @@ def corrald(pki_dir: Path, short_dir: Path) -> Iterator[Daemon]:
         f"unix:{socket_path}",
         "--cgroup-parent",
         TEST_CGROUP_PARENT,
+        *flags,
     )
     try:
         assert process.stdout is not None
         first = process.stdout.readline()  # "corrald V listening on A, B"
         assert "listening on" in first, process.stderr.read() if process.stderr else first
         tcp, unix = first.split("listening on ")[1].strip().split(", ")
-        yield Daemon(process, tcp, unix, short_dir / "state")
+        yield Daemon(process, tcp, unix, directory / "state")
     finally:
         if process.poll() is None:
             process.terminate()
         process.communicate(timeout=30)
-        end_jobs(short_dir / "state")
+        end_jobs(directory / "state")
+
+
+@pytest.fixture
+def corrald(pki_dir: Path, short_dir: Path) -> Iterator[Daemon]:
+    """A real corrald process on a free port and a unix socket."""
+    with running_corrald(pki_dir, short_dir) as daemon:
+        yield daemon
 
 
 def end_jobs(state_dir: Path) -> None:

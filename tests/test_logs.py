@@ -27,7 +27,15 @@ from corral.job import STREAM_MARKER, STREAM_STDERR, STREAM_STDOUT, JobSpec, Rec
 from corral.protocol import ErrorCode
 from corral.worker.manager import JobManager
 
-from .conftest import TEST_CGROUP_PARENT, Daemon, identity, live_tasks, open_fds, until
+from .conftest import (
+    TEST_CGROUP_PARENT,
+    Daemon,
+    identity,
+    live_tasks,
+    open_fds,
+    running_corrald,
+    until,
+)
 from .test_cli import CORRAL
 
 pytestmark = [
@@ -446,8 +454,14 @@ async def test_an_idle_follower_costs_no_cpu_and_wakes_on_the_next_byte(
 
 
 async def test_a_cancelled_or_disconnected_follower_frees_what_it_held(
-    corrald: Daemon, pki_dir: Path
+    pki_dir: Path, short_dir: Path
 ) -> None:
+    # No warm sandbox: one built in the background would open descriptors.
+    with running_corrald(pki_dir, short_dir, "--warm", "0") as corrald:
+        await _follow_then_leave(corrald, pki_dir)
+
+
+async def _follow_then_leave(corrald: Daemon, pki_dir: Path) -> None:
     async with connect(corrald.tcp, identity(pki_dir, "admin")) as admin:
         job = await admin.start(["sh", "-c", "echo hi; exec sleep 1000"])
         fds = len(os.listdir(f"/proc/{corrald.process.pid}/fd"))

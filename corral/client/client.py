@@ -338,7 +338,9 @@ class Client:
         self._streams[request_id] = send
         try:
             await self._send(Request(id=request_id, op=op, args=args))
-            await self._send(Credit(id=request_id, amount=window))
+            # corrald may have refused the request already (not_found...):
+            # then there is no stream to grant credit to.
+            await self._send(Credit(id=request_id, amount=window), unless_ended=True)
         except BaseException:
             self._streams.pop(request_id, None)
             raise

@@ -28,6 +28,7 @@ from corral import pki
 from corral.address import Address, AddressError, TCPAddress, UnixAddress, parse_address
 from corral.shim.cgroup import CgroupError, Flavour, check_component, check_host, detect_flavour
 from corral.supervisor.listeners import ListenError
+from corral.supervisor.policy import PolicyError, load_policy
 from corral.supervisor.server import (
     HANDSHAKE_TIMEOUT,
     MAX_CONNECTIONS,
@@ -55,6 +56,8 @@ examples:
   corrald --state-dir var --init-pki
   corrald --state-dir /var/lib/corral --pki /etc/corral/pki \\
           --listen 0.0.0.0:7443 --listen unix:/run/corrald.sock
+  corrald --state-dir var --default memory=512M --user-cap memory=2G \
+          --user-cap cpu=1 --user-cap max_runtime=1h
 """
 
 
@@ -100,6 +103,13 @@ def _cgroup_parent(text: str) -> str:
     except CgroupError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected LIMIT=VALUE (e.g. memory=2G), not {text!r}")
+    return name, value
 
 
 def _address(text: str) -> Address:
@@ -188,6 +198,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="sandboxes kept built ahead of the next starts, for fast starts (default 1; "
         "0: every start builds its own)",
     )
+    policy = parser.add_argument_group(
+        "job policy",
+        "Limits: cpu (cores), memory, io_read_bps, io_write_bps (bytes, K/M/G), "
+        "io_read_iops, io_write_iops, pids, max_runtime (30s, 5m, 1h). "
+        "These flags override --config.",
+    )
+    policy.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="a TOML file with default_user, [defaults] and [caps.user] / [caps.admin] "
+        "(see docs/DESIGN.md)",
+    )
+    policy.add_argument(
+        "--default-user",
+        metavar="USER",
+        help="the user jobs run as unless an admin chooses (default nobody)",
+    )
+    policy.add_argument(
+        "--default",
+        action="append",
+        type=_setting,
+        default=[],
+        metavar="LIMIT=VALUE",
+        dest="defaults",
+        help="a limit every job gets unless its start sets one (repeatable)",
+    )
+    for role in pki.ROLES:
+        policy.add_argument(
+            f"--{role}-cap",
+            action="append",
+            type=_setting,
+            default=[],
+            metavar="LIMIT=VALUE",
+            dest=f"{role}_caps",
+            help=f"the most a {role}'s job may ask for (repeatable)",
+        )
     parser.add_argument(
         "--log-level",
         default="info",
@@ -350,8 +397,18 @@ def run(argv: Sequence[str] | None = None) -> int:
             parse_address(DEFAULT_TCP),
             UnixAddress(str(state_dir / SOCKET_NAME)),
         ]
+        try:
+            policy = load_policy(
+                args.config,
+                default_user=args.default_user,
+                defaults=dict(args.defaults),
+                caps={role: dict(getattr(args, f"{role}_caps")) for role in pki.ROLES},
+            )
+        except PolicyError as exc:
+            raise StartupError(str(exc)) from None
         _raise_fd_limit()
         config = ServerConfig(
+            policy=policy,
             state_dir=state_dir,
             pki_dir=pki_dir,
             listen=listen,

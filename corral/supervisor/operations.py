@@ -1,9 +1,11 @@
 """The job operations corrald serves: start, stop, status, list, remove, wait, logs.
 
 Each handler turns a request's args into a call on the `JobManager` and
-its result into a plain map. Who may touch which job is decided in
-`_visible`, the one place for it: admins see every job, users their own,
-and another user's job answers exactly like a job that does not exist.
+its result into a plain map. Who may do what is not decided here but in
+`corral.supervisor.policy` (the table of operation x role): every handler
+asks it first, and finds jobs only through `_visible`, which looks a job
+up among those the caller may reach, so another user's job answers
+exactly like a job that does not exist.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Any
 
 from corral.job import JobSpec, Limits, SpecError, Status
 from corral.protocol import ErrorCode
+from corral.supervisor.policy import Policy, authorize, owner_filter
 from corral.supervisor.session import Handler, OperationError, RequestContext, StreamEnd
-from corral.tls import Identity
 from corral.worker.manager import Job, JobError, JobManager
 from corral.worker.output import CHUNK
 
@@ -49,8 +51,9 @@ def _arg(
 
 
 class JobOperations:
-    def __init__(self, manager: JobManager) -> None:
+    def __init__(self, manager: JobManager, policy: Policy | None = None) -> None:
         self.manager = manager
+        self.policy = policy or Policy()
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -63,13 +66,15 @@ class JobOperations:
             "logs": self.logs,
         }
 
-    def _visible(self, identity: Identity, job_id: Any) -> Job:
-        """The job `identity` may act on, or not_found, whether it is missing or not theirs."""
+    def _visible(self, context: RequestContext) -> Job:
+        """The job the request names, among those its caller may reach with its
+        operation: not_found alike whether it is missing or not theirs."""
+        owner = owner_filter(context.identity, context.request.op)
+        job_id = context.request.args.get("id")
         if not isinstance(job_id, str) or not job_id:
             raise OperationError(
                 ErrorCode.INVALID_ARGUMENT, "id: a job id or id prefix is required"
             )
-        owner = None if identity.is_admin else identity.name
         try:
             return self.manager.resolve(job_id, owner=owner)
         except JobError as exc:
@@ -78,19 +83,21 @@ class JobOperations:
     async def start(self, context: RequestContext) -> dict[str, Any]:
         args = context.request.args
         identity = context.identity
-        user = _arg(args, "user", str)
-        if user is not None and user != "nobody" and not identity.is_admin:
-            raise OperationError(
-                ErrorCode.PERMISSION_DENIED, "only an admin may choose the user a job runs as"
-            )
+        authorize(identity, "start")
         try:
+            terms = self.policy.start_terms(
+                identity,
+                user=_arg(args, "user", str),
+                limits=Limits.from_wire(_arg(args, "limits", dict, {})),
+                max_runtime=_arg(args, "max_runtime", (int, float)),
+            )
             spec = JobSpec(
                 argv=_arg(args, "argv", list, []),
                 env=_arg(args, "env", dict),
                 cwd=_arg(args, "cwd", (str, bytes), "/"),
-                user=user or "nobody",
-                limits=Limits.from_wire(_arg(args, "limits", dict, {})),
-                max_runtime=_arg(args, "max_runtime", (int, float)),
+                user=terms.user,
+                limits=terms.limits,
+                max_runtime=terms.max_runtime,
                 owner=identity.name,
             )
             job = await self.manager.start(spec)
@@ -102,7 +109,7 @@ class JobOperations:
 
     async def stop(self, context: RequestContext) -> dict[str, Any]:
         args = context.request.args
-        job = self._visible(context.identity, args.get("id"))
+        job = self._visible(context)
         grace = _arg(args, "grace", (int, float), DEFAULT_GRACE)
         if not (math.isfinite(grace) and 0 <= grace <= MAX_GRACE):
             raise OperationError(
@@ -115,7 +122,7 @@ class JobOperations:
         return {"job": job_record(job, status)}
 
     async def status(self, context: RequestContext) -> dict[str, Any]:
-        job = self._visible(context.identity, context.request.args.get("id"))
+        job = self._visible(context)
         try:
             _, status = await self.manager.status(job.id)
         except JobError as exc:
@@ -124,18 +131,22 @@ class JobOperations:
 
     async def wait(self, context: RequestContext) -> dict[str, Any]:
         """Answer once the job has ended, with its final state."""
-        job = self._visible(context.identity, context.request.args.get("id"))
+        job = self._visible(context)
         status = await self.manager.wait(job.id)
         return {"job": job_record(job, status)}
 
     async def list(self, context: RequestContext) -> dict[str, Any]:
         identity = context.identity
-        everyone = bool(_arg(context.request.args, "all", bool, False)) and identity.is_admin
-        jobs = [job for job in self.manager.jobs() if everyone or job.spec.owner == identity.name]
+        # `all` widens the list to what the caller may reach: every job for
+        # an admin; for a user, still their own.
+        owner = owner_filter(identity, "list")
+        if not _arg(context.request.args, "all", bool, False):
+            owner = identity.name
+        jobs = [job for job in self.manager.jobs() if owner is None or job.spec.owner == owner]
         return {"jobs": [job_record(job) for job in jobs]}
 
     async def remove(self, context: RequestContext) -> dict[str, Any]:
-        job = self._visible(context.identity, context.request.args.get("id"))
+        job = self._visible(context)
         try:
             await self.manager.remove(job.id)
         except JobError as exc:
@@ -147,7 +158,7 @@ class JobOperations:
         credit, then an end with the offset reached and the job's state (final
         when it has ended). With `follow`, until the job has ended."""
         args = context.request.args
-        job = self._visible(context.identity, args.get("id"))
+        job = self._visible(context)
         offset = _arg(args, "offset", int, 0)
         follow = bool(_arg(args, "follow", bool, False))
         if offset < 0:

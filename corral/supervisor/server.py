@@ -33,6 +33,7 @@ from corral.shim.cgroup import Flavour, detect_flavour
 from corral.streams import CLOSE_TIMEOUT, GONE, close_stream
 from corral.supervisor.listeners import listener_address, open_listener, remove_unix_sockets
 from corral.supervisor.operations import JobOperations
+from corral.supervisor.policy import Policy, owner_filter
 from corral.supervisor.session import Handler, RequestContext, Session
 from corral.tls import Identity, IdentityError, identity_from_certificate
 from corral.worker.manager import JobManager
@@ -65,6 +66,7 @@ class ServerConfig:
     max_handshakes: int = MAX_HANDSHAKES
     max_requests_per_connection: int = MAX_REQUESTS_PER_CONNECTION
     shutdown_grace: float = SHUTDOWN_GRACE
+    policy: Policy = field(default_factory=Policy)
     mountinfo: Path = field(default=Path("/proc/self/mountinfo"))
 
 
@@ -116,7 +118,7 @@ class Server:
         self.jobs = jobs
         self._operations: dict[str, Handler] = {"info": self._info}
         if jobs is not None:
-            self._operations.update(JobOperations(jobs).handlers())
+            self._operations.update(JobOperations(jobs, config.policy).handlers())
 
     # -- observation ---------------------------------------------------------
 
@@ -138,15 +140,23 @@ class Server:
     # -- operations ----------------------------------------------------------
 
     async def _info(self, context: RequestContext) -> dict[str, Any]:
-        jobs = len(self.jobs.jobs()) if self.jobs is not None else 0
+        identity = context.identity
+        owner = owner_filter(identity, "info")  # a user's counts are of their own jobs
+        jobs = [
+            job
+            for job in (self.jobs.jobs() if self.jobs is not None else [])
+            if owner is None or job.spec.owner == owner
+        ]
         return {
             "version": corral.__version__,
-            "identity": {"name": context.identity.name, "role": context.identity.role},
+            "identity": {"name": identity.name, "role": identity.role},
             "cgroup": str(self.cgroup),
             "connections": len(self._sessions),
-            "jobs": jobs,
+            "jobs": len(jobs),
             # Jobs with live output readers (one inotify watch each).
-            "followed_jobs": self.jobs.followed if self.jobs is not None else 0,
+            "followed_jobs": sum(1 for job in jobs if self.jobs and self.jobs.is_followed(job.id)),
+            # The terms the caller's jobs start under.
+            "policy": self.config.policy.for_role(identity.role),
         }
 
     # -- serving -------------------------------------------------------------

@@ -458,6 +458,10 @@ class JobManager:
         """How many jobs have readers now (each holds one inotify watch)."""
         return self._output.watched if self._output is not None else 0
 
+    def is_followed(self, job_id: str) -> bool:
+        """Whether the job has output readers now."""
+        return self._output is not None and self._output.watches(job_id)
+
     # -- operations ------------------------------------------------------------------
 
     async def status(self, job_id: str) -> tuple[Job, Status]:

@@ -75,6 +75,10 @@ class OutputWatcher:
         """How many jobs have a watch (that is, live readers)."""
         return len(self._by_job)
 
+    def watches(self, job_id: str) -> bool:
+        """Whether the job has readers now."""
+        return job_id in self._by_job
+
     def subscribe(self, job_id: str, directory: Path) -> _Watch:
         watch = self._by_job.get(job_id)
         if watch is None:

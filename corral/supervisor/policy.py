@@ -1,0 +1,290 @@
+"""Who may do what: the authorization table, and the policy jobs start under.
+
+Theory of operation. A client's role comes from its certificate (OU) and
+nothing else. Every operation corrald serves has a row in `TABLE`: for each
+role, how far it reaches:
+
+- `ANY`: every job (admins);
+- `OWN`: the caller's own jobs only; another owner's job is answered
+  exactly like a job that does not exist (`not_found`, through the same
+  lookup), so a user learns nothing of other users' jobs;
+- a missing row or role is refused (`permission_denied`): what is not
+  listed is not allowed.
+
+`authorize()` is asked on every request and every stream, before anything
+else, by `corral.supervisor.operations`; `owner_filter()` turns the reach
+into the filter job lookups use.
+
+A start is checked once more against the `Policy`: which user the job
+runs as (a user's jobs always run as the default, unprivileged user; an
+admin may choose any, root included), and its limits: the defaults fill
+what the request leaves unset, and each role's caps bound the result. A
+limit over a cap is `permission_denied` naming the cap; a limit left unset
+where a cap exists becomes the cap, so no job of a capped role runs
+unbounded.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from corral.client.units import format_size, parse_duration, parse_size
+from corral.job import DEFAULT_USER, MAX_RUNTIME, Limits, SpecError
+from corral.pki import ROLES
+from corral.protocol import ErrorCode
+from corral.supervisor.session import OperationError
+from corral.tls import Identity
+
+ADMIN, USER = "admin", "user"
+
+
+class Reach(enum.Enum):
+    OWN = "own"  # the caller's own jobs
+    ANY = "any"  # every job
+
+
+# operation -> role -> reach. What is not here is refused.
+TABLE: dict[str, dict[str, Reach]] = {
+    "info": {ADMIN: Reach.ANY, USER: Reach.OWN},  # a user's counts are of their own jobs
+    "start": {ADMIN: Reach.ANY, USER: Reach.OWN},  # run-as user and limits: Policy
+    "list": {ADMIN: Reach.ANY, USER: Reach.OWN},
+    "status": {ADMIN: Reach.ANY, USER: Reach.OWN},
+    "wait": {ADMIN: Reach.ANY, USER: Reach.OWN},
+    "logs": {ADMIN: Reach.ANY, USER: Reach.OWN},
+    "stop": {ADMIN: Reach.ANY, USER: Reach.OWN},
+    "remove": {ADMIN: Reach.ANY, USER: Reach.OWN},
+}
+
+
+def authorize(identity: Identity, operation: str) -> Reach:
+    """How far `identity` reaches with `operation`; permission_denied if not at all."""
+    reach = TABLE.get(operation, {}).get(identity.role)
+    if reach is None:
+        raise OperationError(
+            ErrorCode.PERMISSION_DENIED,
+            f"{identity.role} {identity.name} may not use {operation!r}",
+        )
+    return reach
+
+
+def owner_filter(identity: Identity, operation: str) -> str | None:
+    """The owner job lookups are limited to for this request (None: any owner)."""
+    return None if authorize(identity, operation) is Reach.ANY else identity.name
+
+
+# -- the policy jobs start under ------------------------------------------------
+
+LIMIT_NAMES = tuple(f.name for f in fields(Limits))
+BYTE_LIMITS = {"memory", "io_read_bps", "io_write_bps"}
+CAP_NAMES = (*LIMIT_NAMES, "max_runtime")
+
+
+class PolicyError(Exception):
+    """A policy setting (flag or config file) is wrong; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caps:
+    """The most a role's job may ask for; None: no cap of that kind."""
+
+    limits: Limits = field(default_factory=Limits)
+    max_runtime: float | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = self.limits.to_wire()
+        if self.max_runtime is not None:
+            wire["max_runtime"] = self.max_runtime
+        return wire
+
+
+@dataclass(frozen=True, slots=True)
+class StartTerms:
+    """What a start request becomes under the policy."""
+
+    user: str
+    limits: Limits
+    max_runtime: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    default_user: str = DEFAULT_USER
+    defaults: Caps = field(default_factory=Caps)  # filled in where a start sets nothing
+    caps: Mapping[str, Caps] = field(default_factory=dict)  # per role
+
+    def check(self) -> Policy:
+        """Self if coherent; PolicyError if a default is over a role's cap."""
+        for role, caps in self.caps.items():
+            over = _over_cap(self.defaults.to_wire(), caps)
+            if over is not None:
+                name, value, cap = over
+                raise PolicyError(
+                    f"the default {name} ({_show(name, value)}) is over the {role} cap "
+                    f"({_show(name, cap)}): every {role}'s job without its own would be refused"
+                )
+        return self
+
+    def for_role(self, role: str) -> dict[str, Any]:
+        """What `info` tells a client of the terms its jobs start under."""
+        return {
+            "default_user": self.default_user,
+            "defaults": self.defaults.to_wire(),
+            "caps": self.caps.get(role, Caps()).to_wire(),
+        }
+
+    def start_terms(
+        self, identity: Identity, user: str | None, limits: Limits, max_runtime: float | None
+    ) -> StartTerms:
+        """The run-as user, limits and max runtime of a start by `identity`,
+        or permission_denied saying which rule or cap the request breaks."""
+        if user is not None and user != self.default_user and not identity.is_admin:
+            raise OperationError(
+                ErrorCode.PERMISSION_DENIED,
+                f"only an admin may choose the user a job runs as; yours run as "
+                f"{self.default_user}",
+            )
+        values = self.defaults.to_wire() | Caps(limits, max_runtime).to_wire()
+        caps = self.caps.get(identity.role, Caps())
+        over = _over_cap(values, caps)
+        if over is not None:
+            name, value, cap = over
+            raise OperationError(
+                ErrorCode.PERMISSION_DENIED,
+                f"{_field(name)}: {_show(name, value)} is over the {identity.role} cap of "
+                f"{_show(name, cap)}",
+            )
+        for name, cap in caps.to_wire().items():
+            values.setdefault(name, cap)  # unset where capped: the cap
+        runtime = values.pop("max_runtime", None)
+        return StartTerms(
+            user=user or self.default_user, limits=Limits(**values), max_runtime=runtime
+        )
+
+
+def _over_cap(values: Mapping[str, Any], caps: Caps) -> tuple[str, Any, Any] | None:
+    for name, cap in caps.to_wire().items():
+        value = values.get(name)
+        if value is not None and value > cap:
+            return name, value, cap
+    return None
+
+
+def _field(name: str) -> str:
+    return name if name == "max_runtime" else f"limits.{name}"
+
+
+def _show(name: str, value: float) -> str:
+    if name in BYTE_LIMITS:
+        per_second = "/s" if name.startswith("io_") else ""
+        return format_size(int(value)) + per_second
+    if name == "max_runtime":
+        return f"{value:g} s"
+    if name == "cpu":
+        return f"{value:g} cores"
+    return f"{value:g}"
+
+
+# -- reading settings -------------------------------------------------------------
+
+
+def parse_setting(name: str, value: object, where: str) -> int | float:
+    """One limit or max_runtime from a flag's text or a TOML value."""
+    if name not in CAP_NAMES:
+        raise PolicyError(f"{where}: unknown limit {name!r}; known: {', '.join(CAP_NAMES)}")
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise PolicyError(f"{where}: {name} must be a number or a string like 2G or 1h")
+    try:
+        if isinstance(value, str):
+            if name in BYTE_LIMITS:
+                return parse_size(value)
+            if name == "max_runtime":
+                return parse_duration(value)
+            number = float(value)
+            return number if name == "cpu" else int(number)
+        return value
+    except ValueError as exc:
+        raise PolicyError(f"{where}: {name}: {exc}") from None
+
+
+def caps_from(settings: Mapping[str, object], where: str) -> Caps:
+    """Caps (or defaults) from a map of limit names to values, validated."""
+    values = {name: parse_setting(name, value, where) for name, value in settings.items()}
+    runtime = values.pop("max_runtime", None)
+    if runtime is not None and not (math.isfinite(runtime) and 0 < runtime <= MAX_RUNTIME):
+        raise PolicyError(f"{where}: max_runtime must be between 0 and {MAX_RUNTIME:g} s")
+    try:
+        limits = Limits(**values).validate()  # type: ignore[arg-type]
+    except SpecError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
+    return Caps(limits, None if runtime is None else float(runtime))
+
+
+def load_policy(
+    path: Path | None,
+    *,
+    default_user: str | None = None,
+    defaults: Mapping[str, str] | None = None,
+    caps: Mapping[str, Mapping[str, str]] | None = None,
+) -> Policy:
+    """The policy of a TOML file (if any), with flags' settings over it.
+
+    The file's shape:
+
+        default_user = "nobody"
+        [defaults]            # limits a start gets when it sets none
+        memory = "512M"
+        [caps.user]           # the most a user's job may ask for
+        memory = "2G"
+        cpu = 2
+        max_runtime = "1h"
+        [caps.admin]
+        memory = "16G"
+    """
+    document: dict[str, Any] = {}
+    if path is not None:
+        try:
+            document = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise PolicyError(f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"{path}: {exc}") from None
+        unknown = sorted(set(document) - {"default_user", "defaults", "caps"})
+        if unknown:
+            raise PolicyError(
+                f"{path}: unknown setting {unknown[0]!r}; known: default_user, defaults, caps"
+            )
+    where = str(path) if path else "policy"
+    user = default_user or document.get("default_user", DEFAULT_USER)
+    if not isinstance(user, str) or not user or "\0" in user:
+        raise PolicyError(f"{where}: default_user must be a user name")
+    default_settings = {**_table(document, "defaults", where), **(defaults or {})}
+    cap_tables = _table(document, "caps", where)
+    roles = sorted(set(cap_tables) | set(caps or {}))
+    unknown_roles = [role for role in roles if role not in ROLES]
+    if unknown_roles:
+        raise PolicyError(f"{where}: caps for unknown role {unknown_roles[0]!r}")
+    policy = Policy(
+        default_user=user,
+        defaults=caps_from(default_settings, f"{where}: defaults"),
+        caps={
+            role: caps_from(
+                {**_table(cap_tables, role, f"{where}: caps"), **(caps or {}).get(role, {})},
+                f"{where}: caps.{role}",
+            )
+            for role in roles
+        },
+    )
+    return policy.check()
+
+
+def _table(document: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:
+    table = document.get(name, {})
+    if not isinstance(table, dict):
+        raise PolicyError(f"{where}: {name} must be a table")
+    return table

@@ -1,0 +1,153 @@
+"""Authorization end to end: every job operation x {admin, the owner, another
+user} x {the owner's job, the admin's job, a missing job}, over mutual TLS
+against a real corrald with user caps.
+
+An allowed call does what it does (or fails for a reason of the job's own,
+such as stopping a job that has ended); a refused one is `not_found` with
+the very message a missing job gets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+
+from corral.client.client import Client, connect
+from corral.client.errors import ServerError
+from corral.protocol import ErrorCode
+
+from .conftest import Daemon, identity, running_corrald
+
+pytestmark = [
+    pytest.mark.jobs,
+    pytest.mark.skipif(os.geteuid() != 0, reason="jobs need root"),
+]
+
+MISSING = "0123456789abcdef0123456789abcdef"  # a well-formed id no job has
+
+
+@pytest.fixture
+def capped(pki_dir: Path, short_dir: Path) -> Iterator[Daemon]:
+    with running_corrald(
+        pki_dir, short_dir,
+        "--user-cap", "memory=256M", "--user-cap", "max_runtime=1h", "--default", "pids=64",
+    ) as daemon:  # fmt: skip
+        yield daemon
+
+
+@pytest.fixture
+async def clients(capped: Daemon, pki_dir: Path) -> AsyncIterator[dict[str, Client]]:
+    async with AsyncExitStack() as stack:
+        yield {
+            name: await stack.enter_async_context(connect(capped.tcp, identity(pki_dir, name)))
+            for name in ("admin", "alice", "bob")
+        }
+
+
+async def outcome(call: Awaitable[object]) -> str:
+    """'ok', or the error code and message of a refusal."""
+    try:
+        await call
+    except ServerError as exc:
+        return f"{exc.code}: {exc}"
+    return "ok"
+
+
+async def read_logs(client: Client, job_id: str) -> None:
+    async with client.logs(job_id, follow=True) as stream:
+        async for _ in stream.chunks():
+            pass
+
+
+OPERATIONS: dict[str, Callable[[Client, str], Awaitable[object]]] = {
+    "status": lambda client, job_id: client.status(job_id),
+    "wait": lambda client, job_id: client.wait(job_id),
+    "logs": read_logs,
+    "stop": lambda client, job_id: client.stop(job_id, grace=0),
+    "remove": lambda client, job_id: client.remove(job_id),
+}
+# What an allowed call answers for a job that has ended: the job's own reasons.
+ALLOWED = {
+    "status": "ok",
+    "wait": "ok",
+    "logs": "ok",
+    "stop": "failed_precondition: job {id} has already ended (exited with code 0)",
+    "remove": "ok",
+}
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+async def test_every_operation_by_every_caller_on_every_job(
+    clients: dict[str, Client], operation: str
+) -> None:
+    call = OPERATIONS[operation]
+    for caller in ("admin", "alice", "bob"):
+        for owner in ("alice", "admin", None):
+            job_id = MISSING
+            if owner is not None:  # a fresh, ended job, so that remove can succeed
+                job = await clients[owner].start(["true"])
+                await clients[owner].wait(job.id)
+                job_id = job.id
+            result = await outcome(call(clients[caller], job_id))
+            if owner is not None and caller in ("admin", owner):
+                assert result == ALLOWED[operation].format(id=job_id[:12]), (caller, owner)
+            else:  # missing, or another's: the same answer, word for word
+                assert result == f"not_found: no job {job_id!r}", (caller, owner)
+
+
+async def test_listing_shows_a_user_their_own_jobs_even_with_all(
+    clients: dict[str, Client],
+) -> None:
+    mine = await clients["alice"].start(["true"])
+    theirs = await clients["admin"].start(["true"])
+    for everyone in (False, True):
+        assert [job.id for job in await clients["alice"].list(everyone=everyone)] == [mine.id]
+        assert await clients["bob"].list(everyone=everyone) == []
+    assert {job.id for job in await clients["admin"].list(everyone=True)} == {mine.id, theirs.id}
+    assert [job.id for job in await clients["admin"].list()] == [theirs.id]
+    assert (await clients["alice"].info()).jobs == 1  # counts are of one's own jobs
+    assert (await clients["admin"].info()).jobs == 2
+
+
+async def test_a_user_asking_for_root_or_over_a_cap_is_refused_and_an_admin_is_not(
+    clients: dict[str, Client],
+) -> None:
+    alice, admin = clients["alice"], clients["admin"]
+    refusals = [
+        await outcome(alice.start(["id", "-u"], user="root")),
+        await outcome(alice.start(["true"], limits={"memory": 512 << 20})),
+        await outcome(alice.start(["true"], max_runtime=7200)),
+    ]
+    assert refusals == [
+        "permission_denied: only an admin may choose the user a job runs as; "
+        "yours run as nobody",
+        "permission_denied: limits.memory: 512.0 MiB is over the user cap of 256.0 MiB",
+        "permission_denied: max_runtime: 7200 s is over the user cap of 3600 s",
+    ]
+    assert await alice.list() == []  # refused starts leave nothing behind
+    job = await alice.start(["true"])  # unset limits: the default and the caps
+    assert job.limits == {"memory": 256 << 20, "pids": 64}
+    assert job.raw["max_runtime"] == 3600
+    big = await admin.start(["id", "-u"], user="root", limits={"memory": 512 << 20})
+    assert (await admin.wait(big.id)).exit_code == 0
+    assert big.limits == {"memory": 512 << 20, "pids": 64}
+    policy = (await alice.info()).raw["policy"]
+    assert policy == {
+        "default_user": "nobody",
+        "defaults": {"pids": 64},
+        "caps": {"memory": 256 << 20, "max_runtime": 3600.0},
+    }
+
+
+async def test_a_user_streaming_another_users_job_gets_not_found(
+    clients: dict[str, Client],
+) -> None:
+    job = await clients["admin"].start(["echo", "secret"])
+    with pytest.raises(ServerError) as caught:
+        await read_logs(clients["bob"], job.id)
+    assert caught.value.code is ErrorCode.NOT_FOUND
+    assert str(caught.value) == f"no job {job.id!r}"

@@ -1,0 +1,168 @@
+"""The authorization table and the start policy, as plain functions.
+
+End to end over TLS, the same rules are checked in tests/test_authz.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from corral.job import Limits
+from corral.protocol import ErrorCode
+from corral.supervisor.policy import (
+    TABLE,
+    Caps,
+    Policy,
+    PolicyError,
+    Reach,
+    authorize,
+    load_policy,
+    owner_filter,
+)
+from corral.supervisor.session import OperationError
+from corral.tls import Identity
+
+ADMIN = Identity("root-of-trust", "admin")
+ALICE = Identity("alice", "user")
+JOB_OPERATIONS = ["start", "list", "status", "wait", "logs", "stop", "remove"]
+
+# operation -> (admin's reach, a user's reach): the whole table, written out.
+EXPECTED = {
+    "info": (Reach.ANY, Reach.OWN),
+    **{operation: (Reach.ANY, Reach.OWN) for operation in JOB_OPERATIONS},
+}
+
+
+def test_the_table_is_what_we_mean() -> None:
+    assert {op: (row["admin"], row["user"]) for op, row in TABLE.items()} == EXPECTED
+
+
+@pytest.mark.parametrize("operation", sorted(EXPECTED))
+def test_every_operation_reaches_as_the_table_says(operation: str) -> None:
+    admin, user = EXPECTED[operation]
+    assert authorize(ADMIN, operation) is admin
+    assert authorize(ALICE, operation) is user
+    assert owner_filter(ADMIN, operation) is None
+    assert owner_filter(ALICE, operation) == "alice"
+
+
+@pytest.mark.parametrize(
+    ("identity", "operation"),
+    [
+        (ALICE, "shutdown"),  # an operation the table does not list
+        (ADMIN, "shutdown"),
+        (Identity("mallory", "operator"), "status"),  # a role it does not know
+        (Identity("mallory", ""), "info"),
+    ],
+)
+def test_what_the_table_does_not_list_is_refused(identity: Identity, operation: str) -> None:
+    with pytest.raises(OperationError) as caught:
+        authorize(identity, operation)
+    assert caught.value.code is ErrorCode.PERMISSION_DENIED
+
+
+USER_CAPS = Caps(Limits(memory=1 << 30, cpu=2.0, pids=256), max_runtime=3600.0)
+POLICY = Policy(
+    defaults=Caps(Limits(memory=256 << 20)),
+    caps={"user": USER_CAPS},
+)
+
+
+def refused(identity: Identity, **request: object) -> str:
+    with pytest.raises(OperationError) as caught:
+        POLICY.start_terms(identity, **request)  # type: ignore[arg-type]
+    assert caught.value.code is ErrorCode.PERMISSION_DENIED
+    return str(caught.value)
+
+
+def test_a_user_cannot_choose_the_run_as_user() -> None:
+    message = refused(ALICE, user="root", limits=Limits(), max_runtime=None)
+    assert message == "only an admin may choose the user a job runs as; yours run as nobody"
+    # Naming the default is no choice at all.
+    assert POLICY.start_terms(ALICE, "nobody", Limits(), None).user == "nobody"
+
+
+def test_an_admin_may_run_as_anyone_and_has_no_cap_unless_set() -> None:
+    terms = POLICY.start_terms(ADMIN, "root", Limits(memory=8 << 30, cpu=16.0), None)
+    assert (terms.user, terms.limits) == ("root", Limits(memory=8 << 30, cpu=16.0))
+
+
+@pytest.mark.parametrize(
+    ("limits", "max_runtime", "message"),
+    [
+        (Limits(memory=2 << 30), None, "limits.memory: 2.0 GiB is over the user cap of 1.0 GiB"),
+        (Limits(cpu=2.5), None, "limits.cpu: 2.5 cores is over the user cap of 2 cores"),
+        (Limits(pids=257), None, "limits.pids: 257 is over the user cap of 256"),
+        (Limits(), 3601.0, "max_runtime: 3601 s is over the user cap of 3600 s"),
+    ],
+)
+def test_a_user_over_a_cap_is_refused_naming_it(
+    limits: Limits, max_runtime: float | None, message: str
+) -> None:
+    assert refused(ALICE, user=None, limits=limits, max_runtime=max_runtime) == message
+
+
+def test_defaults_fill_what_a_start_leaves_unset_and_caps_bound_the_rest() -> None:
+    terms = POLICY.start_terms(ALICE, None, Limits(cpu=0.5), None)
+    # memory: the default; cpu: asked; pids and max runtime: unset, so the cap.
+    assert terms.limits == Limits(memory=256 << 20, cpu=0.5, pids=256)
+    assert terms.max_runtime == 3600.0
+    assert POLICY.start_terms(ALICE, None, Limits(memory=1 << 30), 60).limits.memory == 1 << 30
+    # An admin has no caps here: unset stays unset, but defaults apply.
+    assert POLICY.start_terms(ADMIN, None, Limits(), None).limits == Limits(memory=256 << 20)
+
+
+def test_a_policy_from_a_file_with_flags_over_it(tmp_path: Path) -> None:
+    config = tmp_path / "corrald.toml"
+    config.write_text(
+        'default_user = "corral-jobs"\n'
+        "[defaults]\n"
+        'memory = "512M"\n'
+        "pids = 100\n"
+        "[caps.user]\n"
+        'memory = "2G"\n'
+        "cpu = 1\n"
+        'max_runtime = "1h"\n'
+        'io_write_bps = "10M"\n'
+    )
+    policy = load_policy(config, defaults={"pids": "50"}, caps={"user": {"cpu": "0.5"}})
+    assert policy.default_user == "corral-jobs"
+    assert policy.defaults == Caps(Limits(memory=512 << 20, pids=50))
+    assert policy.caps == {
+        "user": Caps(Limits(memory=2 << 30, cpu=0.5, io_write_bps=10 << 20), max_runtime=3600.0)
+    }
+    assert load_policy(None) == Policy()
+
+
+@pytest.mark.parametrize(
+    ("text", "flags", "message"),
+    [
+        ("[caps.user]\nram = 1\n", {}, "caps.user: unknown limit 'ram'"),
+        ("[caps.guest]\ncpu = 1\n", {}, "caps for unknown role 'guest'"),
+        ("limits = 1\n", {}, "unknown setting 'limits'"),
+        ("[defaults]\nmemory = '1 lot'\n", {}, "defaults: memory: not a size: '1 lot'"),
+        ("[defaults]\nmemory = 100\n", {}, "limits.memory: must be between"),
+        ("[caps.user]\nmax_runtime = -1\n", {}, "max_runtime must be between"),
+        ("[defaults]\ncpu = true\n", {}, "cpu must be a number"),
+        ("default_user = 3\n", {}, "default_user must be a user name"),
+        ("[caps.user]\nmemory = '1G'\n[defaults]\nmemory = '2G'\n", {},
+         "the default memory (2.0 GiB) is over the user cap (1.0 GiB)"),
+        ("", {"defaults": {"cpu": "lots"}}, "cpu: could not convert"),
+        ("x = [", {}, "corrald.toml: "),
+    ],
+)  # fmt: skip
+def test_a_wrong_policy_is_refused_naming_what(
+    tmp_path: Path, text: str, flags: dict[str, dict[str, str]], message: str
+) -> None:
+    config = tmp_path / "corrald.toml"
+    config.write_text(text)
+    with pytest.raises(PolicyError) as caught:
+        load_policy(config, **flags)  # type: ignore[arg-type]
+    assert message in str(caught.value)
+
+
+def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match=r"cannot read .*nothing\.toml: No such file"):
+        load_policy(tmp_path / "nothing.toml")
