@@ -172,3 +172,62 @@ def test_corrald_stops_cleanly_after_starting_jobs(
     _, stderr = corrald.process.communicate(timeout=30)
     assert corrald.process.returncode == 0, stderr
     assert "Traceback" not in stderr
+
+
+COMMANDS = [
+    ["info"], ["start"], ["run"], ["logs"], ["stop"], ["status"], ["ps"], ["rm"], ["shell"],
+    ["certs"], ["certs", "init"], ["certs", "issue"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_with_an_example(command: list[str]) -> None:
+    result = corral(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    example = result.stdout.split("example:\n", 1)[1]
+    assert example.lstrip().startswith("corral ")
+
+
+def test_logs_and_run_as_json_lines(as_user: Callable[..., object]) -> None:
+    script = "printf 'out\\n'; printf '\\377\\0' >&2; exit 5"
+    ran = as_user("alice", "run", "--json", "--", "sh", "-c", script)
+    assert ran.returncode == 5, ran.stderr  # type: ignore[attr-defined]
+    lines = [json.loads(line) for line in ran.stdout.splitlines()]  # type: ignore[attr-defined]
+    records, end = lines[:-1], lines[-1]["end"]
+    assert sorted((r["stream"], r.get("data"), r.get("data_base64")) for r in records) == [
+        ("stderr", None, "/wA="),  # not UTF-8: base64
+        ("stdout", "out\n", None),
+    ]
+    assert all(r["time"].endswith("Z") for r in records)
+    assert (end["job"]["state"], end["job"]["exit_code"]) == ("exited", 5)
+    job_id = end["job"]["id"]
+    logs = as_user("alice", "logs", "--json", "--stdout", job_id[:8])
+    lines = [json.loads(line) for line in logs.stdout.splitlines()]  # type: ignore[attr-defined]
+    assert [line.get("data") for line in lines[:-1]] == ["out\n"]
+    assert lines[-1]["end"]["offset"] == end["offset"] > 0
+
+
+async def test_an_ambiguous_prefix_names_the_candidates(
+    corrald: Daemon, pki_dir: Path, as_user: Callable[..., object]
+) -> None:
+    # 17 ids cannot all start with different hex digits.
+    async with connect(corrald.tcp, identity(pki_dir, "bob")) as bob:
+        ids = [(await bob.start(["true"])).id for _ in range(17)]
+    first = next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1)
+    matching = sorted(i[:12] for i in ids if i.startswith(first))
+    result = await trio.to_thread.run_sync(as_user, "bob", "status", first)
+    assert result.returncode == 1  # type: ignore[attr-defined]
+    assert result.stderr == (  # type: ignore[attr-defined]
+        f"corral: error: job id prefix {first!r} is ambiguous: it matches "
+        f"{', '.join(matching)}; give more of the id\n"
+    )
+    # Another user's jobs are not candidates: for alice the prefix names nothing.
+    result = await trio.to_thread.run_sync(as_user, "alice", "status", first)
+    assert f"no job {first!r}" in result.stderr  # type: ignore[attr-defined]
+
+
+def test_info_shows_the_terms_jobs_start_under(as_user: Callable[..., object]) -> None:
+    shown = as_user("alice", "info").stdout  # type: ignore[attr-defined]
+    assert "you:            alice (user)" in shown
+    assert "jobs run as:    nobody" in shown
+    assert "your caps:      none" in shown

@@ -8,6 +8,7 @@ exit status their class names (see `corral.client.errors` and the README).
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         "certs",
         help="create a development PKI and client identities",
         description="Create a CA, corrald's certificate and client identities.",
+        epilog="example:\n  corral certs init var/pki && "
+        "corral certs issue --pki var/pki carol --role user",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     certs_commands = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
     init = certs_commands.add_parser(
@@ -389,8 +393,30 @@ async def cmd_info(client: Client, args: argparse.Namespace, out: TextIO) -> int
         ("connections", str(info.connections)),
         ("jobs", str(info.jobs)),
     ]
+    policy = info.raw.get("policy")
+    if isinstance(policy, dict):
+        rows += [
+            ("jobs run as", str(policy.get("default_user", "?"))),
+            ("default limits", _limits_text(policy.get("defaults"))),
+            ("your caps", _limits_text(policy.get("caps"))),
+        ]
     _print_rows(rows, out)
     return 0
+
+
+def _limits_text(limits: object) -> str:
+    """{"memory": 268435456, "cpu": 1} -> 'cpu 1, memory 256.0 MiB'."""
+    if not isinstance(limits, dict) or not limits:
+        return "none"
+    shown = []
+    for name, value in sorted(limits.items()):
+        text = str(value)
+        if name in {"memory", "io_read_bps", "io_write_bps"}:
+            text = format_size(int(value)) + ("/s" if name.startswith("io_") else "")
+        elif name == "max_runtime":
+            text = f"{value:g} s"
+        shown.append(f"{name} {text}")
+    return ", ".join(shown)
 
 
 async def _start(client: Client, args: argparse.Namespace, command: str) -> JobInfo:
@@ -438,8 +464,12 @@ class _Output:
         if getattr(args, "stderr", False):
             del self.streams[STREAM_STDOUT]
         self.timestamps = bool(getattr(args, "timestamps", False))
+        self.json = out if _json(args) else None
 
     def write(self, records: Sequence[Record], job_id: str) -> None:
+        if self.json is not None:
+            self._write_json(records)
+            return
         touched = set()
         for record in records:
             if isinstance(record.data, dict):
@@ -454,6 +484,31 @@ class _Output:
             touched.add(target)
         for target in touched:
             target.flush()
+
+    def _write_json(self, records: Sequence[Record]) -> None:
+        """One JSON object per record: its stream, time and data (text when
+        it is UTF-8, else `data_base64`); corral's notes as `note`."""
+        assert self.json is not None
+        for record in records:
+            line: dict[str, Any] = {"time": rfc3339(record.time_ns)}
+            if isinstance(record.data, dict):
+                line.update(stream="corral", note=record.data)
+            elif record.stream in self.streams:
+                line["stream"] = "stdout" if record.stream == STREAM_STDOUT else "stderr"
+                try:
+                    line["data"] = record.data.decode()
+                except UnicodeDecodeError:
+                    line["data_base64"] = base64.b64encode(record.data).decode()
+            else:
+                continue
+            self.json.write(json.dumps(line, sort_keys=True) + "\n")
+        self.json.flush()
+
+    def end(self, stream: LogStream) -> None:
+        """With --json, a last line: where the stream ended, and the job then."""
+        if self.json is not None and stream.job is not None:
+            end = {"offset": stream.offset, "job": stream.job.to_json()}
+            self.json.write(json.dumps({"end": end}, sort_keys=True) + "\n")
 
     @staticmethod
     def note(marker: dict[str, Any], job_id: str) -> None:
@@ -480,6 +535,7 @@ async def cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> int
     output = _Output(args, out)
     async with client.logs(args.id, follow=args.follow, offset=args.since_offset) as stream:
         await _write_logs(stream, output, args.id)
+    output.end(stream)
     return 0
 
 
@@ -508,6 +564,7 @@ async def _run_job(
         async with client.logs(job.id, follow=True) as stream:
             await _write_logs(stream, output, job.id)
         nursery.cancel_scope.cancel()
+    output.end(stream)
     final = stream.job
     assert final is not None
     return _exit_status(final)

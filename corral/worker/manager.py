@@ -276,7 +276,7 @@ class JobManager:
         shown = ", ".join(sorted(job.short_id for job in matches)[:10])
         raise JobError(
             ErrorCode.INVALID_ARGUMENT,
-            f"job id prefix {job_id!r} is ambiguous: it matches {shown}",
+            f"job id prefix {job_id!r} is ambiguous: it matches {shown}; give more of the id",
         )
 
     @property
