@@ -123,8 +123,7 @@ async def test_a_user_asking_for_root_or_over_a_cap_is_refused_and_an_admin_is_n
         await outcome(alice.start(["true"], max_runtime=7200)),
     ]
     assert refusals == [
-        "permission_denied: only an admin may choose the user a job runs as; "
-        "yours run as nobody",
+        "permission_denied: only an admin may choose the user a job runs as; yours run as nobody",
         "permission_denied: limits.memory: 512.0 MiB is over the user cap of 256.0 MiB",
         "permission_denied: max_runtime: 7200 s is over the user cap of 3600 s",
     ]

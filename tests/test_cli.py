@@ -234,18 +234,19 @@ def test_corrald_refuses_a_cgroup_parent_that_is_not_a_name(pki_dir: Path, short
 
 
 @pytest.mark.parametrize(
-    ("flags", "config", "status", "message"),
+    ("flags", "config", "expected"),
     [
-        (["--user-cap", "memory"], None, 2, "expected LIMIT=VALUE (e.g. memory=2G), not 'memory'"),
-        (["--user-cap", "ram=1G"], None, 78, "policy: caps.user: unknown limit 'ram'"),
-        ([], "[caps.user]\nmemory = '1G'\n[defaults]\nmemory = '2G'\n", 78,
-         "the default memory (2.0 GiB) is over the user cap (1.0 GiB)"),
-        (["--default", "memory=4G"], "[caps.admin]\nmemory = '2G'\n", 78,
-         "over the admin cap"),  # a flag over the file
+        (["--user-cap", "memory"], None,
+         (2, "expected LIMIT=VALUE (e.g. memory=2G), not 'memory'")),
+        (["--user-cap", "ram=1G"], None, (78, "policy: caps.user: unknown limit 'ram'")),
+        ([], "[caps.user]\nmemory = '1G'\n[defaults]\nmemory = '2G'\n",
+         (78, "the default memory (2.0 GiB) is over the user cap (1.0 GiB)")),
+        (["--default", "memory=4G"], "[caps.admin]\nmemory = '2G'\n",
+         (78, "over the admin cap")),  # a flag over the file
     ],
 )  # fmt: skip
 def test_corrald_refuses_a_wrong_policy_naming_it(
-    pki_dir: Path, short_dir: Path, flags: list[str], config: str | None, status: int, message: str
+    pki_dir: Path, short_dir: Path, flags: list[str], config: str | None, expected: tuple[int, str]
 ) -> None:
     if config is not None:
         (short_dir / "corrald.toml").write_text(config)
@@ -253,6 +254,7 @@ def test_corrald_refuses_a_wrong_policy_naming_it(
     process = start_corrald("--state-dir", str(short_dir), "--pki", str(pki_dir),
                             "--listen", "127.0.0.1:0", *flags)  # fmt: skip
     _, stderr = process.communicate(timeout=30)
+    status, message = expected
     assert process.returncode == status
     assert message in stderr
     assert stderr.count("\n") == 1 or status == 2
