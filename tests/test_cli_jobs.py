@@ -231,3 +231,10 @@ def test_info_shows_the_terms_jobs_start_under(as_user: Callable[..., object]) -
     assert "you:            alice (user)" in shown
     assert "jobs run as:    nobody" in shown
     assert "your caps:      none" in shown
+
+
+def test_ps_keeps_a_multi_line_command_on_one_row(as_user: Callable[..., object]) -> None:
+    as_user("bob", "start", "--", "sh", "-c", "true\n\techo done\x1b")
+    rows = as_user("bob", "ps").stdout.splitlines()  # type: ignore[attr-defined]
+    assert len(rows) == 2
+    assert rows[1].endswith("sh -c true\\n\\techo done\\x1b")

@@ -9,6 +9,9 @@ from corral.client.errors import TLSError
 from corral.client.units import rfc3339
 
 SHORT_ID = 12
+_CONTROL_ESCAPES = {
+    code: repr(chr(code))[1:-1] for code in (*range(0x20), 0x7F) if chr(code) != " "
+}
 
 
 def _text(value: bytes | str) -> str:
@@ -43,7 +46,10 @@ class JobInfo:
 
     @property
     def command(self) -> str:
-        return " ".join(_text(arg) for arg in self.argv)
+        """The argv on one line: control characters (a newline in a script)
+        shown escaped, so a table row stays one row."""
+        line = " ".join(_text(arg) for arg in self.argv)
+        return line.translate(_CONTROL_ESCAPES)
 
     @classmethod
     def from_wire(cls, record: Any) -> JobInfo:
