@@ -504,3 +504,26 @@ async def test_output_still_unread_when_the_job_ends_is_all_delivered(
         assert first.data + rest == log
         assert stream.job is not None
         assert stream.job.state == "exited"
+
+
+def test_run_that_loses_corrald_says_so_in_one_line(
+    corrald: Daemon, as_admin: dict[str, str]
+) -> None:
+    process = subprocess.Popen(
+        [*CORRAL, "run", "--", "sh", "-c", "echo ready; exec sleep 1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=as_admin,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "ready\n"
+        corrald.process.kill()
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 69
+    assert stderr.startswith("corral: error: ")
+    assert stderr.count("\n") == 1, stderr

@@ -718,10 +718,20 @@ def _default_clients() -> str:
 
 
 async def _run_command(args: argparse.Namespace, out: TextIO) -> int:
-    if not getattr(args, "connects", True):
-        return int(await args.run(args, out))
-    async with connect(**_connect_args(args)) as client:
-        return int(await args.run(client, args, out))
+    try:
+        if not getattr(args, "connects", True):
+            return int(await args.run(args, out))
+        async with connect(**_connect_args(args)) as client:
+            return int(await args.run(client, args, out))
+    except* CorralError as group:
+        # A command's tasks (run's follow and its Ctrl+C watcher) fail as a
+        # group; the person wants the one line of the first failure.
+        raise _first(group) from None
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:

@@ -268,6 +268,11 @@ class Client:
         self._send_lock = trio.Lock()
         self._closed: CorralError | None = None
 
+    @property
+    def closed(self) -> CorralError | None:
+        """Why the connection is gone (None while it is up): every call raises it."""
+        return self._closed
+
     # -- operations ----------------------------------------------------------
 
     async def info(self) -> ServerInfo:
