@@ -125,8 +125,11 @@ def start_corrald(*args: str) -> subprocess.Popen[str]:
 
 
 @contextlib.contextmanager
-def running_corrald(pki_dir: Path, directory: Path, *flags: str) -> Iterator[Daemon]:
-    """A real corrald process on a free port and a unix socket in `directory`."""
+def running_corrald(
+    pki_dir: Path, directory: Path, *flags: str, end_its_jobs: bool = True
+) -> Iterator[Daemon]:
+    """A real corrald process on a free port and a unix socket in `directory`;
+    its jobs are ended afterwards unless the test hands them to another."""
     socket_path = directory / "corrald.sock"
     process = start_corrald(
         "--state-dir",
@@ -151,7 +154,8 @@ def running_corrald(pki_dir: Path, directory: Path, *flags: str) -> Iterator[Dae
         if process.poll() is None:
             process.terminate()
         process.communicate(timeout=30)
-        end_jobs(directory / "state")
+        if end_its_jobs:
+            end_jobs(directory / "state")
 
 
 @pytest.fixture

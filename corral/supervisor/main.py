@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import functools
 import logging
+import os
 import resource
 import shutil
 import signal
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import trio
@@ -63,6 +65,9 @@ examples:
 
 # Each warm sandbox is an idle shim and init (about 2 MiB) and a cgroup.
 MAX_WARM = 64
+# Who stopped the jobs corrald stops as it shuts down, as their reason says.
+SHUTDOWN_BY = "corrald shutting down"
+LOCK_FILE = "corrald.lock"
 
 
 class StartupError(Exception):
@@ -236,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"the most a {role}'s job may ask for (repeatable)",
         )
     parser.add_argument(
+        "--keep-jobs",
+        action="store_true",
+        help="on shutdown, leave running jobs running for the next corrald (an upgrade); "
+        "by default they are stopped, each with its grace",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -255,6 +266,29 @@ def _prepare_state_dir(state_dir: Path) -> Path:
     except OSError as exc:
         raise StartupError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
     return state_dir
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """Take the state directory for this corrald (an flock held while it
+    lives, released by the kernel however it ends); refuse if another has it."""
+    path = state_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StartupError(
+            f"state directory {state_dir} is in use by another corrald (pid {holder}); "
+            "stop it first, or give this one its own --state-dir",
+            EXIT_UNAVAILABLE,
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _prepare_pki(pki_dir: Path, *, create: bool, server_names: Sequence[str]) -> None:
@@ -334,11 +368,15 @@ async def serve(
     *,
     cgroup_parent: str = CGROUP_PARENT,
     warm: int = 1,
+    keep_jobs: bool = False,
 ) -> str | None:
-    """Serve until a signal: the first SIGINT/SIGTERM shuts down, a second cancels.
+    """Serve until a signal: the first SIGINT/SIGTERM shuts down, a second
+    cancels (and kills the jobs being stopped).
 
-    Returns why corrald could not start serving, or None after a clean stop.
-    Jobs keep running when corrald stops: their shims outlive it.
+    Shutting down ends every session with a goodbye, then stops the running
+    jobs, each with its grace, unless `keep_jobs`: then they keep running
+    (their shims outlive corrald) for the next corrald to adopt. Returns why
+    corrald could not start serving, or None after a clean stop.
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with contextlib.AsyncExitStack() as stack:
@@ -362,10 +400,35 @@ async def serve(
                     if server.shutting_down:
                         log.warning("%s again: stopping now", name)
                         nursery.cancel_scope.cancel()
-                        break
+                        return None
                     log.info("%s: shutting down", name)
                     server.shutdown()
+            if keep_jobs:
+                log.info("leaving %d running jobs to the next corrald", _running(jobs))
+            else:
+                await _stop_jobs(jobs, signals)
     return None
+
+
+def _running(jobs: JobManager) -> int:
+    return sum(1 for job in jobs.jobs() if not job.done.is_set())
+
+
+async def _stop_jobs(jobs: JobManager, signals: AsyncIterator[int]) -> None:
+    """Stop every running job with its grace; another signal kills them now."""
+    if not _running(jobs):
+        return
+    log.info("stopping %d running jobs (each with its grace)", _running(jobs))
+    async with trio.open_nursery() as nursery:
+
+        async def kill_on_signal() -> None:
+            async for signum in signals:
+                log.warning("%s again: killing the jobs now", signal.Signals(signum).name)
+                nursery.start_soon(functools.partial(jobs.stop_all, by=SHUTDOWN_BY, grace=0.0))
+
+        nursery.start_soon(kill_on_signal)
+        await jobs.stop_all(by=SHUTDOWN_BY)
+        nursery.cancel_scope.cancel()
 
 
 async def _serve_then_stop(
@@ -387,6 +450,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     )
     try:
         state_dir = _prepare_state_dir(args.state_dir)
+        _lock_state_dir(state_dir)  # its descriptor stays open until we exit
         pki_dir = (args.pki or state_dir / "pki").absolute()
         _prepare_pki(pki_dir, create=args.init_pki, server_names=args.server_names)
         try:
@@ -423,7 +487,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         except SpawnerError as exc:
             raise StartupError(str(exc), EXIT_UNAVAILABLE) from None
         try:
-            serving = functools.partial(serve, cgroup_parent=args.cgroup_parent, warm=args.warm)
+            serving = functools.partial(
+                serve, cgroup_parent=args.cgroup_parent, warm=args.warm, keep_jobs=args.keep_jobs
+            )
             failure = trio.run(serving, config, context, spawner, pki_dir)
         finally:
             spawner.close()

@@ -495,6 +495,20 @@ class JobManager:
         await job.done.wait()
         return job.status
 
+    async def stop_all(self, *, by: str, grace: float | None = None) -> int:
+        """Stop every job still running, all at once, each with its own stop
+        grace (or `grace`); return once all have ended, with how many there were."""
+        running = [job for job in self._jobs.values() if not job.done.is_set()]
+
+        async def stop(job: Job) -> None:
+            with contextlib.suppress(JobError):  # it ended meanwhile
+                await self.stop(job.id, job.spec.stop_grace if grace is None else grace, by=by)
+
+        async with trio.open_nursery() as nursery:
+            for job in running:
+                nursery.start_soon(stop, job)
+        return len(running)
+
     async def wait(self, job_id: str) -> Status:
         job = self.resolve(job_id)
         await job.done.wait()

@@ -1,0 +1,190 @@
+"""Jobs survive corrald: a crash, a restart that adopts them again, a clean
+shutdown that stops them (or keeps them with --keep-jobs), one corrald per
+state directory.
+
+Real corrald processes on one state directory, one after the other.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from corral.client.client import Client, connect
+from corral.job import State, read_status
+from corral.shim.cgroup import detect_flavour, open_cgroup
+
+from .conftest import (
+    TEST_CGROUP_PARENT,
+    Daemon,
+    end_jobs,
+    identity,
+    running_corrald,
+    start_corrald,
+    until,
+)
+
+pytestmark = [
+    pytest.mark.jobs,
+    pytest.mark.skipif(os.geteuid() != 0, reason="jobs need root"),
+]
+
+# One numbered line every 5 ms, forever: gaps or repeats show in the numbers.
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.005; done"
+
+
+def alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def numbers_until(client: Client, job_id: str, last: int) -> list[int]:
+    """The counter job's numbers from byte 0 until `last` has been printed."""
+    numbers: list[int] = []
+    text = b""
+    async with client.logs(job_id, follow=True) as stream:
+        async for record in stream:
+            assert isinstance(record.data, bytes)
+            text += record.data
+            *lines, text = text.split(b"\n")
+            numbers += [int(line) for line in lines]
+            if numbers and numbers[-1] >= last:
+                return numbers
+    raise AssertionError(f"the stream ended at {numbers[-1:]}, before {last}")
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the job (as nobody) and the test can both reach."""
+    directory = Path(tempfile.mkdtemp(prefix="corral-test-", dir="/var/tmp"))
+    directory.chmod(0o777)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_jobs_survive_a_crash_and_the_next_corrald_adopts_them(
+    pki_dir: Path, short_dir: Path, shared_dir: Path
+) -> None:
+    gate = shared_dir / "gate"
+    os.mkfifo(gate)
+    gate.chmod(0o666)
+    admin_id = identity(pki_dir, "admin")
+    try:
+        with running_corrald(pki_dir, short_dir, end_its_jobs=False) as first:
+            async with connect(first.tcp, admin_id) as admin:
+                counter = await admin.start(["sh", "-c", COUNTER])
+                sleeper = await admin.start(["sleep", "1000"])
+                ends_meanwhile = await admin.start(["sh", "-c", f"read x < {gate}; exit 7"])
+                loses_its_shim = await admin.start(["sleep", "1000"])
+                before = await numbers_until(admin, counter.id, 20)  # a follower mid-stream
+                first.process.kill()  # SIGKILL: no goodbye, no cleanup
+                await trio.to_thread.run_sync(first.process.wait)
+        # corrald is down: one job ends, one loses its shim; the others go on.
+        await trio.to_thread.run_sync(gate.write_bytes, b"go\n")
+        ended = first.state_dir / "jobs" / ends_meanwhile.id
+        await until(lambda: getattr(read_status(ended), "state", None) is State.EXITED)
+        lost_status = read_status(first.state_dir / "jobs" / loses_its_shim.id)
+        assert lost_status is not None
+        os.kill(lost_status.shim_pid or 0, signal.SIGKILL)
+        await until(lambda: not alive(lost_status.shim_pid))
+
+        with running_corrald(pki_dir, short_dir) as second:
+            async with connect(second.tcp, admin_id) as admin:
+                jobs = {job.id: job for job in await admin.list(everyone=True)}
+                assert jobs[counter.id].state == "running"
+                assert jobs[sleeper.id].state == "running"
+                assert (jobs[ends_meanwhile.id].state, jobs[ends_meanwhile.id].exit_code) == (
+                    "exited",
+                    7,
+                )
+                lost = jobs[loses_its_shim.id]
+                assert lost.state == "lost"
+                assert lost.reason.startswith("lost: its shim ended")
+                cgroup = open_cgroup(detect_flavour(), lost.id, parent=TEST_CGROUP_PARENT)
+                assert not any(path.exists() for path in cgroup.paths())
+                # A new follower: the whole output from byte 0, live on, nothing
+                # missing or doubled across the crash.
+                after = await numbers_until(admin, counter.id, before[-1] + 20)
+                assert after == list(range(1, len(after) + 1))
+                assert after[: len(before)] == before
+                final = await admin.stop(counter.id, grace=5)
+                assert (final.state, final.signal) == ("stopped", "SIGTERM")
+                assert (await admin.stop(sleeper.id, grace=5)).state == "stopped"
+    finally:
+        end_jobs(short_dir / "state")
+
+
+async def test_shutdown_stops_running_jobs_with_their_grace(corrald: Daemon, pki_dir: Path) -> None:
+    trapping = "trap 'echo bye; exit 4' TERM; echo ready; while :; do sleep 0.05; done"
+    async with connect(corrald.tcp, identity(pki_dir, "admin")) as admin:
+        job = await admin.start(["sh", "-c", trapping])
+        finished = await admin.start(["true"])
+        async with admin.logs(job.id, follow=True) as stream:
+            assert (await anext(aiter(stream))).data == b"ready\n"
+    corrald.process.terminate()
+    _, stderr = await trio.to_thread.run_sync(corrald.process.communicate)
+    assert corrald.process.returncode == 0, stderr
+    assert "stopping 1 running jobs" in stderr
+    status = read_status(corrald.state_dir / "jobs" / job.id)
+    assert status is not None
+    assert (status.state, status.exit_code) == (State.STOPPED, 4)
+    assert status.reason.startswith("stopped by corrald shutting down")
+    assert read_status(corrald.state_dir / "jobs" / finished.id).state is State.EXITED  # type: ignore[union-attr]
+
+
+async def test_keep_jobs_leaves_them_for_the_next_corrald(pki_dir: Path, short_dir: Path) -> None:
+    admin_id = identity(pki_dir, "admin")
+    try:
+        with running_corrald(pki_dir, short_dir, "--keep-jobs", end_its_jobs=False) as first:
+            async with connect(first.tcp, admin_id) as admin:
+                job = await admin.start(["sleep", "1000"])
+            first.process.terminate()
+            _, stderr = await trio.to_thread.run_sync(first.process.communicate)
+            assert first.process.returncode == 0, stderr
+            assert "leaving 1 running jobs to the next corrald" in stderr
+        status = read_status(first.state_dir / "jobs" / job.id)
+        assert status is not None
+        assert status.state is State.RUNNING
+        assert alive(status.shim_pid)
+        with running_corrald(pki_dir, short_dir) as second:
+            async with connect(second.tcp, admin_id) as admin:
+                assert (await admin.status(job.id)).state == "running"
+                assert (await admin.stop(job.id, grace=0)).state == "stopped"
+    finally:
+        end_jobs(short_dir / "state")
+
+
+def test_a_second_corrald_on_the_same_state_directory_is_refused(
+    corrald: Daemon, pki_dir: Path
+) -> None:
+    second = start_corrald("--state-dir", str(corrald.state_dir), "--pki", str(pki_dir),
+                           "--listen", "127.0.0.1:0")  # fmt: skip
+    _, stderr = second.communicate(timeout=30)
+    assert second.returncode == 69
+    assert stderr == (
+        f"corrald: error: state directory {corrald.state_dir} is in use by another corrald "
+        f"(pid {corrald.process.pid}); stop it first, or give this one its own --state-dir\n"
+    )
+    assert corrald.process.poll() is None  # the first one goes on
+
+
+def test_the_lock_goes_with_the_corrald_that_held_it(pki_dir: Path, short_dir: Path) -> None:
+    with running_corrald(pki_dir, short_dir) as first:
+        first.process.kill()
+        first.process.wait()
+    with running_corrald(pki_dir, short_dir) as second:
+        assert second.process.poll() is None
+        lock = (short_dir / "state" / "corrald.lock").read_text()
+        assert lock == f"{second.process.pid}\n"
