@@ -11,15 +11,16 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
 from corral.client.client import Client, connect
-from corral.job import State, read_status
+from corral.job import JobSpec, State, read_status
 from corral.shim.cgroup import detect_flavour, open_cgroup
+from corral.worker.manager import JobManager, Retention
 
 from .conftest import (
     TEST_CGROUP_PARENT,
@@ -30,6 +31,7 @@ from .conftest import (
     start_corrald,
     until,
 )
+from .test_logs import until_async
 
 pytestmark = [
     pytest.mark.jobs,
@@ -131,6 +133,7 @@ async def test_shutdown_stops_running_jobs_with_their_grace(corrald: Daemon, pki
     async with connect(corrald.tcp, identity(pki_dir, "admin")) as admin:
         job = await admin.start(["sh", "-c", trapping])
         finished = await admin.start(["true"])
+        await admin.wait(finished.id)
         async with admin.logs(job.id, follow=True) as stream:
             assert (await anext(aiter(stream))).data == b"ready\n"
     corrald.process.terminate()
@@ -188,3 +191,65 @@ def test_the_lock_goes_with_the_corrald_that_held_it(pki_dir: Path, short_dir: P
         assert second.process.poll() is None
         lock = (short_dir / "state" / "corrald.lock").read_text()
         assert lock == f"{second.process.pid}\n"
+
+
+# -- retention ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def retained(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[JobManager]:
+    retention: Retention = request.param
+    async with JobManager(
+        tmp_path / "state", cgroup_parent=TEST_CGROUP_PARENT, retention=retention
+    ) as manager:
+        yield manager
+        for job in manager.jobs():
+            if not job.done.is_set():
+                await manager.stop(job.id, grace=0)
+
+
+async def run_to_end(jobs: JobManager, argv: list[str]) -> str:
+    job = await jobs.start(JobSpec(argv=argv))
+    await jobs.wait(job.id)
+    return job.id
+
+
+def kept(jobs: JobManager) -> list[str]:
+    return [job.id for job in jobs.jobs()]
+
+
+@pytest.mark.parametrize("retained", [Retention(count=2)], indirect=True)
+async def test_beyond_the_count_the_oldest_finished_go_and_running_ones_stay(
+    retained: JobManager,
+) -> None:
+    running = await retained.start(JobSpec(argv=["sleep", "1000"]))  # the oldest of all
+    ended = [await run_to_end(retained, ["true"]) for _ in range(4)]
+    # Forgotten at once, their files removed in a thread just after.
+    await until(lambda: kept(retained) == [running.id, *ended[2:]])
+    await until(lambda: not any((retained.jobs_dir / job).exists() for job in ended[:2]))
+    assert all((retained.jobs_dir / job).exists() for job in [running.id, *ended[2:]])
+
+
+@pytest.mark.parametrize("retained", [Retention(age=0.5)], indirect=True)
+async def test_a_finished_job_goes_when_it_is_older_than_the_age(retained: JobManager) -> None:
+    running = await retained.start(JobSpec(argv=["sleep", "1000"]))
+    ended = await run_to_end(retained, ["true"])
+    assert ended in kept(retained)  # not before its time
+    await until(lambda: kept(retained) == [running.id])  # about 0.5 s later
+
+
+@pytest.mark.parametrize("retained", [Retention(log_bytes=250_000)], indirect=True)
+async def test_beyond_the_log_size_the_oldest_finished_go(retained: JobManager) -> None:
+    ended = [await run_to_end(retained, ["head", "-c", "100000", "/dev/zero"]) for _ in range(4)]
+    await until(lambda: kept(retained) == ended[2:])
+
+
+async def test_corrald_keeps_what_its_flags_say(pki_dir: Path, short_dir: Path) -> None:
+    with running_corrald(pki_dir, short_dir, "--keep-finished", "1") as daemon:
+        async with connect(daemon.tcp, identity(pki_dir, "alice")) as alice:
+            first = await alice.start(["true"])
+            await alice.wait(first.id)
+            second = await alice.start(["true"])
+            await alice.wait(second.id)
+            # corrald removes the first right after the second ends.
+            await until_async(alice.list, lambda jobs: [job.id for job in jobs] == [second.id])

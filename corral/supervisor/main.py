@@ -20,7 +20,7 @@ import shutil
 import signal
 import ssl
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -28,6 +28,7 @@ import trio
 import corral
 from corral import pki
 from corral.address import Address, AddressError, TCPAddress, UnixAddress, parse_address
+from corral.client.units import parse_duration, parse_size
 from corral.shim.cgroup import CgroupError, Flavour, check_component, check_host, detect_flavour
 from corral.supervisor.listeners import ListenError
 from corral.supervisor.policy import PolicyError, load_policy
@@ -39,7 +40,7 @@ from corral.supervisor.server import (
     ServerConfig,
 )
 from corral.tls import TLSConfigError, server_context
-from corral.worker.manager import CGROUP_PARENT, JobError, JobManager
+from corral.worker.manager import CGROUP_PARENT, JobError, JobManager, Retention
 from corral.worker.spawner import Spawner, SpawnerError
 
 log = logging.getLogger("corrald")
@@ -108,6 +109,16 @@ def _cgroup_parent(text: str) -> str:
     except CgroupError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _parsed(parse: Callable[[str], float]) -> Callable[[str], float]:
+    def checked(text: str) -> float:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return checked
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -240,6 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
             dest=f"{role}_caps",
             help=f"the most a {role}'s job may ask for (repeatable)",
         )
+    retention = parser.add_argument_group(
+        "retention",
+        "Finished jobs (their status and output) are kept until removed, or beyond "
+        "these bounds: the oldest finished jobs first, never a running one.",
+    )
+    retention.add_argument(
+        "--keep-finished", type=_count, metavar="N", help="keep at most N finished jobs"
+    )
+    retention.add_argument(
+        "--keep-for",
+        type=_parsed(parse_duration),
+        metavar="DURATION",
+        help="remove finished jobs this long after they ended (e.g. 7d, 12h)",
+    )
+    retention.add_argument(
+        "--keep-log-size",
+        type=_parsed(parse_size),
+        metavar="SIZE",
+        help="keep finished jobs' output.log files to this much in total (e.g. 10G)",
+    )
     parser.add_argument(
         "--keep-jobs",
         action="store_true",
@@ -369,6 +400,7 @@ async def serve(
     cgroup_parent: str = CGROUP_PARENT,
     warm: int = 1,
     keep_jobs: bool = False,
+    retention: Retention | None = None,
 ) -> str | None:
     """Serve until a signal: the first SIGINT/SIGTERM shuts down, a second
     cancels (and kills the jobs being stopped).
@@ -383,7 +415,11 @@ async def serve(
             try:
                 jobs = await stack.enter_async_context(
                     JobManager(
-                        config.state_dir, spawner=spawner, cgroup_parent=cgroup_parent, warm=warm
+                        config.state_dir,
+                        spawner=spawner,
+                        cgroup_parent=cgroup_parent,
+                        warm=warm,
+                        retention=retention,
                     )
                 )
             except JobError as exc:
@@ -488,7 +524,15 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise StartupError(str(exc), EXIT_UNAVAILABLE) from None
         try:
             serving = functools.partial(
-                serve, cgroup_parent=args.cgroup_parent, warm=args.warm, keep_jobs=args.keep_jobs
+                serve,
+                cgroup_parent=args.cgroup_parent,
+                warm=args.warm,
+                keep_jobs=args.keep_jobs,
+                retention=Retention(
+                    count=args.keep_finished,
+                    age=args.keep_for,
+                    log_bytes=None if args.keep_log_size is None else int(args.keep_log_size),
+                ),
             )
             failure = trio.run(serving, config, context, spawner, pki_dir)
         finally:

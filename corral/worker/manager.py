@@ -34,6 +34,7 @@ import msgpack
 import trio
 
 from corral.job import (
+    OUTPUT_FILE,
     SPEC_FILE,
     JobSpec,
     Limits,
@@ -82,6 +83,20 @@ class JobError(Exception):
         self.code = code
 
 
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How many finished jobs to keep: None means no bound of that kind.
+    Beyond a bound the oldest finished jobs are removed; running ones never."""
+
+    count: int | None = None  # finished jobs kept
+    age: float | None = None  # seconds since a job finished
+    log_bytes: int | None = None  # total output.log size of finished jobs
+
+    @property
+    def bounded(self) -> bool:
+        return (self.count, self.age, self.log_bytes) != (None, None, None)
+
+
 @dataclass(slots=True, eq=False)
 class Job:
     """One job as the manager knows it. `status` is the last recorded one."""
@@ -99,6 +114,18 @@ class Job:
     @property
     def short_id(self) -> str:
         return self.spec.short_id
+
+
+def _ended_at(job: Job) -> int:
+    """When the job ended (ns since the epoch), or was created if unrecorded."""
+    return job.status.finished_at or job.spec.created_at
+
+
+def _log_size(job: Job) -> int:
+    try:
+        return (job.directory / OUTPUT_FILE).stat().st_size
+    except OSError:
+        return 0
 
 
 def _shim_alive(pid: int | None) -> int | None:
@@ -132,6 +159,7 @@ class JobManager:
         cgroup_parent: str = CGROUP_PARENT,
         default_limits: Limits | None = None,
         warm: int = 1,
+        retention: Retention | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.jobs_dir = state_dir / "jobs"
@@ -141,6 +169,8 @@ class JobManager:
         self.default_limits = default_limits or Limits()
         self._spawner = spawner
         self._own_spawner = spawner is None
+        self.retention = retention or Retention()
+        self._retention_changed = trio.Event()  # a job ended: the next expiry may be sooner
         self._jobs: dict[str, Job] = {}
         self._devices: list[tuple[int, int]] = []
         self._nursery: trio.Nursery | None = None
@@ -177,6 +207,8 @@ class JobManager:
         self._load()
         await trio.to_thread.run_sync(self._sweep_sandboxes)
         self._nursery.start_soon(self._warm_up)
+        if self.retention.bounded:
+            self._nursery.start_soon(self._retain)
         return self
 
     async def __aexit__(
@@ -397,6 +429,7 @@ class JobManager:
         job.done.set()
         if self._output is not None:
             self._output.notify(job.id)  # followers: the output is complete
+        self._retention_changed.set()
 
     async def _lost(self, job: Job, last: Status | None) -> Status:
         """The shim vanished without recording an end: kill what is left, say so."""
@@ -411,6 +444,54 @@ class JobManager:
         await trio.to_thread.run_sync(write_status, job.directory, status)
         log.warning("job %s %s", job.short_id, reason)
         return status
+
+    # -- retention -----------------------------------------------------------------
+
+    async def _retain(self) -> None:
+        """Remove finished jobs beyond the retention bounds, oldest first: now,
+        whenever a job ends, and when the oldest reaches the age bound (a
+        deadline, not a poll)."""
+        while True:
+            self._retention_changed = trio.Event()
+            for job in self._beyond_retention():
+                log.info("removing job %s: beyond the retention bounds", job.short_id)
+                try:
+                    await self.remove(job.id)
+                except (JobError, OSError) as exc:
+                    log.warning("cannot remove job %s: %s", job.short_id, exc)
+            with trio.move_on_at(self._next_expiry()):
+                await self._retention_changed.wait()
+
+    def _finished_oldest_first(self) -> list[Job]:
+        finished = [job for job in self._jobs.values() if job.done.is_set()]
+        return sorted(finished, key=lambda job: (_ended_at(job), job.id))
+
+    def _beyond_retention(self) -> list[Job]:
+        finished = self._finished_oldest_first()
+        bounds = self.retention
+        doomed: list[Job] = []
+        if bounds.age is not None:
+            oldest_kept = time.time_ns() - int(bounds.age * 1e9)
+            doomed += [job for job in finished if _ended_at(job) <= oldest_kept]
+        if bounds.count is not None:
+            doomed += finished[: max(0, len(finished) - bounds.count)]
+        if bounds.log_bytes is not None:
+            sizes = [(job, _log_size(job)) for job in finished]
+            total = sum(size for _, size in sizes)
+            for job, size in sizes:
+                if total <= bounds.log_bytes:
+                    break
+                doomed.append(job)
+                total -= size
+        return list(dict.fromkeys(doomed))  # each once, oldest first as found
+
+    def _next_expiry(self) -> float:
+        """The trio time at which the oldest finished job outlives the age bound."""
+        finished = self._finished_oldest_first()
+        if self.retention.age is None or not finished:
+            return math.inf
+        expires_ns = _ended_at(finished[0]) + int(self.retention.age * 1e9)
+        return trio.current_time() + max(0.0, (expires_ns - time.time_ns()) / 1e9)
 
     # -- talking to a shim ----------------------------------------------------------
 
