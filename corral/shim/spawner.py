@@ -203,15 +203,23 @@ def _load_user_database() -> None:
 
 def serve(control: socket.socket) -> NoReturn:
     spawner = Spawner(control)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it died mid-request
+        _serve_requests(control, spawner)
+    # corrald is gone; the running shims live on.
+    spawner.close()
+    os._exit(0)
+
+
+def _serve_requests(control: socket.socket, spawner: Spawner) -> None:
+    """Answer corrald's requests until it hangs up."""
     while True:
         try:
             request, fds = receive(control)
         except OSError as exc:
             control.send(pack({"error": str(exc)}))
             continue
-        if request is None:  # corrald is gone; the running shims live on
-            spawner.close()
-            os._exit(0)
+        if request is None:
+            return
         try:
             op = request.get("op")
             if op == "prepare" and not fds:
