@@ -510,7 +510,7 @@ def test_run_that_loses_corrald_says_so_in_one_line(
     corrald: Daemon, as_admin: dict[str, str]
 ) -> None:
     process = subprocess.Popen(
-        [*CORRAL, "run", "--", "sh", "-c", "echo ready; exec sleep 1000"],
+        [*CORRAL, "run", "--reconnect-for", "0", "--", "sh", "-c", "echo ready; exec sleep 1000"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=as_admin,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from .conftest import (
     start_corrald,
     until,
 )
+from .test_cli import CORRAL
 from .test_logs import until_async
 
 pytestmark = [
@@ -253,3 +255,41 @@ async def test_corrald_keeps_what_its_flags_say(pki_dir: Path, short_dir: Path) 
             await alice.wait(second.id)
             # corrald removes the first right after the second ends.
             await until_async(alice.list, lambda jobs: [job.id for job in jobs] == [second.id])
+
+
+async def test_run_reconnects_and_resumes_across_a_corrald_restart(
+    pki_dir: Path, short_dir: Path
+) -> None:
+    admin_id = identity(pki_dir, "admin")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env["CORRAL_IDENTITY"] = str(admin_id)
+    try:
+        with running_corrald(pki_dir, short_dir, end_its_jobs=False) as first:
+            env["CORRAL_ADDR"] = first.unix  # the next corrald listens on the same path
+            cli = subprocess.Popen(
+                [*CORRAL, "run", "--reconnect-for", "30s", "--", "sh", "-c", COUNTER],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            )  # fmt: skip
+            assert cli.stdout is not None
+            assert cli.stderr is not None
+            seen = b""
+            while seen.count(b"\n") < 20:  # the job runs and its output flows
+                seen += await trio.to_thread.run_sync(cli.stdout.read1)  # type: ignore[attr-defined]
+            first.process.kill()
+            await trio.to_thread.run_sync(first.process.wait)
+        note = await trio.to_thread.run_sync(cli.stderr.readline)
+        assert b"reconnecting (for up to 30 s)" in note
+        with running_corrald(pki_dir, short_dir) as second:
+            note = await trio.to_thread.run_sync(cli.stderr.readline)
+            assert b"reconnected; resuming job" in note
+            async with connect(second.unix, admin_id) as admin:
+                (job,) = await admin.list()
+                while seen.count(b"\n") < 200:  # output after the restart reaches it
+                    seen += await trio.to_thread.run_sync(cli.stdout.read1)  # type: ignore[attr-defined]
+                await admin.stop(job.id, grace=5)
+            rest, errors = await trio.to_thread.run_sync(cli.communicate)
+        assert cli.returncode == 128 + signal.SIGTERM, errors
+        numbers = [int(line) for line in (seen + rest).split()]
+        assert numbers == list(range(1, len(numbers) + 1))  # none lost, none twice
+    finally:
+        end_jobs(short_dir / "state")

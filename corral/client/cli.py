@@ -30,6 +30,7 @@ from corral.client.errors import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     ConfigError,
+    ConnectError,
     CorralError,
     ServerError,
 )
@@ -40,6 +41,11 @@ from corral.protocol import ErrorCode
 
 DEFAULT_ADDR = "127.0.0.1:7443"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+# A follower exists to see the whole output: a corrald restarting (an
+# upgrade with --keep-jobs, a crash) should not cut it. A minute covers a
+# restart; longer is a flag away.
+RECONNECT_FOR = 60.0
+RECONNECT_BACKOFF = 2.0  # seconds between tries, at most
 
 EPILOG = f"""\
 environment:
@@ -256,6 +262,18 @@ def _subcommand(
     )
 
 
+def _reconnect_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reconnect-for",
+        type=_duration,
+        default=RECONNECT_FOR,
+        metavar="DURATION",
+        help="when following and the connection is lost (corrald restarting), keep "
+        f"reconnecting this long and resume where the output stopped (default "
+        f"{RECONNECT_FOR:g}s; 0: give up at once)",
+    )
+
+
 def _job_spec_options(parser: argparse.ArgumentParser) -> None:
     """The options of `start` and `run`: what to run, as whom, within what."""
     for flag, dest, kind, text in LIMIT_FLAGS:
@@ -296,6 +314,7 @@ def _job_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
     _job_spec_options(run)
     run.add_argument("--grace", type=_duration, metavar="DURATION",
                      help="on Ctrl+C, time between SIGTERM and SIGKILL (default 10s)")  # fmt: skip
+    _reconnect_option(run)
     run.set_defaults(run=cmd_run)
 
     logs = _subcommand(
@@ -314,6 +333,7 @@ def _job_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
     which.add_argument("--stdout", action="store_true", help="only the job's stdout")
     which.add_argument("--stderr", action="store_true", help="only the job's stderr")
     logs.add_argument("id", metavar="ID", help="a job id or unique prefix")
+    _reconnect_option(logs)
     logs.set_defaults(run=cmd_logs)
 
     stop = _subcommand(
@@ -521,21 +541,84 @@ class _Output:
             sys.stderr.flush()
 
 
-async def _write_logs(stream: LogStream, output: _Output, job_id: str) -> None:
-    decoder = RecordDecoder()
-    async for chunk in stream.chunks():
-        try:
-            records = decoder.feed(chunk.data)
-        except ValueError as exc:
-            raise ServerError(ErrorCode.INTERNAL, f"the job's log is damaged: {exc}") from None
-        output.write(records, job_id)
+class _Follow:
+    """A job's output written out to its end (or its current end), across
+    lost connections: with `args.reconnect_for` > 0, a connection lost or a
+    corrald saying goodbye is followed by new connections, tried for that
+    long, and the stream resumes at the byte it had reached. Offsets are
+    exact, so nothing is lost or repeated, and one record decoder spans the
+    pieces."""
+
+    def __init__(
+        self, client: Client, args: argparse.Namespace, output: _Output, job_id: str
+    ) -> None:
+        self.client = client  # the live connection: the one a stop must use
+        self.args = args
+        self.output = output
+        self.job_id = job_id
+        self.offset = int(getattr(args, "since_offset", 0) or 0)
+        self.job: JobInfo | None = None
+
+    async def run(self, *, follow: bool) -> None:
+        decoder = RecordDecoder()
+        reconnect_for = float(getattr(self.args, "reconnect_for", 0) or 0)
+        async with contextlib.AsyncExitStack() as connections:
+            while True:
+                try:
+                    await self._read(decoder, follow)
+                    return
+                except (ConnectError, ServerError) as exc:
+                    if not (follow and reconnect_for > 0 and _is_connection_loss(exc)):
+                        raise
+                    self.client = await self._reconnect(connections, exc, reconnect_for)
+
+    async def _read(self, decoder: RecordDecoder, follow: bool) -> None:
+        async with self.client.logs(self.job_id, follow=follow, offset=self.offset) as stream:
+            async for chunk in stream.chunks():
+                try:
+                    records = decoder.feed(chunk.data)
+                except ValueError as exc:
+                    message = f"the job's log is damaged: {exc}"
+                    raise ServerError(ErrorCode.INTERNAL, message) from None
+                self.output.write(records, self.job_id)
+                self.offset = stream.offset
+        self.offset, self.job = stream.offset, stream.job
+        self.output.end(stream)
+
+    async def _reconnect(
+        self, connections: contextlib.AsyncExitStack, lost: CorralError, seconds: float
+    ) -> Client:
+        _note(f"{lost}; reconnecting (for up to {seconds:g} s)")
+        deadline = trio.current_time() + seconds
+        delay = 0.1
+        while True:
+            try:
+                client = await connections.enter_async_context(connect(**_connect_args(self.args)))
+            except (ConnectError, ServerError) as exc:
+                if not _is_connection_loss(exc) or trio.current_time() + delay > deadline:
+                    raise
+                await trio.sleep(delay)  # a pause between tries, not a synchronisation
+                delay = min(2 * delay, RECONNECT_BACKOFF)
+                continue
+            _note(f"reconnected; resuming job {self.job_id[:12]}'s output at byte {self.offset}")
+            return client
+
+
+def _is_connection_loss(exc: CorralError) -> bool:
+    """A lost connection, or corrald going away: worth reconnecting for."""
+    if isinstance(exc, ServerError):
+        return exc.code is ErrorCode.UNAVAILABLE
+    return isinstance(exc, ConnectError)
+
+
+def _note(text: str) -> None:
+    sys.stderr.write(f"corral: {text}\n")
+    sys.stderr.flush()
 
 
 async def cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    output = _Output(args, out)
-    async with client.logs(args.id, follow=args.follow, offset=args.since_offset) as stream:
-        await _write_logs(stream, output, args.id)
-    output.end(stream)
+    follow = _Follow(client, args, _Output(args, out), args.id)
+    await follow.run(follow=args.follow)
     return 0
 
 
@@ -559,21 +642,21 @@ async def _run_job(
         job = await _start(client, args, "run")
     except ServerError as exc:
         return _start_failure(exc)
+    follow = _Follow(client, args, output, job.id)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_interrupt, client, job.id, args.grace, interrupts)
-        async with client.logs(job.id, follow=True) as stream:
-            await _write_logs(stream, output, job.id)
+        nursery.start_soon(_stop_on_interrupt, follow, args.grace, interrupts)
+        await follow.run(follow=True)
         nursery.cancel_scope.cancel()
-    output.end(stream)
-    final = stream.job
-    assert final is not None
-    return _exit_status(final)
+    assert follow.job is not None
+    return _exit_status(follow.job)
 
 
 async def _stop_on_interrupt(
-    client: Client, job_id: str, grace: float | None, interrupts: AsyncIterator[object]
+    follow: _Follow, grace: float | None, interrupts: AsyncIterator[object]
 ) -> None:
-    """Ctrl+C stops the job, like ssh's remote end: first with its grace, then at once."""
+    """Ctrl+C stops the job, like ssh's remote end: first with its grace, then at
+    once (on the connection the follow has now)."""
+    job_id = follow.job_id
     presses = 0
     async with trio.open_nursery() as nursery:
         async for _ in interrupts:
@@ -582,10 +665,10 @@ async def _stop_on_interrupt(
                 sys.stderr.write(
                     f"corral: stopping job {job_id[:12]} (Ctrl+C again to kill it now)\n"
                 )
-                nursery.start_soon(_stop, client, job_id, grace)
+                nursery.start_soon(_stop, follow.client, job_id, grace)
             else:
                 sys.stderr.write(f"corral: killing job {job_id[:12]}\n")
-                nursery.start_soon(_stop, client, job_id, 0.0)
+                nursery.start_soon(_stop, follow.client, job_id, 0.0)
             sys.stderr.flush()
 
 

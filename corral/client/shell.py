@@ -427,7 +427,9 @@ class _Session:
         """The CLI's own parsing; None when argparse has said what is wrong
         (or printed the help asked for)."""
         try:
-            return self._parser.parse_args(words)
+            args = self._parser.parse_args(words)
+            args.reconnect_for = 0  # the shell's connection is the shell's: lost, it ends
+            return args
         except SystemExit:
             return None
 
