@@ -95,7 +95,12 @@ async def test_jobs_survive_a_crash_and_the_next_corrald_adopts_them(
                 before = await numbers_until(admin, counter.id, 20)  # a follower mid-stream
                 first.process.kill()  # SIGKILL: no goodbye, no cleanup
                 await trio.to_thread.run_sync(first.process.wait)
-        # corrald is down: one job ends, one loses its shim; the others go on.
+        # corrald is down: the jobs' limits stay (their cgroups are the kernel's);
+        # one job ends, one loses its shim; the others go on.
+        flavour = detect_flavour()
+        limited = open_cgroup(flavour, counter.id, parent=TEST_CGROUP_PARENT)
+        assert all(path.exists() for path in limited.paths())
+        assert len(limited.procs()) >= 2  # init and the job's shell
         await trio.to_thread.run_sync(gate.write_bytes, b"go\n")
         ended = first.state_dir / "jobs" / ends_meanwhile.id
         await until(lambda: getattr(read_status(ended), "state", None) is State.EXITED)
