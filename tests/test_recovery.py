@@ -13,13 +13,14 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
 
 from corral.client.client import Client, connect
-from corral.job import JobSpec, State, read_status
+from corral.job import JobSpec, State, read_status, write_status
 from corral.shim.cgroup import detect_flavour, open_cgroup
 from corral.worker.manager import JobManager, Retention
 
@@ -296,5 +297,27 @@ async def test_run_reconnects_and_resumes_across_a_corrald_restart(
         assert cli.returncode == 128 + signal.SIGTERM, errors
         numbers = [int(line) for line in (seen + rest).split()]
         assert numbers == list(range(1, len(numbers) + 1))  # none lost, none twice
+    finally:
+        end_jobs(short_dir / "state")
+
+
+async def test_a_shim_whose_pid_was_never_recorded_is_found(pki_dir: Path, short_dir: Path) -> None:
+    admin_id = identity(pki_dir, "admin")
+    try:
+        with running_corrald(pki_dir, short_dir, end_its_jobs=False) as first:
+            async with connect(first.tcp, admin_id) as admin:
+                job = await admin.start(["sleep", "1000"])
+            first.process.kill()
+            await trio.to_thread.run_sync(first.process.wait)
+        # As if corrald died between writing "starting" and the shim writing its pid.
+        directory = first.state_dir / "jobs" / job.id
+        status = read_status(directory)
+        assert status is not None
+        write_status(directory, replace(status, state=State.STARTING, shim_pid=None))
+        with running_corrald(pki_dir, short_dir) as second:
+            async with connect(second.tcp, admin_id) as admin:
+                assert (await admin.status(job.id)).state == "running"
+                final = await admin.stop(job.id, grace=0)
+                assert (final.state, final.signal) == ("stopped", "SIGKILL")
     finally:
         end_jobs(short_dir / "state")

@@ -128,6 +128,22 @@ def _log_size(job: Job) -> int:
         return 0
 
 
+def _shim_of(directory: Path) -> int | None:
+    """The pid of a live shim holding a file of this job directory open."""
+    inside = f"{directory}/"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != SHIM_COMM:
+                continue
+            if any(os.readlink(fd).startswith(inside) for fd in (entry / "fd").iterdir()):
+                return int(entry.name)
+        except OSError:  # it ended meanwhile
+            continue
+    return None
+
+
 def _shim_alive(pid: int | None) -> int | None:
     """A pidfd for the shim with this pid, if that process is still a corral shim."""
     if not pid:
@@ -240,7 +256,9 @@ class JobManager:
             if status.state.finished:
                 job.done.set()
                 continue
-            pidfd = _shim_alive(status.shim_pid)
+            # A corrald killed just after writing "starting" left no shim pid:
+            # the shim may live on all the same; find it by its job directory.
+            pidfd = _shim_alive(status.shim_pid or _shim_of(directory))
             assert self._nursery is not None
             self._nursery.start_soon(self._watch, job, pidfd)
 
@@ -548,7 +566,11 @@ class JobManager:
     async def status(self, job_id: str) -> tuple[Job, Status]:
         """The job and its status, with live usage while it runs."""
         job = self.resolve(job_id)
-        if not job.done.is_set() and job.status.state is State.RUNNING:
+        # A job adopted while "starting" (its shim's pid unrecorded) has a shim to ask.
+        live = job.status.state is State.RUNNING or (
+            job.status.state is State.STARTING and job.started.is_set()
+        )
+        if not job.done.is_set() and live:
             reply = await self._ask_shim(job, {"op": "status"})
             if reply and reply.get("ok"):
                 return job, Status.from_wire(reply["status"])
