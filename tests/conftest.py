@@ -55,6 +55,15 @@ def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the job (as nobody) and the test can both reach."""
+    directory = Path(tempfile.mkdtemp(prefix="corral-test-", dir="/var/tmp"))
+    directory.chmod(0o777)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A directory whose paths fit in a unix socket address (108 bytes)."""
     directory = Path(tempfile.mkdtemp(prefix="corral-"))

@@ -9,11 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +51,6 @@ async def jobs(tmp_path: Path) -> AsyncIterator[JobManager]:
             for job in manager.jobs():
                 if not job.done.is_set():
                     await manager.stop(job.id, grace=0)
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory the job (as nobody) and the test can both reach."""
-    directory = Path(tempfile.mkdtemp(prefix="corral-test-", dir="/var/tmp"))
-    directory.chmod(0o777)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def split(data: bytes) -> tuple[bytes, bytes, list[dict[str, Any]]]:

@@ -8,11 +8,9 @@ Real corrald processes on one state directory, one after the other.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -68,15 +66,6 @@ async def numbers_until(client: Client, job_id: str, last: int) -> list[int]:
             if numbers and numbers[-1] >= last:
                 return numbers
     raise AssertionError(f"the stream ended at {numbers[-1:]}, before {last}")
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory the job (as nobody) and the test can both reach."""
-    directory = Path(tempfile.mkdtemp(prefix="corral-test-", dir="/var/tmp"))
-    directory.chmod(0o777)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 async def test_jobs_survive_a_crash_and_the_next_corrald_adopts_them(

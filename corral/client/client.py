@@ -493,8 +493,8 @@ async def _handshake(
                         f"TLS handshake with {address} failed: the server sent "
                         f"'{_alert_text(cause)}'"  # type: ignore[arg-type]
                     ) from None
-                if cause is None or isinstance(cause, ssl.SSLEOFError):
-                    # Closed before any TLS was spoken: refused at accept.
+                if cause is None or isinstance(cause, ssl.SSLEOFError | ConnectionError):
+                    # Closed (or reset) before any TLS was spoken: refused at accept.
                     raise ConnectError(
                         f"corrald at {address} closed the connection during the TLS "
                         "handshake; it may be overloaded, try again"
