@@ -452,9 +452,10 @@ def _running(jobs: JobManager) -> int:
 
 async def _stop_jobs(jobs: JobManager, signals: AsyncIterator[int]) -> None:
     """Stop every running job with its grace; another signal kills them now."""
-    if not _running(jobs):
+    running = _running(jobs)
+    if not running:
         return
-    log.info("stopping %d running jobs (each with its grace)", _running(jobs))
+    log.info("stopping %d running jobs (each with its grace)", running)
     async with trio.open_nursery() as nursery:
 
         async def kill_on_signal() -> None:

@@ -142,8 +142,7 @@ class JobOperations:
         owner = owner_filter(identity, "list")
         if not _arg(context.request.args, "all", bool, False):
             owner = identity.name
-        jobs = [job for job in self.manager.jobs() if owner is None or job.spec.owner == owner]
-        return {"jobs": [job_record(job) for job in jobs]}
+        return {"jobs": [job_record(job) for job in self.manager.jobs(owner=owner)]}
 
     async def remove(self, context: RequestContext) -> dict[str, Any]:
         job = self._visible(context)

@@ -142,11 +142,7 @@ class Server:
     async def _info(self, context: RequestContext) -> dict[str, Any]:
         identity = context.identity
         owner = owner_filter(identity, "info")  # a user's counts are of their own jobs
-        jobs = [
-            job
-            for job in (self.jobs.jobs() if self.jobs is not None else [])
-            if owner is None or job.spec.owner == owner
-        ]
+        jobs = self.jobs.jobs(owner=owner) if self.jobs is not None else []
         return {
             "version": corral.__version__,
             "identity": {"name": identity.name, "role": identity.role},

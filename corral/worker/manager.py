@@ -313,9 +313,7 @@ class JobManager:
         With `owner`, only that owner's jobs are candidates: another owner's
         job is not found, exactly like a job that does not exist.
         """
-        candidates = [
-            job for job in self._jobs.values() if owner is None or job.spec.owner == owner
-        ]
+        candidates = self._owned(owner)
         matches = [job for job in candidates if job.id == job_id] or [
             job for job in candidates if job_id and job.id.startswith(job_id)
         ]
@@ -335,9 +333,12 @@ class JobManager:
         directory and the root filesystem."""
         return list(self._devices)
 
-    def jobs(self) -> list[Job]:
-        """Every job, oldest first."""
-        return sorted(self._jobs.values(), key=lambda job: (job.spec.created_at, job.id))
+    def jobs(self, *, owner: str | None = None) -> list[Job]:
+        """Every job (with `owner`, that owner's), oldest first."""
+        return sorted(self._owned(owner), key=lambda job: (job.spec.created_at, job.id))
+
+    def _owned(self, owner: str | None) -> list[Job]:
+        return [job for job in self._jobs.values() if owner is None or job.spec.owner == owner]
 
     # -- start -------------------------------------------------------------------------
 
