@@ -43,9 +43,11 @@ MAX_PIDS = 4_194_304  # the kernel's pid_max ceiling
 MAX_RUNTIME = 10 * 365 * 86400.0
 MAX_ARGV_BYTES = 1 << 20
 MAX_ENV_BYTES = 1 << 20
+PATH_MAX = 4096
 MIN_LOG_LIMIT = 4096
 DEFAULT_LOG_LIMIT = 1 << 30  # 1 GiB of output.log per job
 DEFAULT_TMP_SIZE = 64 << 20  # the job's private /tmp
+MAX_WRITABLE = 64  # paths a job may be given to write (each a bind mount)
 
 
 class SpecError(ValueError):
@@ -169,6 +171,9 @@ class JobSpec:
     stop_grace: float = 10.0  # seconds between SIGTERM and SIGKILL at max runtime
     log_limit: int = DEFAULT_LOG_LIMIT  # bytes of output.log
     tmp_size: int = DEFAULT_TMP_SIZE  # bytes of the private /tmp
+    # Host paths the job may write (file permissions still apply); the rest
+    # of the host is read-only to it. b"/" makes all of it writable.
+    writable: Sequence[bytes | str] = ()
 
     def validate(self) -> ResolvedSpec:
         """Check every field and return the spec in its on-disk form."""
@@ -194,6 +199,7 @@ class JobSpec:
         _integer("tmp_size", self.tmp_size, 1 << 20, MAX_BYTES)
         if not isinstance(self.limits, Limits):
             raise SpecError("limits", "must be a Limits")
+        writable = self._writable()
         return ResolvedSpec(
             argv=argv,
             env=env,
@@ -205,7 +211,27 @@ class JobSpec:
             stop_grace=float(self.stop_grace),
             log_limit=self.log_limit,
             tmp_size=self.tmp_size,
+            writable=writable,
         )
+
+    def _writable(self) -> tuple[bytes, ...]:
+        if isinstance(self.writable, str | bytes) or not isinstance(self.writable, Sequence):
+            raise SpecError("writable", "must be a list of absolute paths")
+        if len(self.writable) > MAX_WRITABLE:
+            raise SpecError("writable", f"names more than {MAX_WRITABLE} paths")
+        paths: list[bytes] = []
+        for i, value in enumerate(self.writable):
+            path = _as_bytes(f"writable[{i}]", value)
+            if not path.startswith(b"/"):
+                raise SpecError(f"writable[{i}]", f"must be an absolute path, not {path!r}")
+            if len(path) > PATH_MAX:
+                raise SpecError(f"writable[{i}]", f"is longer than {PATH_MAX} bytes")
+            path = os.path.normpath(path)
+            if path.startswith(b"//"):  # normpath keeps POSIX's implementation-defined //
+                path = b"/" + path.lstrip(b"/")
+            if path not in paths:
+                paths.append(path)
+        return tuple(paths)
 
     def _env(self) -> dict[bytes, bytes]:
         if not isinstance(self.env, Mapping):
@@ -235,12 +261,14 @@ class ResolvedSpec:
     stop_grace: float
     log_limit: int
     tmp_size: int
+    writable: tuple[bytes, ...] = ()
     id: str = ""
     created_at: int = 0  # ns since the epoch
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
         wire["argv"] = list(self.argv)
+        wire["writable"] = list(self.writable)
         wire["limits"] = self.limits.to_wire()
         return wire
 
@@ -248,6 +276,7 @@ class ResolvedSpec:
     def from_wire(cls, wire: Mapping[str, Any]) -> ResolvedSpec:
         values = dict(wire)
         values["argv"] = tuple(values["argv"])
+        values["writable"] = tuple(values.get("writable", ()))
         values["limits"] = Limits(**values.get("limits", {}))
         return cls(**values)
 

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -136,6 +137,8 @@ async def test_output_lands_in_the_log(jobs: JobManager) -> None:
          "cannot change to directory '/no/such/dir'"),
         ({"argv": ["true"], "user": "no-such-user-xyz"}, ErrorCode.INVALID_ARGUMENT, "user",
          "unknown user 'no-such-user-xyz'"),
+        ({"argv": ["true"], "writable": ["/no/such/dir"]}, ErrorCode.INVALID_ARGUMENT,
+         "writable", "cannot make a path writable: mount(/no/such/dir): No such file"),
     ],
 )  # fmt: skip
 async def test_start_failures_are_clear_and_recorded(
@@ -162,6 +165,10 @@ async def test_start_failures_are_clear_and_recorded(
         ({"argv": ["true"], "limits": Limits(pids=10**9)}, "limits.pids"),
         ({"argv": ["true"], "limits": Limits(memory="1G")}, "limits.memory"),  # type: ignore[arg-type]
         ({"argv": ["true"], "max_runtime": 0}, "max_runtime"),
+        ({"argv": ["true"], "writable": "/var"}, "writable"),
+        ({"argv": ["true"], "writable": ["var"]}, "writable[0]"),
+        ({"argv": ["true"], "writable": ["/", "/a\0b"]}, "writable[1]"),
+        ({"argv": ["true"], "writable": [f"/{i}" for i in range(65)]}, "writable"),
     ],
 )
 async def test_invalid_specs_change_nothing(
@@ -296,6 +303,92 @@ async def test_uts_ipc_mount_and_tmp_are_private(jobs: JobManager, shared_mount:
     assert not os.path.ismount(shared_mount / "sub")  # the job's mount stayed inside
 
 
+# Each line: try to create a file; say "wrote" or the error's words.
+TRY_WRITE = 'for f; do if true > "$f"; then echo "$f wrote"; rm -f "$f"; fi; done 2>&1'
+
+
+async def test_the_host_is_read_only_to_a_job_but_its_own_tmp(
+    jobs: JobManager, shared_dir: Path
+) -> None:
+    targets = ["/etc/corral-probe", f"{shared_dir}/probe", "/tmp/probe", "/dev/shm/probe"]
+    status, directory = await run(jobs, "sh", "-c", TRY_WRITE, "sh", *targets, user="root")
+    assert status.exit_code == 0, output(directory, 2)
+    lines = output(directory).decode().splitlines()
+    # Even root, with every capability, cannot write the host by accident.
+    assert lines[0].endswith(": Read-only file system"), lines
+    assert lines[1].endswith(": Read-only file system"), lines
+    assert lines[2:] == ["/tmp/probe wrote", "/dev/shm/probe wrote"]
+    assert not Path("/etc/corral-probe").exists()
+    assert list(shared_dir.iterdir()) == []
+    # Devices and fifos on the read-only host are theirs to use as before.
+    status, directory = await run(jobs, "sh", "-c", "echo x > /dev/null && echo ok")
+    assert output(directory) == b"ok\n"
+
+
+async def test_writable_paths_are_writable_and_nothing_else(
+    jobs: JobManager, shared_dir: Path
+) -> None:
+    inner = shared_dir / "inner"
+    inner.mkdir(mode=0o777)
+    inner.chmod(0o777)
+    targets = [f"{inner}/probe", f"{shared_dir}/probe", "/etc/probe", "/var/probe"]
+    status, directory = await run(
+        jobs, "sh", "-c", TRY_WRITE, "sh", *targets, writable=[str(inner), "/etc"]
+    )
+    assert status.exit_code == 0, output(directory, 2)
+    lines = output(directory).decode().splitlines()
+    assert lines[0] == f"{inner}/probe wrote"
+    assert lines[1].endswith(": Read-only file system"), lines
+    # Writable is not a permission: nobody still cannot write root's /etc.
+    assert lines[2].endswith(": Permission denied"), lines
+    assert lines[3].endswith(": Read-only file system"), lines
+    # The whole host, on request (an admin's job installing packages, say).
+    status, directory = await run(
+        jobs, "sh", "-c", f"{TRY_WRITE}; grep -c ' /sys .*ro,' /proc/self/mountinfo",
+        "sh", f"{shared_dir}/probe", "/tmp/probe", user="root", writable=["/"],
+    )  # fmt: skip
+    assert output(directory).decode().splitlines() == [
+        f"{shared_dir}/probe wrote",
+        "/tmp/probe wrote",
+        "1",  # sysfs stays read-only
+    ]
+
+
+async def test_mounts_are_made_read_only_one_by_one_without_mount_setattr(
+    shared_mount: Path,
+) -> None:
+    """The fallback for kernels before 5.12, run here on purpose: a child in
+    a mount namespace of its own remounts its view read-only, keeping each
+    mount's flags, then one subtree writable again."""
+    (shared_mount / "sub").mkdir(exist_ok=True)
+    script = f"""
+import os, sys
+from corral.shim import libc
+from corral.shim.init import remount_each
+libc.unshare(libc.CLONE_NEWNS)
+libc.mount("none", "/", None, libc.MS_REC | libc.MS_PRIVATE, None)
+libc.mount("tmpfs", "{shared_mount}/sub", "tmpfs", libc.MS_NOSUID | libc.MS_NOEXEC, None)
+remount_each(b"/", True)
+remount_each(b"{shared_mount}/sub", False)
+for path in ("/", "/usr", "{shared_mount}", "{shared_mount}/sub"):
+    flags = os.statvfs(path).f_flag
+    print(path, bool(flags & os.ST_RDONLY), bool(flags & os.ST_NOSUID), bool(flags & os.ST_NOEXEC))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "/ True False False",
+        "/usr True False False",
+        f"{shared_mount} True False False",
+        f"{shared_mount}/sub False True True",
+    ]
+    # The host's own mounts did not change.
+    assert not os.statvfs("/").f_flag & os.ST_RDONLY
+    assert not os.path.ismount(shared_mount / "sub")
+
+
 async def test_unprivileged_job_cannot_regain_privileges(
     jobs: JobManager, shared_dir: Path
 ) -> None:
@@ -390,6 +483,7 @@ async def test_io_limit_throttles_direct_writes(jobs: JobManager, shared_dir: Pa
         jobs,
         "dd", "if=/dev/zero", f"of={target}", "bs=64k", "count=24", "oflag=direct",
         limits=Limits(io_write_bps=1 << 20),
+        writable=[str(shared_dir)],
     )  # fmt: skip
     assert status.exit_code == 0, output(directory, 2)
     assert status.started_at is not None

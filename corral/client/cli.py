@@ -289,6 +289,14 @@ def _job_spec_options(parser: argparse.ArgumentParser) -> None:
         help="an environment variable (repeatable; default: a small clean set)",
     )
     parser.add_argument("--cwd", metavar="DIR", help="working directory (default /)")
+    parser.add_argument(
+        "--rw",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a host path the job may write (repeatable; the rest is read-only but its "
+        "own /tmp and /dev/shm; --rw / for all of it)",
+    )
     parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
 
@@ -457,6 +465,7 @@ async def _start(client: Client, args: argparse.Namespace, command: str) -> JobI
         user=args.user,
         limits=limits,
         max_runtime=args.timeout,
+        writable=[os.fsencode(path) for path in args.rw],
     )
 
 

@@ -288,9 +288,16 @@ class Client:
         user: str | None = None,
         limits: Mapping[str, int | float] | None = None,
         max_runtime: float | None = None,
+        writable: Sequence[str | bytes] = (),
     ) -> JobInfo:
-        """Start a job; return once its command runs (ServerError if it cannot)."""
+        """Start a job; return once its command runs (ServerError if it cannot).
+
+        The job sees the host read-only except its own /tmp and /dev/shm and
+        the `writable` paths (where file permissions still apply).
+        """
         args: dict[str, Any] = {"argv": list(argv), "limits": dict(limits or {})}
+        if writable:
+            args["writable"] = list(writable)
         if env is not None:
             args["env"] = dict(env)
         if cwd is not None:

@@ -2,8 +2,9 @@
 
 The shim forks init after `unshare(CLONE_NEWPID)`, so init is PID 1 of a
 new PID namespace. init builds the jail (new mount, network, UTS and IPC
-namespaces; private mounts, a fresh /proc and /sys, a size-limited /tmp,
-`lo` up, the job's hostname, no_new_privs) while the shim puts it in the
+namespaces; private mounts, every host mount read-only, a fresh /proc and
+/sys, a size-limited /tmp and /dev/shm, the paths the job may write bound
+writable, `lo` up, the job's hostname, no_new_privs) while the shim puts it in the
 job's cgroup, becomes what the command must be (the run-as user, its cwd,
 the OOM score), waits for the shim's release, and spawns the command with
 posix_spawn. Then it reaps orphans, forwards SIGTERM and SIGINT, and when
@@ -51,6 +52,16 @@ WAIT_STATUS = struct.Struct("=i")
 COMMAND_OOM_SCORE_ADJ = b"1000"
 EXIT_SETUP_FAILED = 125
 HARDENED = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
+REMOUNT_READ_ONLY = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY
+# Per-mount flags a bind remount must repeat or lose (mountinfo's names).
+MOUNT_FLAGS = {
+    b"nosuid": libc.MS_NOSUID,
+    b"nodev": libc.MS_NODEV,
+    b"noexec": libc.MS_NOEXEC,
+    b"noatime": libc.MS_NOATIME,
+    b"nodiratime": libc.MS_NODIRATIME,
+    b"relatime": libc.MS_RELATIME,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +93,7 @@ class JobConfig:
     cwd: bytes
     credentials: Credentials
     tmp_size: int
+    writable: tuple[bytes, ...] = ()
 
     def encode(self) -> bytes:
         body = pack(
@@ -93,6 +105,7 @@ class JobConfig:
                 "gid": self.credentials.gid,
                 "groups": list(self.credentials.groups),
                 "tmp_size": self.tmp_size,
+                "writable": list(self.writable),
             }
         )
         return JOB_HEADER.pack(len(body)) + body
@@ -102,7 +115,14 @@ class JobConfig:
         wire = unpack(body)
         credentials = Credentials(wire["uid"], wire["gid"], tuple(wire["groups"]))
         env = {key: value for key, value in wire["env"]}
-        return cls(tuple(wire["argv"]), env, wire["cwd"], credentials, wire["tmp_size"])
+        return cls(
+            tuple(wire["argv"]),
+            env,
+            wire["cwd"],
+            credentials,
+            wire["tmp_size"],
+            tuple(wire["writable"]),
+        )
 
 
 def report(fd: int, step: str, error: OSError | str) -> None:
@@ -163,6 +183,10 @@ def _prepare(config: InitConfig) -> JobConfig:
     # The jail is built ahead of the job (in a warm sandbox, long before);
     # the job comes once init is in the job's cgroup and its limits are set.
     job = _receive_job(config.job_fd)
+    for path in job.writable:
+        _step("writable", _make_writable, path)
+    if b"/" in job.writable:  # all of it, but sysfs stays as it was mounted
+        _step("mounts", libc.mount, None, "/sys", None, REMOUNT_READ_ONLY | HARDENED, None)
     tmp_options = f"size={job.tmp_size},mode=1777"
     _step(
         "mounts", libc.mount, "tmpfs", "/tmp", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, tmp_options
@@ -218,6 +242,10 @@ def _jail(config: InitConfig) -> None:
     _step("namespaces", libc.unshare, flags)
     # On systemd hosts / is shared: without this our mounts leak to the host.
     _step("mounts", libc.mount, "none", "/", None, libc.MS_REC | libc.MS_PRIVATE, None)
+    # The host is the job's to read, never to write, whatever the run-as
+    # user's file permissions say: the job writes its own /tmp and /dev/shm
+    # (mounted once the job comes) and the paths it was given as writable.
+    _step("mounts", _set_read_only, b"/", True)
     _step("mounts", libc.mount, "proc", "/proc", "proc", HARDENED, None)
     _step("mounts", libc.mount, "sysfs", "/sys", "sysfs", HARDENED | libc.MS_RDONLY, None)
     if os.path.isdir("/dev/mqueue"):
@@ -230,6 +258,56 @@ def _jail(config: InitConfig) -> None:
     # Inherited by the command: setuid bits and file capabilities give nothing.
     _step("no_new_privs", libc.prctl, libc.PR_SET_NO_NEW_PRIVS, 1)
     libc.set_name("corral-init")
+
+
+def _make_writable(path: bytes) -> None:
+    """Bind `path` (and the mounts below it) onto itself, writable."""
+    if path != b"/":
+        libc.mount(path, path, None, libc.MS_BIND | libc.MS_REC, None)
+    _set_read_only(path, False)
+
+
+def _set_read_only(path: bytes, read_only: bool) -> None:
+    """Make the mount at `path` and every mount below it read-only, or writable."""
+    try:
+        if read_only:
+            libc.mount_setattr(path, attr_set=libc.MOUNT_ATTR_RDONLY)
+        else:
+            libc.mount_setattr(path, attr_clr=libc.MOUNT_ATTR_RDONLY)
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+        remount_each(path, read_only)
+
+
+def remount_each(path: bytes, read_only: bool) -> None:
+    """mount_setattr's work before Linux 5.12: remount each mount, keeping its flags.
+
+    A mount hidden under another cannot be named by its path, nor reached
+    by the job; a mount point that is gone is skipped.
+    """
+    with open("/proc/self/mountinfo", "rb") as f:
+        lines = f.read().splitlines()
+    prefix = path.rstrip(b"/") + b"/"
+    for line in lines:
+        fields = line.split(b" ")
+        point = _unescape(fields[4])
+        if point != path and not point.startswith(prefix):
+            continue
+        flags = libc.MS_REMOUNT | libc.MS_BIND
+        flags |= libc.MS_RDONLY if read_only else 0
+        for option in fields[5].split(b","):
+            flags |= MOUNT_FLAGS.get(option, 0)
+        with contextlib.suppress(FileNotFoundError):
+            libc.mount(None, point, None, flags, None)
+
+
+def _unescape(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    if b"\\" not in field:
+        return field
+    parts = field.split(b"\\")
+    return parts[0] + b"".join(bytes([int(p[:3], 8)]) + p[3:] for p in parts[1:])
 
 
 def _reap_until(command: int, result_fd: int) -> int:

@@ -30,9 +30,20 @@ MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
 MNT_DETACH = 2
+
+# <linux/mount.h>, <fcntl.h>: mount_setattr is 442 on every architecture
+MOUNT_ATTR_RDONLY = 0x1
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+_SYS_MOUNT_SETATTR = 442
 
 # <linux/prctl.h>
 PR_SET_PDEATHSIG = 1
@@ -78,18 +89,48 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
 
 
-def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+def mount(
+    source: str | bytes | None,
+    target: str | bytes,
+    fstype: str | None,
+    flags: int,
+    data: str | None,
+) -> None:
+    target = os.fsencode(target)
     _check(
         _libc.mount(
-            source.encode(),
-            target.encode(),
+            os.fsencode(source) if source is not None else None,
+            target,
             fstype.encode() if fstype is not None else None,
             ctypes.c_ulong(flags),
             data.encode() if data is not None else None,
         ),
         "mount",
-        target,
+        target.decode(errors="replace"),
     )
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = (
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    )
+
+
+def mount_setattr(path: bytes, *, attr_set: int = 0, attr_clr: int = 0) -> None:
+    """Change the mount at `path` and every mount below it (mount_setattr(2), Linux 5.12)."""
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    result = _libc.syscall(
+        _SYS_MOUNT_SETATTR,
+        ctypes.c_int(AT_FDCWD),
+        ctypes.c_char_p(path),
+        ctypes.c_uint(AT_RECURSIVE),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    _check(result, "mount_setattr", path.decode(errors="replace"))
 
 
 def umount(target: str, flags: int = 0) -> None:

@@ -321,6 +321,7 @@ class Shim:
             cwd=self.spec.cwd,
             credentials=credentials,
             tmp_size=self.spec.tmp_size,
+            writable=self.spec.writable,
         )
         # init goes on with the job while the rest is set up here: output
         # is relayed only once the poll loop runs, after the log is open.
@@ -409,11 +410,14 @@ class Shim:
             text = (
                 f"cannot change to directory {self.spec.cwd.decode(errors='replace')!r}: {message}"
             )
+        elif step == "writable":
+            text = f"cannot make a path writable: {message}"
         elif step == "user":
             text = f"cannot become user {self.spec.user!r}: {message}"
         else:
             text = f"cannot set up the job ({step}): {message}"
-        caller_error = step in {"exec", "cwd"} and number in {errno.ENOENT, errno.ENOTDIR}
+        missing = number in {errno.ENOENT, errno.ENOTDIR}
+        caller_error = step in {"exec", "cwd", "writable"} and missing
         return StartFailure(
             step, text, "invalid_argument" if caller_error else "failed_precondition"
         )

@@ -35,6 +35,7 @@ def job_record(job: Job, status: Status | None = None) -> dict[str, Any]:
         "created_at": job.spec.created_at,
         "limits": job.spec.limits.to_wire(),
         "max_runtime": job.spec.max_runtime,
+        "writable": list(job.spec.writable),
         **status.to_wire(),
     }
 
@@ -95,6 +96,7 @@ class JobOperations:
                 argv=_arg(args, "argv", list, []),
                 env=_arg(args, "env", dict),
                 cwd=_arg(args, "cwd", (str, bytes), "/"),
+                writable=_arg(args, "writable", list, []),
                 user=terms.user,
                 limits=terms.limits,
                 max_runtime=terms.max_runtime,
