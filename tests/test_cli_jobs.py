@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from corral.client.errors import ServerError
 from corral.job import State, read_status
 from corral.protocol import ErrorCode
 
-from .conftest import Daemon, identity
+from .conftest import Daemon, identity, running_corrald
 from .test_cli import corral
 
 pytestmark = [
@@ -238,3 +239,47 @@ def test_ps_keeps_a_multi_line_command_on_one_row(as_user: Callable[..., object]
     rows = as_user("bob", "ps").stdout.splitlines()  # type: ignore[attr-defined]
     assert len(rows) == 2
     assert rows[1].endswith("sh -c true\\n\\techo done\\x1b")
+
+
+def test_running_caps_refuse_starts_with_a_clear_error(pki_dir: Path, short_dir: Path) -> None:
+    with running_corrald(
+        pki_dir, short_dir, "--max-jobs", "2", "--max-jobs-per-user", "1"
+    ) as corrald:
+
+        def as_user(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+            env = {"CORRAL_ADDR": corrald.tcp, "CORRAL_IDENTITY": str(identity(pki_dir, name))}
+            return corral(*args, env=env)
+
+        first = as_user("alice", "start", "--", "sleep", "1000")
+        assert first.returncode == 0, first.stderr
+        again = as_user("alice", "start", "--", "sleep", "1000")
+        assert again.returncode == 1
+        assert again.stderr == (
+            "corral: error: alice has 1 job starting or running, the most one user may "
+            "have; wait for one to end, or stop one\n"
+        )
+        assert as_user("admin", "start", "--", "sleep", "1000").returncode == 0
+        full = as_user("bob", "start", "--", "sleep", "1000")
+        assert full.returncode == 1
+        assert full.stderr == (
+            "corral: error: corrald has 2 jobs starting or running, its maximum; "
+            "try again when one has ended\n"
+        )
+        info = as_user("admin", "info")
+        assert "jobs:           2 (2 running)\n" in info.stdout
+        assert "max running:    2 jobs, 1 per user\n" in info.stdout
+        as_user("alice", "stop", "--grace", "0", first.stdout.strip())
+        assert as_user("bob", "start", "--", "true").returncode == 0
+
+
+def test_rw_lets_a_job_write_there(
+    as_user: Callable[..., subprocess.CompletedProcess[str]], shared_dir: Path
+) -> None:
+    target = shared_dir / "written"
+    script = f"echo hi > {target} && echo ok"
+    refused = as_user("alice", "run", "--", "sh", "-c", script)
+    assert refused.returncode == 2
+    assert refused.stderr.endswith("Read-only file system\n")
+    wrote = as_user("alice", "run", "--rw", str(shared_dir), "--", "sh", "-c", script)
+    assert (wrote.returncode, wrote.stdout) == (0, "ok\n"), wrote.stderr
+    assert target.read_text() == "hi\n"

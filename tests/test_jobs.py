@@ -28,7 +28,7 @@ from corral.job import OUTPUT_FILE, JobSpec, Limits, State, Status, new_job_id
 from corral.protocol import ErrorCode
 from corral.shim import libc
 from corral.shim.cgroup import CgroupError, Flavour, detect_flavour, open_cgroup, orphans
-from corral.worker.manager import Job, JobError, JobManager
+from corral.worker.manager import Admission, Job, JobError, JobManager
 
 from .conftest import TEST_CGROUP_PARENT, live_tasks, open_fds, until
 
@@ -755,3 +755,85 @@ async def test_argv_and_env_larger_than_a_pipe_reach_the_command(jobs: JobManage
     digest, count = output(job_dir).decode().split("\n")[:2]
     assert digest.split()[0] == hashlib.sha256(b"".join(args)).hexdigest()
     assert count == "100"
+
+
+# -- admission ---------------------------------------------------------------------
+
+
+async def test_starts_beyond_the_running_caps_are_refused_and_change_nothing(
+    tmp_path: Path,
+) -> None:
+    admission = Admission(max_jobs=3, max_jobs_per_owner=2)
+    async with JobManager(tmp_path / "state", cgroup_parent=PARENT, admission=admission) as jobs:
+
+        async def start(owner: str) -> Job:
+            return await jobs.start(JobSpec(argv=["sleep", "1000"], owner=owner))
+
+        alice = [await start("alice"), await start("alice")]
+        with pytest.raises(JobError) as caught:
+            await start("alice")
+        assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
+        assert str(caught.value) == (
+            "alice has 2 jobs starting or running, the most one user may have; "
+            "wait for one to end, or stop one"
+        )
+        await start("bob")
+        with pytest.raises(JobError) as caught:
+            await start("bob")
+        assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
+        assert str(caught.value) == (
+            "corrald has 3 jobs starting or running, its maximum; try again when one has ended"
+        )
+        assert len(jobs.jobs()) == 3  # the refused starts left nothing behind
+        assert len(list(jobs.jobs_dir.iterdir())) == 3
+        assert (jobs.running(), jobs.running("alice"), jobs.running("bob")) == (3, 2, 1)
+        # An ended job frees its slot, and a failed start does not take one.
+        await jobs.stop(alice[0].id, grace=0)
+        assert jobs.running("alice") == 1
+        with pytest.raises(JobError):
+            await jobs.start(JobSpec(argv=["no-such-program-xyz"], owner="alice"))
+        assert jobs.running("alice") == 1
+        await start("alice")
+        for job in jobs.jobs():
+            if not job.done.is_set():
+                await jobs.stop(job.id, grace=0)
+        assert jobs.running() == 0
+
+
+async def test_a_burst_of_starts_is_admitted_up_to_the_cap(tmp_path: Path) -> None:
+    admission = Admission(max_jobs=4, max_jobs_per_owner=None)
+    state = tmp_path / "state"
+    # No sandbox built ahead: every cgroup under the parent is a job's.
+    async with JobManager(state, cgroup_parent=PARENT, admission=admission, warm=0) as jobs:
+        outcomes: list[str] = []
+
+        async def start() -> None:
+            try:
+                await jobs.start(JobSpec(argv=["sleep", "1000"], owner="alice"))
+                outcomes.append("started")
+            except JobError as exc:
+                outcomes.append(exc.code.value)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(start)
+        assert sorted(outcomes) == ["resource_exhausted"] * 16 + ["started"] * 4
+        assert len(orphans(FLAVOUR, parent=PARENT)) == 4  # never more jobs than the cap
+        assert len(list(jobs.jobs_dir.iterdir())) == 4
+        for job in jobs.jobs():
+            await jobs.stop(job.id, grace=0)
+    assert orphans(FLAVOUR, parent=PARENT) == []
+
+
+async def test_jobs_adopted_at_a_restart_count_against_the_caps(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    admission = Admission(max_jobs=None, max_jobs_per_owner=1)
+    async with JobManager(state, cgroup_parent=PARENT, admission=admission) as jobs:
+        # Leaving the manager leaves its jobs running (corrald stops them itself).
+        job = await jobs.start(JobSpec(argv=["sleep", "1000"], owner="alice"))
+    async with JobManager(state, cgroup_parent=PARENT, admission=admission) as jobs:
+        with pytest.raises(JobError) as caught:
+            await jobs.start(JobSpec(argv=["sleep", "1000"], owner="alice"))
+        assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
+        await jobs.stop(job.id, grace=0)
+        await jobs.start(JobSpec(argv=["true"], owner="alice"))

@@ -419,8 +419,11 @@ async def cmd_info(client: Client, args: argparse.Namespace, out: TextIO) -> int
         ("you", f"{info.identity.name} ({info.identity.role})"),
         ("cgroup", info.cgroup),
         ("connections", str(info.connections)),
-        ("jobs", str(info.jobs)),
+        ("jobs", f"{info.jobs} ({info.running_jobs} running)"),
     ]
+    most, per_user = info.raw.get("max_jobs"), info.raw.get("max_jobs_per_user")
+    if most is not None or per_user is not None:
+        rows.append(("max running", f"{most or 'any'} jobs, {per_user or 'any'} per user"))
     policy = info.raw.get("policy")
     if isinstance(policy, dict):
         rows += [

@@ -86,6 +86,7 @@ class ServerInfo:
     connections: int
     jobs: int
     followed_jobs: int  # jobs whose output someone is reading now
+    running_jobs: int  # jobs starting or running
     raw: dict[str, Any] = field(compare=False, repr=False)
 
     @classmethod
@@ -99,6 +100,7 @@ class ServerInfo:
                 connections=int(value["connections"]),
                 jobs=int(value["jobs"]),
                 followed_jobs=int(value.get("followed_jobs", 0)),
+                running_jobs=int(value.get("running_jobs", 0)),
                 raw=value,
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -40,7 +40,15 @@ from corral.supervisor.server import (
     ServerConfig,
 )
 from corral.tls import TLSConfigError, server_context
-from corral.worker.manager import CGROUP_PARENT, JobError, JobManager, Retention
+from corral.worker.manager import (
+    CGROUP_PARENT,
+    MAX_JOBS,
+    MAX_JOBS_PER_OWNER,
+    Admission,
+    JobError,
+    JobManager,
+    Retention,
+)
 from corral.worker.spawner import Spawner, SpawnerError
 
 log = logging.getLogger("corrald")
@@ -197,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_REQUESTS_PER_CONNECTION,
         metavar="N",
         help=f"requests in flight per connection (default {MAX_REQUESTS_PER_CONNECTION})",
+    )
+    parser.add_argument(
+        "--max-jobs",
+        type=_positive(int),
+        default=MAX_JOBS,
+        metavar="N",
+        help=f"jobs starting or running at once; more starts are refused (default {MAX_JOBS})",
+    )
+    parser.add_argument(
+        "--max-jobs-per-user",
+        type=_positive(int),
+        default=MAX_JOBS_PER_OWNER,
+        metavar="N",
+        help=f"the same, for each user's own jobs (default {MAX_JOBS_PER_OWNER})",
     )
     parser.add_argument(
         "--cgroup-parent",
@@ -401,6 +423,7 @@ async def serve(
     warm: int = 1,
     keep_jobs: bool = False,
     retention: Retention | None = None,
+    admission: Admission | None = None,
 ) -> str | None:
     """Serve until a signal: the first SIGINT/SIGTERM shuts down, a second
     cancels (and kills the jobs being stopped).
@@ -420,6 +443,7 @@ async def serve(
                         cgroup_parent=cgroup_parent,
                         warm=warm,
                         retention=retention,
+                        admission=admission,
                     )
                 )
             except JobError as exc:
@@ -533,6 +557,9 @@ def run(argv: Sequence[str] | None = None) -> int:
                     count=args.keep_finished,
                     age=args.keep_for,
                     log_bytes=None if args.keep_log_size is None else int(args.keep_log_size),
+                ),
+                admission=Admission(
+                    max_jobs=args.max_jobs, max_jobs_per_owner=args.max_jobs_per_user
                 ),
             )
             failure = trio.run(serving, config, context, spawner, pki_dir)

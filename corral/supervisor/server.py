@@ -149,10 +149,14 @@ class Server:
             "cgroup": str(self.cgroup),
             "connections": len(self._sessions),
             "jobs": len(jobs),
+            "running_jobs": sum(1 for job in jobs if not job.done.is_set()),
             # Jobs with live output readers (one inotify watch each).
             "followed_jobs": sum(1 for job in jobs if self.jobs and self.jobs.is_followed(job.id)),
             # The terms the caller's jobs start under.
             "policy": self.config.policy.for_role(identity.role),
+            # Starts beyond these are refused (resource_exhausted).
+            "max_jobs": self.jobs.admission.max_jobs if self.jobs else None,
+            "max_jobs_per_user": self.jobs.admission.max_jobs_per_owner if self.jobs else None,
         }
 
     # -- serving -------------------------------------------------------------

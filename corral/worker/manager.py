@@ -16,6 +16,7 @@ cgroup the watcher removes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -73,6 +74,10 @@ CGROUP_PARENT = "corral"
 START_TIMEOUT = 60.0
 SHIM_TIMEOUT = 10.0  # for one status or stop exchange with a shim
 SHIM_COMM = "corral-shim"
+# A shim and an init are ~15 MiB of private memory between them: a thousand
+# jobs is a large host's worth; one owner may take a quarter of it.
+MAX_JOBS = 1000
+MAX_JOBS_PER_OWNER = 250
 
 
 class JobError(Exception):
@@ -97,6 +102,19 @@ class Retention:
         return (self.count, self.age, self.log_bytes) != (None, None, None)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Admission:
+    """How many jobs may be starting or running at once, in all and per owner.
+
+    Each running job is a shim, an init and its command's processes: corrald
+    refuses starts beyond these (`resource_exhausted`) rather than fork
+    without bound. Jobs adopted at a restart count too.
+    """
+
+    max_jobs: int | None = MAX_JOBS
+    max_jobs_per_owner: int | None = MAX_JOBS_PER_OWNER
+
+
 @dataclass(slots=True, eq=False)
 class Job:
     """One job as the manager knows it. `status` is the last recorded one."""
@@ -114,6 +132,10 @@ class Job:
     @property
     def short_id(self) -> str:
         return self.spec.short_id
+
+
+def _jobs(count: int) -> str:
+    return "1 job" if count == 1 else f"{count} jobs"
 
 
 def _ended_at(job: Job) -> int:
@@ -176,6 +198,7 @@ class JobManager:
         default_limits: Limits | None = None,
         warm: int = 1,
         retention: Retention | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.jobs_dir = state_dir / "jobs"
@@ -186,6 +209,8 @@ class JobManager:
         self._spawner = spawner
         self._own_spawner = spawner is None
         self.retention = retention or Retention()
+        self.admission = admission or Admission()
+        self._active: collections.Counter[str] = collections.Counter()  # by owner
         self._retention_changed = trio.Event()  # a job ended: the next expiry may be sooner
         self._jobs: dict[str, Job] = {}
         self._devices: list[tuple[int, int]] = []
@@ -256,6 +281,7 @@ class JobManager:
             if status.state.finished:
                 job.done.set()
                 continue
+            self._active[spec.owner] += 1
             # A corrald killed just after writing "starting" left no shim pid:
             # the shim may live on all the same; find it by its job directory.
             pidfd = _shim_alive(status.shim_pid or _shim_of(directory))
@@ -353,6 +379,7 @@ class JobManager:
             resolved = spec.validate()
         except SpecError as exc:
             raise JobError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        self._admit(resolved.owner)
         job_id = self._warm.pop(0) if self._warm else new_job_id()
         resolved = replace(
             resolved,
@@ -366,6 +393,7 @@ class JobManager:
         write_status(directory, Status(state=State.STARTING, reason="starting"))
         job = Job(spec=resolved, status=Status(state=State.STARTING), directory=directory)
         self._jobs[job_id] = job
+        self._active[resolved.owner] += 1  # no checkpoint since _admit
 
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         request = {**self._spawn_request(job_id), "job_dir": str(directory)}
@@ -401,6 +429,35 @@ class JobManager:
         code = ErrorCode(report.get("code", "internal"))
         raise JobError(code, str(report.get("message", "the job could not start")))
 
+    def _admit(self, owner: str) -> None:
+        """Refuse a start beyond the caps on jobs starting or running."""
+        limit = self.admission.max_jobs
+        if limit is not None and self.running() >= limit:
+            raise JobError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"corrald has {_jobs(limit)} starting or running, its maximum; "
+                "try again when one has ended",
+            )
+        limit = self.admission.max_jobs_per_owner
+        if limit is not None and self._active[owner] >= limit:
+            raise JobError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"{owner or 'this owner'} has {_jobs(limit)} starting or running, "
+                "the most one user may have; wait for one to end, or stop one",
+            )
+
+    def _ended(self, job: Job) -> None:
+        job.done.set()
+        self._active[job.spec.owner] -= 1
+        if not self._active[job.spec.owner]:
+            del self._active[job.spec.owner]
+
+    def running(self, owner: str | None = None) -> int:
+        """Jobs starting or running (with `owner`, that owner's)."""
+        if owner is not None:
+            return self._active[owner]
+        return sum(self._active.values())
+
     async def _read_report(self, fd: int) -> dict[str, Any]:
         """The shim's one report: started, or why not. EOF first means it died."""
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 16)
@@ -428,7 +485,7 @@ class JobManager:
         )
         # A final status is flushed to disk: never on the event loop.
         await trio.to_thread.run_sync(write_status, job.directory, job.status)
-        job.done.set()
+        self._ended(job)
 
     # -- watching shims --------------------------------------------------------------
 
@@ -445,7 +502,7 @@ class JobManager:
             status = await self._lost(job, status)
         job.status = status
         job.started.set()
-        job.done.set()
+        self._ended(job)
         if self._output is not None:
             self._output.notify(job.id)  # followers: the output is complete
         self._retention_changed.set()
