@@ -31,6 +31,7 @@ JOB_OPERATIONS = ["start", "list", "status", "wait", "logs", "stop", "remove"]
 # operation -> (admin's reach, a user's reach): the whole table, written out.
 EXPECTED = {
     "info": (Reach.ANY, Reach.OWN),
+    "ping": (Reach.ANY, Reach.OWN),
     **{operation: (Reach.ANY, Reach.OWN) for operation in JOB_OPERATIONS},
 }
 

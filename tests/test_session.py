@@ -6,6 +6,7 @@ the tests hold a handler open or stop reading exactly when they want.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,6 +32,10 @@ from corral.protocol import (
 )
 from corral.supervisor.session import OUTGOING_FRAMES, Handler, RequestContext, Session
 from corral.tls import Identity
+
+# Short, so the tests can tell them apart; the clock is trio's MockClock.
+IO_TIMEOUT = 5.0
+IDLE_TIMEOUT = 30.0
 
 
 class Peer:
@@ -67,6 +72,8 @@ def make_session(
         operations=operations,
         max_requests=max_requests,
         hello_timeout=10,
+        io_timeout=IO_TIMEOUT,
+        idle_timeout=IDLE_TIMEOUT,
     )
 
 
@@ -77,8 +84,13 @@ async def session(
     server_end, client_end = trio.testing.memory_stream_pair()
     serving = make_session(server_end, operations, max_requests)
     peer = Peer(client_end)
+
+    async def serve() -> None:  # as the server does: close the stream after
+        await serving.run()
+        await server_end.aclose()
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serving.run)
+        nursery.start_soon(serve)
         await peer.send(Hello(version=PROTOCOL_VERSION, agent="test"))
         welcome = await peer.receive()
         assert isinstance(welcome, Welcome)
@@ -241,3 +253,92 @@ async def test_a_peer_that_stops_reading_is_dropped(
             assert serving.statistics()["requests_in_flight"] == 0
             nursery.cancel_scope.cancel()
     assert "dropped: not reading its replies" in caplog.text
+
+
+# -- deadlines (virtual time: trio's autojump clock) ---------------------------------
+
+
+async def test_an_idle_session_is_closed_but_not_while_a_request_is_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    release = trio.Event()
+
+    async def block(context: RequestContext) -> dict[str, Any]:
+        await release.wait()
+        return {}
+
+    async with session({"block": block, "echo": echo}) as (peer, _):
+        await peer.send(Request(id=1, op="block", args={}))
+        await trio.sleep(IDLE_TIMEOUT * 10)  # a long wait is not idleness
+        release.set()
+        assert await peer.receive() == Result(id=1, value={})
+        replied = trio.current_time()
+        # Anything the peer sends starts the idle time again.
+        await trio.sleep(IDLE_TIMEOUT * 0.8)
+        await peer.send(Request(id=2, op="echo", args={}))
+        assert await peer.receive() == Result(id=2, value={"args": {}})
+        goodbye = await peer.receive()
+        closed = trio.current_time()
+        assert goodbye == Error(
+            id=None,
+            code=ErrorCode.UNAVAILABLE,
+            message=f"idle for {IDLE_TIMEOUT:g} s with no request in flight; closing",
+        )
+        assert await peer.receive() is None
+        assert closed - replied == pytest.approx(IDLE_TIMEOUT * 1.8, abs=0.1)
+
+
+async def test_a_frame_dribbled_in_is_dropped_after_the_io_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with session({"echo": echo}) as (peer, _):
+        frame = peer.conn.send(Request(id=1, op="echo", args={"pad": "x" * 100}))
+        began = trio.current_time()
+        with contextlib.suppress(trio.BrokenResourceError):  # until the session closes
+            for byte in frame[:-1]:  # one byte a second, never the last
+                await peer.stream.send_all(bytes([byte]))
+                await trio.sleep(1)
+        assert trio.current_time() - began == pytest.approx(IO_TIMEOUT, abs=1.1)
+        goodbye = await peer.receive()
+        assert goodbye == Error(
+            id=None,
+            code=ErrorCode.FAILED_PRECONDITION,
+            message=f"a frame took longer than {IO_TIMEOUT:g} s to arrive; closing",
+        )
+        assert await peer.receive() is None
+
+
+async def test_a_busy_peer_whose_frames_straddle_receives_is_not_dropped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Frames that keep arriving, each finished in the receive that starts
+    the next, are each well within the timeout, however long it goes on."""
+    async with session({"echo": echo}) as (peer, _):
+        frames = b"".join(peer.conn.send(Request(id=i, op="echo", args={})) for i in range(1, 41))
+        half = len(frames) // 40 // 2
+        began = trio.current_time()
+        for start in range(0, len(frames), half * 2):
+            await peer.stream.send_all(frames[start : start + half * 2])
+            await trio.sleep(IO_TIMEOUT * 0.4)
+        assert trio.current_time() - began > IO_TIMEOUT * 10
+        await peer.stream.send_all(frames[len(frames) - len(frames) % (half * 2) :])
+        replies = [await peer.receive() for _ in range(40)]
+        assert {r.id for r in replies if isinstance(r, Result)} == set(range(1, 41))
+
+
+async def test_a_peer_that_takes_no_replies_is_dropped_after_the_io_timeout(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="corral.supervisor.session")
+    server_end, client_end = trio.testing.lockstep_stream_pair()
+    serving = make_session(server_end, {"echo": echo})
+    peer = Peer(client_end)
+    with trio.fail_after(IO_TIMEOUT * 4):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serving.run)
+            await peer.send(Hello(version=PROTOCOL_VERSION, agent="test"))
+            # Never reading the welcome: the writer is stuck with its
+            # first frame, and nothing else happens.
+            began = trio.current_time()
+    assert trio.current_time() - began >= IO_TIMEOUT
+    assert f"dropped: took no replies for {IO_TIMEOUT:g} s" in caplog.text

@@ -35,11 +35,12 @@ from corral.protocol import (
     ErrorCode,
     Hello,
     Message,
+    Request,
     Role,
     Welcome,
 )
 from corral.protocol.codec import HEADER, decode_body
-from corral.protocol.messages import from_wire
+from corral.protocol.messages import from_wire, to_wire
 from corral.supervisor.server import Server
 from corral.tls import client_context
 
@@ -325,6 +326,85 @@ async def test_connections_over_the_cap_are_refused_with_resource_exhausted(
     await capped.wait_idle()
     await assert_serves(capped, pki_dir)
     capped.shutdown()
+
+
+async def test_one_user_cannot_take_every_connection(
+    nursery: trio.Nursery, pki_dir: Path, short_dir: Path
+) -> None:
+    capped = make_server(pki_dir, short_dir, max_connections=10, max_connections_per_user=2)
+    await nursery.start(capped.serve)
+    async with (
+        connect(tcp(capped), identity(pki_dir, "alice")),
+        connect(tcp(capped), identity(pki_dir, "alice")),
+    ):
+        with pytest.raises(ServerError) as caught:
+            async with connect(tcp(capped), identity(pki_dir, "alice")):
+                pass
+        assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
+        assert str(caught.value).endswith(
+            ": alice has 2 connections open, the most one user may have; close one and try again"
+        )
+        await assert_serves(capped, pki_dir, "bob")
+    await capped.wait_idle()
+    await assert_serves(capped, pki_dir, "alice")
+    capped.shutdown()
+
+
+async def test_a_peer_dribbling_a_frame_is_dropped_and_delays_nobody(
+    nursery: trio.Nursery, pki_dir: Path, short_dir: Path
+) -> None:
+    io_timeout = 0.5
+    served = make_server(pki_dir, short_dir, io_timeout=io_timeout)
+    await nursery.start(served.serve)
+    stream = await trio.open_tcp_stream("127.0.0.1", tcp(served).port)
+    context = client_context(identity(pki_dir, "alice"))
+    tls = trio.SSLStream(stream, context, server_hostname="127.0.0.1")
+    conn = Connection(Role.CLIENT)
+    received = b""
+    async with tls:
+        await tls.send_all(conn.send(Hello(version=PROTOCOL_VERSION, agent="slow")))
+        frame = packed(to_wire(Request(id=1, op="info", args={})))
+        began = trio.current_time()
+        with contextlib.suppress(trio.BrokenResourceError):
+            for byte in frame[:-1]:  # a byte each 50 ms, never the last
+                await tls.send_all(bytes([byte]))
+                with trio.move_on_after(0.05):
+                    await assert_serves(served, pki_dir, "bob")  # others go on at once
+                if trio.current_time() - began > io_timeout * 4:
+                    break
+        with trio.fail_after(5):
+            while chunk := await tls.receive_some(65536):
+                received += chunk
+    welcome, goodbye = decode_frames(received)
+    assert isinstance(welcome, Welcome)
+    assert goodbye == Error(
+        id=None,
+        code=ErrorCode.FAILED_PRECONDITION,
+        message=f"a frame took longer than {io_timeout:g} s to arrive; closing",
+    )
+    await served.wait_idle()
+    served.shutdown()
+
+
+async def test_an_idle_connection_is_closed_unless_the_client_keeps_it_alive(
+    nursery: trio.Nursery, pki_dir: Path, short_dir: Path
+) -> None:
+    idle_timeout = 0.3
+    served = make_server(pki_dir, short_dir, idle_timeout=idle_timeout)
+    await nursery.start(served.serve)
+    async with (
+        connect(tcp(served), identity(pki_dir, "alice")) as idle,
+        connect(tcp(served), identity(pki_dir, "bob"), keepalive=idle_timeout / 3) as kept,
+    ):
+        await until(lambda: idle.closed is not None)
+        assert isinstance(idle.closed, ServerError)
+        assert idle.closed.code is ErrorCode.UNAVAILABLE
+        assert "idle for 0.3 s with no request in flight" in str(idle.closed)
+        with trio.move_on_after(idle_timeout * 3):
+            await until(lambda: kept.closed is not None)
+        assert kept.closed is None
+        assert (await kept.info()).connections == 1
+    served.shutdown()
 
 
 async def test_peers_without_certificates_do_not_use_up_the_session_cap(

@@ -277,6 +277,19 @@ class Client:
 
     # -- operations ----------------------------------------------------------
 
+    async def ping(self) -> None:
+        """A request that does nothing but keep an idle connection open."""
+        await self.call("ping")
+
+    async def _keep_alive(self, interval: float) -> None:
+        """Ping every `interval` s, so corrald's idle timeout never closes us."""
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self.ping()
+            except CorralError:
+                return  # the connection is going; whoever uses it will hear why
+
     async def info(self) -> ServerInfo:
         """The server's version and cgroup flavour, and who we are to it."""
         return ServerInfo.from_value(await self.call("info"))
@@ -594,6 +607,7 @@ async def connect(
     *,
     server_name: str | None = None,
     timeout: float = CONNECT_TIMEOUT,
+    keepalive: float | None = None,
 ) -> AsyncIterator[Client]:
     """Connect and authenticate to corrald; close the connection on exit.
 
@@ -601,6 +615,9 @@ async def connect(
     a client SSLContext built elsewhere (keys from a vault, say; tests).
     `server_name` is the name to verify in the server's certificate
     (default: the host of a TCP address, "localhost" for a unix socket).
+    corrald closes a connection that sits idle (no request in flight,
+    nothing sent) past its idle timeout (10 minutes by default); with
+    `keepalive`, a ping every that many seconds keeps it open.
     Raises ConfigError, ConnectError, TLSError or AuthenticationError.
     """
     if isinstance(address, str):
@@ -622,6 +639,8 @@ async def connect(
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._read_loop)
+                if keepalive is not None:
+                    nursery.start_soon(client._keep_alive, keepalive)
                 try:
                     yield client
                 finally:

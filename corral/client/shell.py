@@ -69,6 +69,9 @@ HISTORY_LENGTH = 1000  # enough to search back through; small enough to load at 
 COMPLETION_TIMEOUT = 2.0
 # How often the ending session repeats its SIGINT until input() has returned.
 WAKE_INTERVAL = 0.05
+# A shell sits at its prompt for as long as its user likes: a ping this
+# often keeps corrald's idle timeout (10 minutes unless set lower) away.
+KEEPALIVE = 60.0
 # A foreground `run` needs two presses (stop, then kill); more mean nothing.
 RUN_INTERRUPTS = 2
 # A background line with no newline this long is printed as it is, not held on to.
@@ -306,7 +309,7 @@ class _Session:
         self._started.set()
         with self._scope:
             try:
-                async with connect(**self._connect_args) as client:
+                async with connect(**self._connect_args, keepalive=KEEPALIVE) as client:
                     self._client = client
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery

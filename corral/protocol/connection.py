@@ -102,6 +102,11 @@ class Connection:
         """Ids of requests that have not had their final reply yet."""
         return frozenset(self._open)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received that are not yet a whole frame: a frame under way."""
+        return self._frames.pending
+
     def credit(self, request_id: int) -> int:
         """Data bytes the server may still send on `request_id` (0 if not open)."""
         flow = self._open.get(request_id)

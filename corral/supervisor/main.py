@@ -35,10 +35,12 @@ from corral.supervisor.policy import PolicyError, load_policy
 from corral.supervisor.server import (
     HANDSHAKE_TIMEOUT,
     MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_USER,
     MAX_REQUESTS_PER_CONNECTION,
     Server,
     ServerConfig,
 )
+from corral.supervisor.session import IDLE_TIMEOUT, IO_TIMEOUT
 from corral.tls import TLSConfigError, server_context
 from corral.worker.manager import (
     CGROUP_PARENT,
@@ -205,6 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_REQUESTS_PER_CONNECTION,
         metavar="N",
         help=f"requests in flight per connection (default {MAX_REQUESTS_PER_CONNECTION})",
+    )
+    parser.add_argument(
+        "--max-connections-per-user",
+        type=_positive(int),
+        default=MAX_CONNECTIONS_PER_USER,
+        metavar="N",
+        help=f"connections one identity may have at once (default {MAX_CONNECTIONS_PER_USER})",
+    )
+    parser.add_argument(
+        "--io-timeout",
+        type=_positive(float),
+        default=IO_TIMEOUT,
+        metavar="SECONDS",
+        help="drop a peer that takes longer to send a whole frame, or to take a reply "
+        f"(default {IO_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive(float),
+        default=IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a session with no request in flight that sends nothing for this long "
+        f"(default {IDLE_TIMEOUT:g})",
     )
     parser.add_argument(
         "--max-jobs",
@@ -540,6 +565,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             handshake_timeout=args.handshake_timeout,
             max_connections=args.max_connections,
             max_requests_per_connection=args.max_requests,
+            max_connections_per_user=args.max_connections_per_user,
+            io_timeout=args.io_timeout,
+            idle_timeout=args.idle_timeout,
         )
         _require_cgroups()
         # Before trio starts any thread: shims are forked from the spawner.

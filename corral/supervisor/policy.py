@@ -52,6 +52,7 @@ class Reach(enum.Enum):
 # operation -> role -> reach. What is not here is refused.
 TABLE: dict[str, dict[str, Reach]] = {
     "info": {ADMIN: Reach.ANY, USER: Reach.OWN},  # a user's counts are of their own jobs
+    "ping": {ADMIN: Reach.ANY, USER: Reach.OWN},  # touches no job
     "start": {ADMIN: Reach.ANY, USER: Reach.OWN},  # run-as user and limits: Policy
     "list": {ADMIN: Reach.ANY, USER: Reach.OWN},
     "status": {ADMIN: Reach.ANY, USER: Reach.OWN},

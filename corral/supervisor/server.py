@@ -33,8 +33,14 @@ from corral.shim.cgroup import Flavour, detect_flavour
 from corral.streams import CLOSE_TIMEOUT, GONE, close_stream
 from corral.supervisor.listeners import listener_address, open_listener, remove_unix_sockets
 from corral.supervisor.operations import JobOperations
-from corral.supervisor.policy import Policy, owner_filter
-from corral.supervisor.session import Handler, RequestContext, Session
+from corral.supervisor.policy import Policy, authorize, owner_filter
+from corral.supervisor.session import (
+    IDLE_TIMEOUT,
+    IO_TIMEOUT,
+    Handler,
+    RequestContext,
+    Session,
+)
 from corral.tls import Identity, IdentityError, identity_from_certificate
 from corral.worker.manager import JobManager
 
@@ -48,6 +54,9 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_CONNECTIONS = 1024
 # Enough for a shell with many background follows; bounds one peer's tasks.
 MAX_REQUESTS_PER_CONNECTION = 64
+# One identity's sessions at once: a quarter of the total, so that one
+# user (or one stolen key) cannot take every slot from the others.
+MAX_CONNECTIONS_PER_USER = 256
 # TLS handshakes in progress at once (each costs a task and OpenSSL state);
 # beyond it new peers are closed at accept. Separate from the session cap,
 # so peers that never present a certificate cannot lock out those who do.
@@ -65,6 +74,9 @@ class ServerConfig:
     max_connections: int = MAX_CONNECTIONS
     max_handshakes: int = MAX_HANDSHAKES
     max_requests_per_connection: int = MAX_REQUESTS_PER_CONNECTION
+    max_connections_per_user: int = MAX_CONNECTIONS_PER_USER
+    io_timeout: float = IO_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
     shutdown_grace: float = SHUTDOWN_GRACE
     policy: Policy = field(default_factory=Policy)
     mountinfo: Path = field(default=Path("/proc/self/mountinfo"))
@@ -116,7 +128,7 @@ class Server:
         self.shutting_down = False
         self.addresses: list[Address] = []
         self.jobs = jobs
-        self._operations: dict[str, Handler] = {"info": self._info}
+        self._operations: dict[str, Handler] = {"info": self._info, "ping": self._ping}
         if jobs is not None:
             self._operations.update(JobOperations(jobs, config.policy).handlers())
 
@@ -138,6 +150,11 @@ class Server:
         await self._idle.wait()
 
     # -- operations ----------------------------------------------------------
+
+    async def _ping(self, context: RequestContext) -> dict[str, Any]:
+        """Nothing: a request that keeps an otherwise idle session open."""
+        authorize(context.identity, "ping")
+        return {}
 
     async def _info(self, context: RequestContext) -> dict[str, Any]:
         identity = context.identity
@@ -227,11 +244,11 @@ class Server:
             identity = await self._handshake(tls, peer)
             if identity is None:
                 return
-            if isinstance(identity, IdentityError) or (
-                len(self._sessions) >= self.config.max_connections
-            ):
-                await self._refuse(tls, peer, identity)
+            refusal = self._refusal(identity)
+            if refusal is not None:
+                await self._refuse(tls, peer, refusal)
                 return
+            assert isinstance(identity, Identity)
             session = Session(
                 tls,
                 identity,
@@ -240,6 +257,8 @@ class Server:
                 operations=self._operations,
                 max_requests=self.config.max_requests_per_connection,
                 hello_timeout=self.config.handshake_timeout,
+                io_timeout=self.config.io_timeout,
+                idle_timeout=self.config.idle_timeout,
             )
             self._connecting -= 1
             self._sessions.add(session)
@@ -281,16 +300,26 @@ class Server:
         except IdentityError as exc:
             return exc
 
-    async def _refuse(
-        self, tls: trio.SSLStream[trio.SocketStream], peer: str, why: Identity | IdentityError
-    ) -> None:
-        """Tell the peer in one error frame why it may not have a session."""
-        if isinstance(why, IdentityError):
-            code, message = ErrorCode.PERMISSION_DENIED, str(why)
-        else:
-            limit = self.config.max_connections
-            code = ErrorCode.RESOURCE_EXHAUSTED
+    def _refusal(self, identity: Identity | IdentityError) -> Error | None:
+        """Why this peer may not have a session, if it may not."""
+        if isinstance(identity, IdentityError):
+            return Error(id=None, code=ErrorCode.PERMISSION_DENIED, message=str(identity))
+        limit = self.config.max_connections
+        if len(self._sessions) >= limit:
             message = f"corrald is serving its maximum of {limit} connections; try again later"
+            return Error(id=None, code=ErrorCode.RESOURCE_EXHAUSTED, message=message)
+        limit = self.config.max_connections_per_user
+        if sum(1 for s in self._sessions if s.identity.name == identity.name) >= limit:
+            message = (
+                f"{identity.name} has {limit} connections open, the most one user may have; "
+                "close one and try again"
+            )
+            return Error(id=None, code=ErrorCode.RESOURCE_EXHAUSTED, message=message)
+        return None
+
+    async def _refuse(self, tls: trio.SSLStream[trio.SocketStream], peer: str, why: Error) -> None:
+        """Tell the peer in one error frame why it may not have a session."""
+        code, message = why.code, why.message
         log.info("%s: refused: %s", peer, message)
         frame = Connection(Role.SERVER).send(Error(id=None, code=code, message=message))
         with trio.move_on_after(CLOSE_TIMEOUT):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,13 @@ OUTGOING_FRAMES = 32
 READER_RESERVE = 8
 # The writer coalesces queued frames up to this many bytes per send.
 WRITE_BATCH = 256 * 1024
+# A frame begun must arrive whole, and a batch written must be taken by the
+# peer, within this: a frame is at most 1 MiB, so a peer moving less than
+# ~17 KiB/s is stalled, or stalling on purpose.
+IO_TIMEOUT = 60.0
+# A session with no request in flight that receives nothing for this long
+# is closed (a client that wants to sit idle longer sends a ping).
+IDLE_TIMEOUT = 600.0
 
 
 class OperationError(Exception):
@@ -78,6 +86,14 @@ class OperationError(Exception):
 
 class _PeerNotReading(Exception):
     """The outgoing queue is full while the reader needs to send."""
+
+
+class _Timeout(Exception):
+    """The peer let a deadline pass; `goodbye` tells it which."""
+
+    def __init__(self, goodbye: Error) -> None:
+        super().__init__(goodbye.message)
+        self.goodbye = goodbye
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +136,8 @@ class Session:
         operations: dict[str, Handler],
         max_requests: int,
         hello_timeout: float,
+        io_timeout: float = IO_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.identity = identity
         self.peer = peer
@@ -128,6 +146,14 @@ class Session:
         self._operations = operations
         self._max_requests = max_requests
         self._hello_timeout = hello_timeout
+        self._io_timeout = io_timeout
+        self._idle_timeout = idle_timeout
+        # The receive in progress, whose deadline moves as the session goes
+        # from a frame under way to requests in flight to idle.
+        self._receiving: trio.CancelScope | None = None
+        self._frame_began = 0.0  # when the frame under way began to arrive
+        self._received_at = 0.0  # when the last bytes arrived
+        self._idle_since = trio.current_time()
         self._conn = Connection(Role.SERVER)
         self._send_channel, self._receive_channel = trio.open_memory_channel[bytes](OUTGOING_FRAMES)
         self._room = trio.lowlevel.ParkingLot()
@@ -183,8 +209,13 @@ class Session:
                     size += len(frame)
                 self._room.unpark_all()
                 try:
-                    await self._stream.send_all(b"".join(batch))
+                    with trio.move_on_after(self._io_timeout) as stalled:
+                        await self._stream.send_all(b"".join(batch))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._reader_scope.cancel()
+                    return
+                if stalled.cancelled_caught:
+                    log.info("%s: dropped: took no replies for %g s", self.peer, self._io_timeout)
                     self._reader_scope.cancel()
                     return
 
@@ -201,6 +232,12 @@ class Session:
                         requests.cancel_scope.cancel()
             except* _PeerNotReading:
                 log.info("%s: dropped: not reading its replies", self.peer)
+            except* _Timeout as timeouts:
+                (timeout,) = timeouts.exceptions
+                assert isinstance(timeout, _Timeout)
+                log.info("%s: dropped: %s", self.peer, timeout)
+                with contextlib.suppress(_PeerNotReading, ProtocolError, trio.ClosedResourceError):
+                    self._send_nowait(timeout.goodbye)
             finally:
                 self._send_channel.close()
                 # The writer flushes what is queued (a goodbye), but a peer
@@ -229,10 +266,36 @@ class Session:
         self._reader_scope.cancel()
 
     async def _receive(self) -> bytes:
-        try:
-            return bytes(await self._stream.receive_some(RECEIVE_SIZE))
-        except trio.BrokenResourceError:
-            return b""
+        """The next bytes from the peer (b"" at EOF), within the deadline that applies."""
+        self._receiving = scope = trio.CancelScope()
+        with scope:
+            self._set_deadline()
+            try:
+                data = bytes(await self._stream.receive_some(RECEIVE_SIZE))
+            except trio.BrokenResourceError:
+                data = b""
+            finally:
+                self._receiving = None
+            self._received_at = self._idle_since = trio.current_time()
+            if not self._conn.buffered:
+                self._frame_began = self._received_at  # these bytes begin a frame
+            return data
+        if self._conn.buffered:
+            message = f"a frame took longer than {self._io_timeout:g} s to arrive; closing"
+            raise _Timeout(Error(id=None, code=ErrorCode.FAILED_PRECONDITION, message=message))
+        message = f"idle for {self._idle_timeout:g} s with no request in flight; closing"
+        raise _Timeout(Error(id=None, code=ErrorCode.UNAVAILABLE, message=message))
+
+    def _set_deadline(self) -> None:
+        """A frame under way must finish; a session with nothing in flight must not idle."""
+        if self._receiving is None:
+            return
+        if self._conn.buffered:
+            self._receiving.deadline = self._frame_began + self._io_timeout
+        elif self._in_flight:
+            self._receiving.deadline = math.inf
+        else:
+            self._receiving.deadline = self._idle_since + self._idle_timeout
 
     async def _read_loop(self, requests: trio.Nursery) -> None:
         with trio.move_on_after(self._hello_timeout) as hello_scope:
@@ -260,6 +323,9 @@ class Session:
             if event is NEED_DATA:
                 self._conn.receive_data(await self._receive())
                 continue
+            # A frame ended in the last bytes received: what is left of
+            # them begins the next one.
+            self._frame_began = self._received_at
             if isinstance(event, Signal):  # PEER_CLOSED
                 return False
             if isinstance(event, Error):  # the client's goodbye
@@ -339,3 +405,6 @@ class Session:
             await self._reply(reply)
         finally:
             del self._in_flight[request_id]
+            if not self._in_flight:
+                self._idle_since = trio.current_time()
+                self._set_deadline()
