@@ -84,15 +84,6 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def live_tasks() -> int:
-    """Tasks alive in this trio run, for checking that nothing leaked."""
-
-    def count(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(count(child) for n in task.child_nurseries for child in n.child_tasks)
-
-    return count(trio.lowlevel.current_root_task())  # type: ignore[arg-type]
-
-
 def identity(pki_dir: Path, name: str) -> Path:
     return pki_dir / pki.CLIENTS_DIR / name
 

@@ -28,9 +28,10 @@ from corral.job import OUTPUT_FILE, JobSpec, Limits, State, Status, new_job_id
 from corral.protocol import ErrorCode
 from corral.shim import libc
 from corral.shim.cgroup import CgroupError, Flavour, detect_flavour, open_cgroup, orphans
+from corral.supervisor.heartbeat import live_tasks
 from corral.worker.manager import Admission, Job, JobError, JobManager
 
-from .conftest import TEST_CGROUP_PARENT, live_tasks, open_fds, until
+from .conftest import TEST_CGROUP_PARENT, open_fds, until
 
 pytestmark = [
     pytest.mark.jobs,

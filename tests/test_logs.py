@@ -23,13 +23,13 @@ from corral.client.client import Client, connect
 from corral.client.errors import ServerError
 from corral.job import STREAM_MARKER, STREAM_STDERR, STREAM_STDOUT, JobSpec, RecordDecoder
 from corral.protocol import ErrorCode
+from corral.supervisor.heartbeat import live_tasks
 from corral.worker.manager import JobManager
 
 from .conftest import (
     TEST_CGROUP_PARENT,
     Daemon,
     identity,
-    live_tasks,
     open_fds,
     running_corrald,
     until,

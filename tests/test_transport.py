@@ -41,10 +41,11 @@ from corral.protocol import (
 )
 from corral.protocol.codec import HEADER, decode_body
 from corral.protocol.messages import from_wire, to_wire
+from corral.supervisor.heartbeat import live_tasks
 from corral.supervisor.server import Server
 from corral.tls import client_context
 
-from .conftest import identity, live_tasks, make_server, open_fds, until
+from .conftest import identity, make_server, open_fds, until
 
 
 def tcp(server: Server) -> TCPAddress:

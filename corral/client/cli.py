@@ -424,6 +424,15 @@ async def cmd_info(client: Client, args: argparse.Namespace, out: TextIO) -> int
     most, per_user = info.raw.get("max_jobs"), info.raw.get("max_jobs_per_user")
     if most is not None or per_user is not None:
         rows.append(("max running", f"{most or 'any'} jobs, {per_user or 'any'} per user"))
+    lag = info.raw.get("loop_lag")
+    if isinstance(lag, dict):
+        rows.append(
+            (
+                "loop lag",
+                f"{lag.get('last_ms', 0):g} ms now, {lag.get('max_recent_ms', 0):g} ms at most "
+                f"in the last minute, {lag.get('max_ms', 0):g} ms ever",
+            )
+        )
     policy = info.raw.get("policy")
     if isinstance(policy, dict):
         rows += [

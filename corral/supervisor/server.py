@@ -31,9 +31,10 @@ from corral.address import Address
 from corral.protocol import Connection, Error, ErrorCode, Role
 from corral.shim.cgroup import Flavour, detect_flavour
 from corral.streams import CLOSE_TIMEOUT, GONE, close_stream
+from corral.supervisor.heartbeat import Heartbeat, process_statistics
 from corral.supervisor.listeners import listener_address, open_listener, remove_unix_sockets
 from corral.supervisor.operations import JobOperations
-from corral.supervisor.policy import Policy, authorize, owner_filter
+from corral.supervisor.policy import ADMIN, Policy, authorize, owner_filter
 from corral.supervisor.session import (
     IDLE_TIMEOUT,
     IO_TIMEOUT,
@@ -128,6 +129,7 @@ class Server:
         self.shutting_down = False
         self.addresses: list[Address] = []
         self.jobs = jobs
+        self.heartbeat = Heartbeat()
         self._operations: dict[str, Handler] = {"info": self._info, "ping": self._ping}
         if jobs is not None:
             self._operations.update(JobOperations(jobs, config.policy).handlers())
@@ -174,6 +176,10 @@ class Server:
             # Starts beyond these are refused (resource_exhausted).
             "max_jobs": self.jobs.admission.max_jobs if self.jobs else None,
             "max_jobs_per_user": self.jobs.admission.max_jobs_per_owner if self.jobs else None,
+            # How late the event loop wakes: what every session waits for.
+            "loop_lag": self.heartbeat.statistics(),
+            # corrald's own footprint, for admins watching for leaks.
+            **({"process": process_statistics()} if identity.role == ADMIN else {}),
         }
 
     # -- serving -------------------------------------------------------------
@@ -198,6 +204,7 @@ class Server:
         self.addresses = [listener_address(listener) for listener in listeners]
         try:
             async with trio.open_nursery() as handlers:
+                handlers.start_soon(self.heartbeat.run)
                 with self._accept_scope:
                     async with trio.open_nursery() as acceptors:
                         await acceptors.start(
