@@ -4,11 +4,14 @@ TLS 1.3 only, on both sides. The server asks for a client certificate and
 verifies any it is given against the corral CA; a missing certificate is let
 through the handshake (CERT_OPTIONAL) only so that the session can answer
 with a clear `permission_denied` instead of a bare TLS failure. Identity
-comes from the verified certificate alone: name = CN, role = OU.
+comes from the verified certificate alone: name = CN, role = OU. Key
+exchange: X25519, P-256 or P-384 only (see GROUPS).
 """
 
 from __future__ import annotations
 
+import _ssl
+import ctypes
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +46,45 @@ def _tls13_only(context: ssl.SSLContext) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.maximum_version = ssl.TLSVersion.TLSv1_3
     context.verify_flags |= ssl.VERIFY_X509_STRICT
+    _limit_groups(context)
     return context
+
+
+# Key exchange groups, Mozilla's "modern" set. OpenSSL 3 also accepts the
+# finite-field groups (ffdhe2048 to ffdhe8192) by default: none is weak, but
+# a peer that picks ffdhe8192 costs the server ~65 times an X25519
+# handshake's CPU (124 ms against 1.8 ms, measured), on corrald's event
+# loop, before any certificate is checked.
+GROUPS = "X25519:P-256:P-384"
+_SSL_CTRL_SET_GROUPS_LIST = 92  # <openssl/ssl.h>
+
+
+def _limit_groups(context: ssl.SSLContext) -> None:
+    """Offer and accept only GROUPS for the key exchange.
+
+    Python's ssl module cannot choose TLS 1.3 groups before 3.15
+    (`set_ecdh_curve` leaves one curve), so this asks OpenSSL directly:
+    SSL_CTX_ctrl(SSL_CTRL_SET_GROUPS_LIST) on the context's SSL_CTX, the
+    first field of CPython's SSLContext object, through the libssl the
+    `_ssl` module itself is linked with. The pointer is checked against
+    the options the module reports before it is used to set anything.
+    """
+    set_groups = getattr(context, "set_groups", None)
+    if set_groups is not None:  # Python 3.15+
+        set_groups(GROUPS)
+        return
+    libssl = ctypes.CDLL(_ssl.__file__)
+    get_options = libssl.SSL_CTX_get_options
+    get_options.restype = ctypes.c_uint64
+    get_options.argtypes = [ctypes.c_void_p]
+    ctrl = libssl.SSL_CTX_ctrl
+    ctrl.restype = ctypes.c_long
+    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+    ssl_ctx = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not ssl_ctx or get_options(ssl_ctx) != context.options:
+        raise TLSConfigError("cannot limit the TLS key exchange groups: unexpected ssl module")
+    if ctrl(ssl_ctx, _SSL_CTRL_SET_GROUPS_LIST, 0, GROUPS.encode()) != 1:
+        raise TLSConfigError(f"OpenSSL refused the key exchange groups {GROUPS}")
 
 
 def _load(context: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> None:

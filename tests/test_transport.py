@@ -241,6 +241,34 @@ async def test_tls12_is_refused(server: Server, pki_dir: Path) -> None:
 # -- the client checks the server ---------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("group", "accepted"),
+    [("X25519", True), ("P-256", True), ("P-384", True), ("P-521", False),
+     ("X448", False), ("ffdhe2048", False), ("ffdhe8192", False)],
+)  # fmt: skip
+async def test_key_exchange_is_limited_to_cheap_strong_groups(
+    server: Server, pki_dir: Path, group: str, accepted: bool
+) -> None:
+    """OpenSSL's own client offering one group: corrald takes only Mozilla
+    modern's (ffdhe8192 would cost it ~65 X25519 handshakes of CPU)."""
+    alice = identity(pki_dir, "alice")
+    command = [
+        "openssl", "s_client", "-connect", f"127.0.0.1:{tcp(server).port}", "-tls1_3",
+        "-groups", group, "-CAfile", str(alice / "ca.crt"), "-cert", str(alice / "client.crt"),
+        "-key", str(alice / "client.key"), "-verify_return_error", "-brief",
+    ]  # fmt: skip
+    result = await trio.run_process(
+        command, stdin=b"", capture_stdout=True, capture_stderr=True, check=False
+    )
+    output = result.stderr.decode()
+    if accepted:
+        assert result.returncode == 0, output
+        assert "Protocol version: TLSv1.3" in output
+    else:
+        assert result.returncode != 0, output
+        assert "handshake failure" in output, output
+
+
 async def test_client_refuses_a_server_from_another_ca(
     nursery: trio.Nursery, pki_dir: Path, short_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
