@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 import shutil
 import signal
@@ -838,3 +839,45 @@ async def test_jobs_adopted_at_a_restart_count_against_the_caps(tmp_path: Path) 
         assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
         await jobs.stop(job.id, grace=0)
         await jobs.start(JobSpec(argv=["true"], owner="alice"))
+
+
+# -- the spawner ---------------------------------------------------------------------
+
+
+async def test_a_dead_spawner_is_replaced_and_running_jobs_never_notice(tmp_path: Path) -> None:
+    async with JobManager(tmp_path / "state", cgroup_parent=PARENT, warm=1) as jobs:
+        runner = await jobs.start(JobSpec(argv=["sh", "-c", "echo before; exec sleep 1000"]))
+        await until(lambda: jobs.warm_ids and sandbox_init(jobs.warm_ids[0]))
+        ahead = jobs.warm_ids[0]
+        first = jobs.spawner_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: jobs.spawner_restarts == 1)
+        assert jobs.spawner_pid not in (None, first)
+        assert not os.path.exists(f"/proc/{first}")  # reaped, not a zombie
+        # The sandbox it had built ahead died with it; its cgroup is gone.
+        assert not any(name == ahead for name in orphans(FLAVOUR, parent=PARENT))
+        # Running jobs are untouched; new starts work (a new sandbox is built too).
+        assert (await jobs.status(runner.id))[1].state is State.RUNNING
+        job = await jobs.start(JobSpec(argv=["sh", "-c", "exit 5"]))
+        assert (await jobs.wait(job.id)).exit_code == 5
+        await until(lambda: jobs.warm_ids and jobs.warm_ids[0] != ahead)
+        assert output(runner.directory) == b"before\n"
+        assert (await jobs.stop(runner.id, grace=0)).signal == "SIGKILL"
+    assert orphans(FLAVOUR, parent=PARENT) == []
+
+
+async def test_a_spawner_that_keeps_dying_is_restarted_less_often(tmp_path: Path) -> None:
+    async with JobManager(tmp_path / "state", cgroup_parent=PARENT, warm=0) as jobs:
+        restarts: list[float] = []
+        for _ in range(4):
+            pid = jobs.spawner_pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            await until(lambda pid=pid: jobs.spawner_pid != pid)  # type: ignore[misc]
+            restarts.append(trio.current_time())
+        gaps = [b - a for a, b in itertools.pairwise(restarts)]
+        # 0.05 s, then 0.1, 0.2, 0.4: each wait doubles the last.
+        assert gaps[-1] > 0.3, gaps
+        job = await jobs.start(JobSpec(argv=["true"]))
+        assert (await jobs.wait(job.id)).exit_code == 0

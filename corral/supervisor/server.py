@@ -153,6 +153,15 @@ class Server:
 
     # -- operations ----------------------------------------------------------
 
+    def _process(self) -> dict[str, Any]:
+        statistics: dict[str, Any] = process_statistics()
+        if self.jobs is not None:
+            statistics["spawner"] = {
+                "pid": self.jobs.spawner_pid,
+                "restarts": self.jobs.spawner_restarts,
+            }
+        return statistics
+
     async def _ping(self, context: RequestContext) -> dict[str, Any]:
         """Nothing: a request that keeps an otherwise idle session open."""
         authorize(context.identity, "ping")
@@ -179,7 +188,7 @@ class Server:
             # How late the event loop wakes: what every session waits for.
             "loop_lag": self.heartbeat.statistics(),
             # corrald's own footprint, for admins watching for leaks.
-            **({"process": process_statistics()} if identity.role == ADMIN else {}),
+            **({"process": self._process()} if identity.role == ADMIN else {}),
         }
 
     # -- serving -------------------------------------------------------------

@@ -77,6 +77,11 @@ SHIM_COMM = "corral-shim"
 # A shim and an init are ~15 MiB of private memory between them: a thousand
 # jobs is a large host's worth; one owner may take a quarter of it.
 MAX_JOBS = 1000
+# A spawner that dies within SPAWNER_STEADY seconds of its start is
+# restarted after a delay that doubles from SPAWNER_BACKOFF each time.
+SPAWNER_STEADY = 10.0
+SPAWNER_BACKOFF = 0.05
+SPAWNER_BACKOFF_MAX = 30.0
 MAX_JOBS_PER_OWNER = 250
 
 
@@ -208,6 +213,7 @@ class JobManager:
         self.default_limits = default_limits or Limits()
         self._spawner = spawner
         self._own_spawner = spawner is None
+        self.spawner_restarts = 0
         self.retention = retention or Retention()
         self.admission = admission or Admission()
         self._active: collections.Counter[str] = collections.Counter()  # by owner
@@ -245,6 +251,7 @@ class JobManager:
         self._nursery = await self._nursery_manager.__aenter__()
         self._output = OutputWatcher()
         self._nursery.start_soon(self._output.run)
+        self._nursery.start_soon(self._supervise_spawner)
         self._load()
         await trio.to_thread.run_sync(self._sweep_sandboxes)
         self._nursery.start_soon(self._warm_up)
@@ -288,6 +295,49 @@ class JobManager:
             assert self._nursery is not None
             self._nursery.start_soon(self._watch, job, pidfd)
 
+    async def _supervise_spawner(self) -> None:
+        """Start a new spawner whenever the spawner dies.
+
+        Running jobs do not need it (their shims are on their own); starts
+        do. Starts in flight when it dies fail `unavailable`; the sandboxes
+        it had built ahead died with it (their death signal is its) and
+        their cgroups are swept. One that keeps dying is restarted less
+        and less often, up to every SPAWNER_BACKOFF_MAX seconds.
+        """
+        failures = 0
+        while True:
+            spawner = self._spawner
+            assert spawner is not None
+            began = trio.current_time()
+            pidfd = os.pidfd_open(spawner.pid)
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                trio.lowlevel.notify_closing(pidfd)
+                os.close(pidfd)
+            spawner.close()  # reaps it
+            log.warning(
+                "the spawner (pid %d) died with status %s; starting a new one",
+                spawner.pid,
+                spawner.process.returncode,
+            )
+            self._warm.clear()
+            await trio.to_thread.run_sync(self._sweep_sandboxes)
+            failures = failures + 1 if trio.current_time() - began < SPAWNER_STEADY else 1
+            while True:
+                await trio.sleep(min(SPAWNER_BACKOFF * 2 ** (failures - 1), SPAWNER_BACKOFF_MAX))
+                try:
+                    self._spawner = Spawner.start()
+                    break
+                except SpawnerError as exc:
+                    log.warning("%s; trying again", exc)
+                    failures += 1
+            self._own_spawner = True  # the replacement is ours to close
+            self.spawner_restarts += 1
+            log.info("new spawner: pid %d", self._spawner.pid)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._warm_up)
+
     def _sweep_sandboxes(self) -> None:
         """Remove the cgroups of sandboxes built ahead by a spawner that died
         (they never became jobs: no job directory has their id)."""
@@ -316,6 +366,10 @@ class JobManager:
                     return
         finally:
             self._warming = False
+
+    @property
+    def spawner_pid(self) -> int | None:
+        return self._spawner.pid if self._spawner is not None else None
 
     @property
     def warm_ids(self) -> tuple[str, ...]:

@@ -118,6 +118,8 @@ class Spawner:
                     )
             except OSError as exc:
                 raise SpawnerError(f"the spawner is gone: {exc.strerror or exc}") from exc
+            except trio.ClosedResourceError:  # it died, and its supervisor closed our end
+                raise SpawnerError("the spawner is gone") from None
         return message, received, flags
 
     def close(self) -> None:
