@@ -339,8 +339,15 @@ class Client:
 
     async def list(self, *, everyone: bool = False) -> list[JobInfo]:
         """Our jobs, oldest first; with `everyone` (admins only) every job."""
-        reply = await self.call("list", {"all": everyone})
-        return [JobInfo.from_wire(record) for record in reply.get("jobs", [])]
+        jobs: list[JobInfo] = []
+        args: dict[str, Any] = {"all": everyone}
+        while True:  # a page at a time: a reply holds what fits in a frame
+            reply = await self.call("list", args)
+            records = reply.get("jobs", [])
+            jobs += [JobInfo.from_wire(record) for record in records]
+            if not reply.get("more") or not records:
+                return jobs
+            args["after"] = [records[-1]["created_at"], records[-1]["id"]]
 
     async def remove(self, job_id: str) -> str:
         """Remove a finished job and its files; return its full id."""

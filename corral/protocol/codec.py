@@ -27,6 +27,11 @@ MAX_FRAME_SIZE = 1024 * 1024
 # Our messages nest a handful of levels (message -> args -> env -> value);
 # 32 leaves room for growth without letting a peer build deep structures.
 MAX_DEPTH = 32
+# What a frame's size buys (see _check_shape): a list or map per 32 bytes,
+# a value per 2 bytes, beyond a few of each that any frame may have.
+CONTAINER_BYTES = 32
+VALUE_BYTES = 2
+SLACK = 64
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -65,23 +70,38 @@ def decode_body(body: bytes) -> dict[str, Any]:
         )
     except RemoteProtocolError:
         raise
+    except msgpack.StackError:  # nesting past msgpack's own limit; it says nothing
+        raise RemoteProtocolError(f"message nests deeper than {MAX_DEPTH} levels") from None
     except (ValueError, msgpack.UnpackException) as exc:
         # ValueError covers msgpack's FormatError, StackError, ExtraData,
         # non-string map keys and invalid UTF-8.
         raise RemoteProtocolError(f"malformed msgpack frame: {exc}") from exc
     if not isinstance(value, dict):
         raise RemoteProtocolError(f"a frame must hold a map, not {type(value).__name__}")
-    _check_shape(value)
+    _check_shape(value, size)
     return value
 
 
-def _check_shape(root: dict[str, Any]) -> None:
-    """Enforce MAX_DEPTH and string keys at every level, without recursion."""
+def _check_shape(root: dict[str, Any], size: int) -> None:
+    """Enforce MAX_DEPTH and string keys at every level, without recursion,
+    and bound what the decoded message holds against the frame's size.
+
+    A message lives as long as its request: a frame of a million empty
+    lists (a byte each on the wire, 64 as Python objects) would hold 64
+    times its size. At most one container per CONTAINER_BYTES and one value
+    per VALUE_BYTES of frame keep that to ~20 times, the worst being small
+    integers outside Python's cache (2 bytes on the wire, 36 as objects).
+    """
+    max_containers = size // CONTAINER_BYTES + SLACK
+    max_values = size // VALUE_BYTES + SLACK
+    containers = values = 0
     stack: list[tuple[Any, int]] = [(root, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise RemoteProtocolError(f"message nests deeper than {MAX_DEPTH} levels")
+        containers += 1
+        values += len(value)
         if isinstance(value, dict):
             for key, item in value.items():
                 if not isinstance(key, str):
@@ -90,6 +110,12 @@ def _check_shape(root: dict[str, Any]) -> None:
                     stack.append((item, depth + 1))
         elif isinstance(value, list):
             stack.extend((item, depth + 1) for item in value if isinstance(item, dict | list))
+    if containers > max_containers or values > max_values:
+        raise RemoteProtocolError(
+            f"a frame of {size} bytes may hold at most {max_containers} lists and maps "
+            f"and {max_values} values",
+            ErrorCode.RESOURCE_EXHAUSTED,
+        )
 
 
 class FrameBuffer:

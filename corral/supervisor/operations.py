@@ -10,10 +10,11 @@ exactly like a job that does not exist.
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any
 
-from corral.job import JobSpec, Limits, SpecError, Status
+from corral.job import JobSpec, Limits, SpecError, Status, pack
 from corral.protocol import ErrorCode
 from corral.supervisor.policy import Policy, authorize, owner_filter
 from corral.supervisor.session import Handler, OperationError, RequestContext, StreamEnd
@@ -22,6 +23,11 @@ from corral.worker.output import CHUNK
 
 DEFAULT_GRACE = 10.0
 MAX_GRACE = 3600.0
+
+
+# Bytes of job records in one `list` reply; with the largest record a spec
+# allows (see corral.job) added on, it is still well within a frame.
+LIST_PAGE_BYTES = 256 * 1024
 
 
 def job_record(job: Job, status: Status | None = None) -> dict[str, Any]:
@@ -142,9 +148,28 @@ class JobOperations:
         # `all` widens the list to what the caller may reach: every job for
         # an admin; for a user, still their own.
         owner = owner_filter(identity, "list")
-        if not _arg(context.request.args, "all", bool, False):
+        args = context.request.args
+        if not _arg(args, "all", bool, False):
             owner = identity.name
-        return {"jobs": [job_record(job) for job in self.manager.jobs(owner=owner)]}
+        jobs = self.manager.jobs(owner=owner)  # oldest first: by (created_at, id)
+        after = _arg(args, "after", list)
+        if after is not None:
+            if len(after) != 2 or not isinstance(after[0], int) or not isinstance(after[1], str):
+                raise OperationError(ErrorCode.INVALID_ARGUMENT, "after: must be [created_at, id]")
+            keys = [(job.spec.created_at, job.id) for job in jobs]
+            jobs = jobs[bisect.bisect_right(keys, (after[0], after[1])) :]
+        # A page at a time, within a frame whatever the records' sizes; the
+        # client asks again after the last one while `more` says so.
+        records: list[dict[str, Any]] = []
+        size = 0
+        for job in jobs:
+            record = job_record(job)
+            record_size = len(pack(record))
+            if records and size + record_size > LIST_PAGE_BYTES:
+                return {"jobs": records, "more": True}
+            records.append(record)
+            size += record_size
+        return {"jobs": records, "more": False}
 
     async def remove(self, context: RequestContext) -> dict[str, Any]:
         job = self._visible(context)

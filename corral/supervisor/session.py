@@ -67,6 +67,8 @@ OUTGOING_FRAMES = 32
 READER_RESERVE = 8
 # The writer coalesces queued frames up to this many bytes per send.
 WRITE_BATCH = 256 * 1024
+# An error message too large for a frame is cut to this many characters.
+MAX_ERROR_MESSAGE = 4096
 # A frame begun must arrive whole, and a batch written must be taken by the
 # peer, within this: a frame is at most 1 MiB, so a peer moving less than
 # ~17 KiB/s is stalled, or stalling on purpose.
@@ -251,13 +253,20 @@ class Session:
         except trio.ClosedResourceError:
             log.debug("%s: reply dropped: connection closing", self.peer)
         except ProtocolError as exc:
-            if self._conn.state is not State.OPEN or isinstance(reply, Error):
+            if self._conn.state is not State.OPEN:
                 log.debug("%s: reply dropped: %s", self.peer, exc)
                 return
-            log.exception("%s: cannot send the reply to request %d", self.peer, reply.id)
-            message = f"the reply could not be sent: {exc}"
+            if isinstance(reply, Error):
+                # Too large to send: the same error, in fewer words, so the
+                # request is still answered.
+                message = f"{reply.message[:MAX_ERROR_MESSAGE]}... (cut short)"
+                shortened = Error(id=reply.id, code=reply.code, message=message)
+            else:
+                log.exception("%s: cannot send the reply to request %d", self.peer, reply.id)
+                message = f"the reply could not be sent: {exc}"
+                shortened = Error(id=reply.id, code=ErrorCode.INTERNAL, message=message)
             with contextlib.suppress(ProtocolError, trio.ClosedResourceError):
-                await self.send(Error(id=reply.id, code=ErrorCode.INTERNAL, message=message))
+                await self.send(shortened)
 
     def shutdown(self, message: str) -> None:
         """Say goodbye with `message` and end the session (without waiting)."""

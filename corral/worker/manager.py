@@ -53,7 +53,7 @@ from corral.job import (
     write_atomically,
     write_status,
 )
-from corral.protocol.errors import ErrorCode
+from corral.protocol.errors import ErrorCode, shorten
 from corral.shim.cgroup import (
     CgroupError,
     Flavour,
@@ -399,8 +399,8 @@ class JobManager:
         ]
         if len(matches) == 1:
             return matches[0]
-        if not matches:
-            raise JobError(ErrorCode.NOT_FOUND, f"no job {job_id!r}")
+        if not matches:  # the id is the caller's: quoted, but cut short
+            raise JobError(ErrorCode.NOT_FOUND, f"no job {shorten(job_id)}")
         shown = ", ".join(sorted(job.short_id for job in matches)[:10])
         raise JobError(
             ErrorCode.INVALID_ARGUMENT,
