@@ -881,3 +881,27 @@ async def test_a_spawner_that_keeps_dying_is_restarted_less_often(tmp_path: Path
         assert gaps[-1] > 0.3, gaps
         job = await jobs.start(JobSpec(argv=["true"]))
         assert (await jobs.wait(job.id)).exit_code == 0
+
+
+async def test_a_job_has_a_dev_of_its_own(jobs: JobManager) -> None:
+    script = (
+        "import os, pty\n"
+        "print(sorted(os.listdir('/dev')))\n"
+        "leader, follower = os.openpty()\n"  # through the job's own devpts
+        "os.write(leader, b'hi\\n'); print(os.read(follower, 10), os.ttyname(follower))\n"
+        "print(open('/proc/self/mountinfo').read().count(' /dev/mqueue '))\n"
+        "open('/dev/null', 'w').write('x')\n"
+    )
+    status, directory = await run(jobs, "/usr/bin/python3", "-c", script, user="root")
+    assert status.exit_code == 0, output(directory, 2)
+    listing, echoed, mqueue = output(directory).decode().splitlines()
+    assert listing == str(sorted(
+        ["fd", "full", "mqueue", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin",
+         "stdout", "tty", "urandom", "zero"]
+    ))  # fmt: skip
+    assert echoed == "b'hi\\n' /dev/pts/0"  # the first pty of a devpts of its own
+    assert mqueue == "1"
+    # Not even root's job reaches the host's disks: they are not there.
+    status, directory = await run(jobs, "sh", "-c", "mknod /dev/sda b 8 0", user="root")
+    assert status.exit_code != 0
+    assert b"Read-only file system" in output(directory, 2)

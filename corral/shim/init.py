@@ -32,6 +32,7 @@ import errno
 import os
 import select
 import signal
+import stat
 import struct
 from dataclasses import dataclass
 from typing import NoReturn
@@ -53,6 +54,22 @@ COMMAND_OOM_SCORE_ADJ = b"1000"
 EXIT_SETUP_FAILED = 125
 HARDENED = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
 REMOUNT_READ_ONLY = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY
+# The job's /dev: character devices (major, minor), as every container has.
+DEVICES = {
+    "null": (1, 3),
+    "zero": (1, 5),
+    "full": (1, 7),
+    "random": (1, 8),
+    "urandom": (1, 9),
+    "tty": (5, 0),
+}
+DEV_LINKS = {
+    "fd": "/proc/self/fd",
+    "stdin": "/proc/self/fd/0",
+    "stdout": "/proc/self/fd/1",
+    "stderr": "/proc/self/fd/2",
+    "ptmx": "pts/ptmx",
+}
 # Per-mount flags a bind remount must repeat or lose (mountinfo's names).
 MOUNT_FLAGS = {
     b"nosuid": libc.MS_NOSUID,
@@ -191,10 +208,8 @@ def _prepare(config: InitConfig) -> JobConfig:
     _step(
         "mounts", libc.mount, "tmpfs", "/tmp", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, tmp_options
     )
-    # The host's /dev/shm would let jobs share POSIX shared memory and
-    # semaphores past the new IPC namespace, and outlive them.
-    if os.path.isdir("/dev/shm"):
-        _step("mounts", libc.mount, "tmpfs", "/dev/shm", "tmpfs", HARDENED, tmp_options)
+    # Private, so POSIX shared memory and semaphores stay in the job.
+    _step("mounts", libc.mount, "tmpfs", "/dev/shm", "tmpfs", HARDENED, tmp_options)
     # The command is the process the OOM killer should pick; init inherits
     # the score it passes on (only root may lower it later).
     _step("oom_score_adj", _write, "/proc/self/oom_score_adj", COMMAND_OOM_SCORE_ADJ)
@@ -248,8 +263,7 @@ def _jail(config: InitConfig) -> None:
     _step("mounts", _set_read_only, b"/", True)
     _step("mounts", libc.mount, "proc", "/proc", "proc", HARDENED, None)
     _step("mounts", libc.mount, "sysfs", "/sys", "sysfs", HARDENED | libc.MS_RDONLY, None)
-    if os.path.isdir("/dev/mqueue"):
-        _step("mounts", libc.mount, "mqueue", "/dev/mqueue", "mqueue", HARDENED, None)
+    _step("dev", _make_dev)
     _step("network", libc.interface_up, "lo")
     # A new network namespace forbids unprivileged ping; allow it, as hosts do.
     with contextlib.suppress(OSError):
@@ -258,6 +272,29 @@ def _jail(config: InitConfig) -> None:
     # Inherited by the command: setuid bits and file capabilities give nothing.
     _step("no_new_privs", libc.prctl, libc.PR_SET_NO_NEW_PRIVS, 1)
     libc.set_name("corral-init")
+
+
+def _make_dev() -> None:
+    """A /dev of the job's own, as containers have: the host's holds its disks
+    and every other device, guarded by file permissions alone (and root's
+    jobs have none). The usual character devices, a private devpts for
+    ptys, /dev/shm (mounted when the job comes) and /dev/mqueue; then read-only.
+    """
+    libc.mount("tmpfs", "/dev", "tmpfs", libc.MS_NOSUID | libc.MS_NOEXEC, "size=64k,mode=755")
+    for name, (major, minor) in DEVICES.items():
+        path = f"/dev/{name}"
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+        os.chmod(path, 0o666)  # whatever the umask
+    for name, target in DEV_LINKS.items():
+        os.symlink(target, f"/dev/{name}")
+    for name in ("pts", "shm", "mqueue"):
+        os.mkdir(f"/dev/{name}", 0o755)
+    libc.mount(
+        "devpts", "/dev/pts", "devpts", libc.MS_NOSUID | libc.MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )  # fmt: skip
+    libc.mount("mqueue", "/dev/mqueue", "mqueue", HARDENED, None)
+    libc.mount(None, "/dev", None, REMOUNT_READ_ONLY | libc.MS_NOSUID | libc.MS_NOEXEC, None)
 
 
 def _make_writable(path: bytes) -> None:
