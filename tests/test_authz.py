@@ -139,7 +139,17 @@ async def test_a_user_asking_for_root_or_over_a_cap_is_refused_and_an_admin_is_n
         "default_user": "nobody",
         "defaults": {"pids": 64},
         "caps": {"memory": 256 << 20, "max_runtime": 3600.0},
+        "writable": [],
     }
+    # Users' jobs share one run-as user: no writable paths unless configured.
+    with pytest.raises(ServerError) as caught:
+        await alice.start(["true"], writable=["/var/tmp"])
+    assert caught.value.code is ErrorCode.PERMISSION_DENIED
+    assert str(caught.value) == (
+        "writable: '/var/tmp' is outside where a user's jobs may write (allowed: none)"
+    )
+    admins = await admin.start(["true"], writable=["/var/tmp"])
+    assert (await admin.wait(admins.id)).exit_code == 0
 
 
 async def test_a_user_streaming_another_users_job_gets_not_found(

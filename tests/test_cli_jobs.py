@@ -277,9 +277,13 @@ def test_rw_lets_a_job_write_there(
 ) -> None:
     target = shared_dir / "written"
     script = f"echo hi > {target} && echo ok"
-    refused = as_user("alice", "run", "--", "sh", "-c", script)
+    refused = as_user("admin", "run", "--", "sh", "-c", script)
     assert refused.returncode == 2
     assert refused.stderr.endswith("Read-only file system\n")
-    wrote = as_user("alice", "run", "--rw", str(shared_dir), "--", "sh", "-c", script)
+    wrote = as_user("admin", "run", "--rw", str(shared_dir), "--", "sh", "-c", script)
     assert (wrote.returncode, wrote.stdout) == (0, "ok\n"), wrote.stderr
     assert target.read_text() == "hi\n"
+    # A user may not (by default): their jobs share one run-as user.
+    denied = as_user("alice", "run", "--rw", str(shared_dir), "--", "true")
+    assert denied.returncode == 77
+    assert "is outside where a user's jobs may write (allowed: none)" in denied.stderr

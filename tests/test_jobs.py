@@ -141,6 +141,9 @@ async def test_output_lands_in_the_log(jobs: JobManager) -> None:
          "unknown user 'no-such-user-xyz'"),
         ({"argv": ["true"], "writable": ["/no/such/dir"]}, ErrorCode.INVALID_ARGUMENT,
          "writable", "cannot make a path writable: mount(/no/such/dir): No such file"),
+        ({"argv": ["true"], "writable": ["/bin"]}, ErrorCode.FAILED_PRECONDITION,
+         "writable", "cannot make a path writable: /bin passes through a symbolic link; "
+         "give the path it leads to"),
     ],
 )  # fmt: skip
 async def test_start_failures_are_clear_and_recorded(

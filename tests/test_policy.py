@@ -167,3 +167,26 @@ def test_a_wrong_policy_is_refused_naming_what(
 def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match=r"cannot read .*nothing\.toml: No such file"):
         load_policy(tmp_path / "nothing.toml")
+
+
+def test_writable_places_per_role_from_file_and_flags(tmp_path: Path) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text('[writable]\nuser = ["/srv/scratch/"]\n')
+    policy = load_policy(config, writable={"user": ["/data"]})
+    assert policy.writable == {"admin": ("/",), "user": ("/srv/scratch", "/data")}
+    alice = Identity("alice", "user")
+    policy.check_writable(alice, ["/srv/scratch", "/srv/scratch/a/../b", b"/data/x"])
+    for outside in ["/srv/scratchpad", "/srv", "/srv/scratch/../../etc", "/"]:
+        with pytest.raises(OperationError) as caught:
+            policy.check_writable(alice, [outside])
+        assert caught.value.code is ErrorCode.PERMISSION_DENIED
+        assert "allowed: /srv/scratch, /data" in str(caught.value)
+    # Configuring admins' places replaces their default of everywhere.
+    narrowed = load_policy(None, writable={"admin": ["/srv"]})
+    with pytest.raises(OperationError):
+        narrowed.check_writable(Identity("root", "admin"), ["/etc"])
+    for wrong in ['[writable]\nuser = "/srv"\n', '[writable]\nuser = ["srv"]\n',
+                  '[writable]\nboss = ["/srv"]\n']:  # fmt: skip
+        config.write_text(wrong)
+        with pytest.raises(PolicyError, match="writable"):
+            load_policy(config)

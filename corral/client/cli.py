@@ -439,6 +439,7 @@ async def cmd_info(client: Client, args: argparse.Namespace, out: TextIO) -> int
             ("jobs run as", str(policy.get("default_user", "?"))),
             ("default limits", _limits_text(policy.get("defaults"))),
             ("your caps", _limits_text(policy.get("caps"))),
+            ("writable", ", ".join(map(str, policy.get("writable") or [])) or "nowhere"),
         ]
     _print_rows(rows, out)
     return 0

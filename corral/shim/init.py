@@ -298,7 +298,19 @@ def _make_dev() -> None:
 
 
 def _make_writable(path: bytes) -> None:
-    """Bind `path` (and the mounts below it) onto itself, writable."""
+    """Bind `path` (and the mounts below it) onto itself, writable.
+
+    The path must be the real one: a symbolic link on the way could lead
+    anywhere (one planted by another job with write access to a parent, say).
+    The check and the bind are two steps: a link swapped in between by a
+    process with write access to a parent directory is not caught.
+    """
+    if os.path.realpath(path) != path:
+        raise OSError(
+            errno.ELOOP,
+            f"{path.decode(errors='replace')} passes through a symbolic link; "
+            "give the path it leads to",
+        )
     if path != b"/":
         libc.mount(path, path, None, libc.MS_BIND | libc.MS_REC, None)
     _set_read_only(path, False)

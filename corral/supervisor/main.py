@@ -290,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for role in pki.ROLES:
         policy.add_argument(
+            f"--{role}-writable",
+            action="append",
+            default=[],
+            metavar="PATH",
+            dest=f"{role}_writable",
+            help=f"a {role}'s jobs may be given writable paths at or under PATH (repeatable; "
+            + ("default /)" if role == "admin" else "default none)"),
+        )
+        policy.add_argument(
             f"--{role}-cap",
             action="append",
             type=_setting,
@@ -553,6 +562,11 @@ def run(argv: Sequence[str] | None = None) -> int:
                 default_user=args.default_user,
                 defaults=dict(args.defaults),
                 caps={role: dict(getattr(args, f"{role}_caps")) for role in pki.ROLES},
+                writable={
+                    role: getattr(args, f"{role}_writable")
+                    for role in pki.ROLES
+                    if getattr(args, f"{role}_writable")
+                },
             )
         except PolicyError as exc:
             raise StartupError(str(exc)) from None

@@ -98,11 +98,13 @@ class JobOperations:
                 limits=Limits.from_wire(_arg(args, "limits", dict, {})),
                 max_runtime=_arg(args, "max_runtime", (int, float)),
             )
+            writable = _arg(args, "writable", list, [])
+            self.policy.check_writable(identity, writable)
             spec = JobSpec(
                 argv=_arg(args, "argv", list, []),
                 env=_arg(args, "env", dict),
                 cwd=_arg(args, "cwd", (str, bytes), "/"),
-                writable=_arg(args, "writable", list, []),
+                writable=writable,
                 user=terms.user,
                 limits=terms.limits,
                 max_runtime=terms.max_runtime,

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import enum
 import math
+import posixpath
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from corral.client.units import format_size, parse_duration, parse_size
 from corral.job import DEFAULT_USER, MAX_RUNTIME, Limits, SpecError
 from corral.pki import ROLES
 from corral.protocol import ErrorCode
+from corral.protocol.errors import shorten
 from corral.supervisor.session import OperationError
 from corral.tls import Identity
 
@@ -118,6 +120,12 @@ class Policy:
     default_user: str = DEFAULT_USER
     defaults: Caps = field(default_factory=Caps)  # filled in where a start sets nothing
     caps: Mapping[str, Caps] = field(default_factory=dict)  # per role
+    # Where each role's jobs may be given writable paths: at or under these.
+    # Users' jobs share one run-as user, so a path writable by one user's
+    # job is writable by every user's: none unless the operator says so.
+    writable: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: {ADMIN: ("/",), USER: ()}
+    )
 
     def check(self) -> Policy:
         """Self if coherent; PolicyError if a default is over a role's cap."""
@@ -137,7 +145,24 @@ class Policy:
             "default_user": self.default_user,
             "defaults": self.defaults.to_wire(),
             "caps": self.caps.get(role, Caps()).to_wire(),
+            "writable": list(self.writable.get(role, ())),
         }
+
+    def check_writable(self, identity: Identity, paths: Sequence[str | bytes]) -> None:
+        """permission_denied for a writable path outside the role's places."""
+        allowed = self.writable.get(identity.role, ())
+        for value in paths:
+            if not isinstance(value, str | bytes):
+                continue  # the spec's validation says what is wrong with it
+            text = value if isinstance(value, str) else value.decode("utf-8", "surrogateescape")
+            path = posixpath.normpath(text)
+            if not any(_within(path, place) for place in allowed):
+                places = ", ".join(allowed) if allowed else "none"
+                raise OperationError(
+                    ErrorCode.PERMISSION_DENIED,
+                    f"writable: {shorten(text)} is outside where a {identity.role}'s jobs may "
+                    f"write (allowed: {places})",
+                )
 
     def start_terms(
         self, identity: Identity, user: str | None, limits: Limits, max_runtime: float | None
@@ -166,6 +191,10 @@ class Policy:
         return StartTerms(
             user=user or self.default_user, limits=Limits(**values), max_runtime=runtime
         )
+
+
+def _within(path: str, place: str) -> bool:
+    return place in ("/", path) or path.startswith(place.rstrip("/") + "/")
 
 
 def _over_cap(values: Mapping[str, Any], caps: Caps) -> tuple[str, Any, Any] | None:
@@ -232,6 +261,7 @@ def load_policy(
     default_user: str | None = None,
     defaults: Mapping[str, str] | None = None,
     caps: Mapping[str, Mapping[str, str]] | None = None,
+    writable: Mapping[str, Sequence[str]] | None = None,
 ) -> Policy:
     """The policy of a TOML file (if any), with flags' settings over it.
 
@@ -246,6 +276,8 @@ def load_policy(
         max_runtime = "1h"
         [caps.admin]
         memory = "16G"
+        [writable]            # where jobs may be given writable paths (admin: "/")
+        user = ["/srv/scratch"]
     """
     document: dict[str, Any] = {}
     if path is not None:
@@ -255,10 +287,11 @@ def load_policy(
             raise PolicyError(f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise PolicyError(f"{path}: {exc}") from None
-        unknown = sorted(set(document) - {"default_user", "defaults", "caps"})
+        unknown = sorted(set(document) - {"default_user", "defaults", "caps", "writable"})
         if unknown:
             raise PolicyError(
-                f"{path}: unknown setting {unknown[0]!r}; known: default_user, defaults, caps"
+                f"{path}: unknown setting {unknown[0]!r}; "
+                "known: default_user, defaults, caps, writable"
             )
     where = str(path) if path else "policy"
     user = default_user or document.get("default_user", DEFAULT_USER)
@@ -280,8 +313,25 @@ def load_policy(
             )
             for role in roles
         },
+        writable=_writable(_table(document, "writable", where), writable or {}, where),
     )
     return policy.check()
+
+
+def _writable(
+    table: Mapping[str, Any], flags: Mapping[str, Sequence[str]], where: str
+) -> dict[str, tuple[str, ...]]:
+    places: dict[str, tuple[str, ...]] = {ADMIN: ("/",), USER: ()}
+    for role in sorted(set(table) | set(flags)):
+        if role not in ROLES:
+            raise PolicyError(f"{where}: writable for unknown role {role!r}")
+        paths = [*table.get(role, []), *flags.get(role, [])]
+        if not isinstance(table.get(role, []), list) or not all(
+            isinstance(p, str) and p.startswith("/") and "\0" not in p for p in paths
+        ):
+            raise PolicyError(f"{where}: writable.{role} must be a list of absolute paths")
+        places[role] = tuple(posixpath.normpath(p) for p in paths)
+    return places
 
 
 def _table(document: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:
