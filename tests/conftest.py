@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import trio
@@ -113,13 +113,19 @@ class Daemon:
     tcp: str
     unix: str
     state_dir: Path
+    log: Path  # corrald's stderr
+
+    def wait(self, timeout: float = 30) -> str:
+        """Wait for corrald to exit; return what it wrote on stderr."""
+        self.process.wait(timeout)
+        return self.log.read_text()
 
 
-def start_corrald(*args: str) -> subprocess.Popen[str]:
+def start_corrald(*args: str, stderr: int | IO[str] = subprocess.PIPE) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*CORRALD, *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
     )
 
@@ -131,25 +137,30 @@ def running_corrald(
     """A real corrald process on a free port and a unix socket in `directory`;
     its jobs are ended afterwards unless the test hands them to another."""
     socket_path = directory / "corrald.sock"
-    process = start_corrald(
-        "--state-dir",
-        str(directory / "state"),
-        "--pki",
-        str(pki_dir),
-        "--listen",
-        "127.0.0.1:0",
-        "--listen",
-        f"unix:{socket_path}",
-        "--cgroup-parent",
-        TEST_CGROUP_PARENT,
-        *flags,
-    )
+    # A file, not a pipe: a pipe nobody reads fills at 64 KiB, and then
+    # corrald's next log line blocks its event loop.
+    log = directory / "corrald.log"
+    with log.open("w") as log_file:
+        process = start_corrald(
+            "--state-dir",
+            str(directory / "state"),
+            "--pki",
+            str(pki_dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            f"unix:{socket_path}",
+            "--cgroup-parent",
+            TEST_CGROUP_PARENT,
+            *flags,
+            stderr=log_file,
+        )
     try:
         assert process.stdout is not None
         first = process.stdout.readline()  # "corrald V listening on A, B"
-        assert "listening on" in first, process.stderr.read() if process.stderr else first
+        assert "listening on" in first, log.read_text()
         tcp, unix = first.split("listening on ")[1].strip().split(", ")
-        yield Daemon(process, tcp, unix, directory / "state")
+        yield Daemon(process, tcp, unix, directory / "state", log)
     finally:
         if process.poll() is None:
             process.terminate()

@@ -183,7 +183,7 @@ def test_certs_issue_refuses_an_unknown_role(tmp_path: Path) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_corrald_stops_cleanly_on_a_signal(corrald: Daemon, signum: int) -> None:
     corrald.process.send_signal(signum)
-    _, stderr = corrald.process.communicate(timeout=30)
+    stderr = corrald.wait()
     assert corrald.process.returncode == 0, stderr
     assert "shutting down" in stderr
     assert not Path(corrald.unix.removeprefix("unix:")).exists()

@@ -170,7 +170,7 @@ def test_corrald_stops_cleanly_after_starting_jobs(
     started = as_user("alice", "start", "--", "sleep", "1000")
     assert started.returncode == 0, started.stderr  # type: ignore[attr-defined]
     corrald.process.terminate()
-    _, stderr = corrald.process.communicate(timeout=30)
+    stderr = corrald.wait()
     assert corrald.process.returncode == 0, stderr
     assert "Traceback" not in stderr
 

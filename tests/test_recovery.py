@@ -134,7 +134,7 @@ async def test_shutdown_stops_running_jobs_with_their_grace(corrald: Daemon, pki
         async with admin.logs(job.id, follow=True) as stream:
             assert (await anext(aiter(stream))).data == b"ready\n"
     corrald.process.terminate()
-    _, stderr = await trio.to_thread.run_sync(corrald.process.communicate)
+    stderr = await trio.to_thread.run_sync(corrald.wait)
     assert corrald.process.returncode == 0, stderr
     assert "stopping 1 running jobs" in stderr
     status = read_status(corrald.state_dir / "jobs" / job.id)
@@ -151,7 +151,7 @@ async def test_keep_jobs_leaves_them_for_the_next_corrald(pki_dir: Path, short_d
             async with connect(first.tcp, admin_id) as admin:
                 job = await admin.start(["sleep", "1000"])
             first.process.terminate()
-            _, stderr = await trio.to_thread.run_sync(first.process.communicate)
+            stderr = await trio.to_thread.run_sync(first.wait)
             assert first.process.returncode == 0, stderr
             assert "leaving 1 running jobs to the next corrald" in stderr
         status = read_status(first.state_dir / "jobs" / job.id)
