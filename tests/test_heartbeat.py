@@ -24,6 +24,7 @@ def test_the_recent_maximum_forgets_what_left_the_window() -> None:
     # At 12.5 the 0.3 s lag (at 2) is more than 10 s old; 0.07 (at 9) is not.
     assert (stats["last_ms"], stats["max_recent_ms"], stats["max_ms"]) == (4, 70, 300)
     assert (stats["late"], stats["beats"]) == (2, 6)
+    assert (stats["max_own_ms"], stats["late_own"]) == (300, 2)
     beat.record(25, 0.0)
     assert beat.statistics()["max_recent_ms"] == 0.0
 
@@ -41,4 +42,15 @@ async def test_a_blocked_event_loop_shows_in_info(
         lag = (await client.info()).raw["loop_lag"]
     assert lag["max_recent_ms"] >= 400
     assert lag["late"] >= 1
-    assert "the event loop was held for" in caplog.text
+    assert "the event loop woke" in caplog.text
+    assert lag["max_own_ms"] >= 400  # sleeping in the loop is not waiting for a CPU
+    assert lag["late_own"] >= 1
+
+
+def test_lateness_spent_waiting_for_a_cpu_is_told_apart() -> None:
+    beat = Heartbeat(interval=1.0, window=10.0)
+    beat.record(1, 0.2, waited=0.19)  # the host had no CPU for us: not our doing
+    beat.record(2, 0.12, waited=0.01)  # we held the loop for 110 ms
+    stats = beat.statistics()
+    assert (stats["max_ms"], stats["late"]) == (200, 2)
+    assert (stats["max_own_ms"], stats["late_own"]) == (110, 1)

@@ -439,13 +439,13 @@ async def test_an_idle_connection_is_closed_unless_the_client_keeps_it_alive(
 async def test_peers_without_certificates_do_not_use_up_the_session_cap(
     nursery: trio.Nursery, pki_dir: Path, short_dir: Path
 ) -> None:
-    capped = make_server(pki_dir, short_dir, max_connections=2, max_handshakes=3)
+    capped = make_server(pki_dir, short_dir, max_connections=2, max_handshakes=1, max_waiting=2)
     await nursery.start(capped.serve)
     silent = [await trio.open_tcp_stream("127.0.0.1", tcp(capped).port) for _ in range(2)]
     await until(lambda: capped.statistics()["connecting"] >= 2)
-    # Two handshakes hang; the sessions' cap is untouched.
+    # Silent peers wait without a handshake slot: the one slot serves others.
     await assert_serves(capped, pki_dir)
-    # A third silent peer fills the handshake cap: a fourth is closed at accept.
+    # A third fills the waiting room: a fourth is closed at accept.
     silent.append(await trio.open_tcp_stream("127.0.0.1", tcp(capped).port))
     await until(lambda: capped.statistics()["connecting"] >= 3)
     with pytest.raises(ConnectError, match="may be overloaded") as caught:
@@ -456,6 +456,25 @@ async def test_peers_without_certificates_do_not_use_up_the_session_cap(
         await stream.aclose()
     await capped.wait_idle()
     await assert_serves(capped, pki_dir)
+    capped.shutdown()
+
+
+async def test_handshakes_beyond_the_cap_wait_their_turn(
+    nursery: trio.Nursery, pki_dir: Path, short_dir: Path
+) -> None:
+    """Many clients at once with one handshake slot: each waits, none is refused."""
+    capped = make_server(pki_dir, short_dir, max_handshakes=1)
+    await nursery.start(capped.serve)
+    names: list[str] = []
+
+    async def client() -> None:
+        async with connect(tcp(capped), identity(pki_dir, "alice")) as alice:
+            names.append((await alice.info()).identity.name)
+
+    async with trio.open_nursery() as clients:
+        for _ in range(20):
+            clients.start_soon(client)
+    assert names == ["alice"] * 20
     capped.shutdown()
 
 

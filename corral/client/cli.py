@@ -430,7 +430,8 @@ async def cmd_info(client: Client, args: argparse.Namespace, out: TextIO) -> int
             (
                 "loop lag",
                 f"{lag.get('last_ms', 0):g} ms now, {lag.get('max_recent_ms', 0):g} ms at most "
-                f"in the last minute, {lag.get('max_ms', 0):g} ms ever",
+                f"in the last minute, {lag.get('max_ms', 0):g} ms ever "
+                f"({lag.get('max_own_ms', 0):g} ms not waiting for a CPU)",
             )
         )
     policy = info.raw.get("policy")

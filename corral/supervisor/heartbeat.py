@@ -7,6 +7,12 @@ stretch) and every session and job watcher waited with it. The figures are
 in `info` (`loop_lag`); a wake-up later than `WARN_AFTER` is logged with
 its lateness, so a stall shows in the log at the time it happened.
 
+A late wake-up has two causes: corrald's own work held the loop, or the
+host had no CPU for it (the kernel counts the time a thread waits on a run
+queue: /proc/thread-self/schedstat). The figures keep them apart: `max_ms`
+and `late` count both, `max_own_ms` and `late_own` only the lateness not
+spent waiting for a CPU, which is corrald's to answer for.
+
 Ten wake-ups a second cost a few microseconds each: an idle corrald stays
 idle.
 """
@@ -36,6 +42,9 @@ class Heartbeat:
         self._max = 0.0
         self._late = 0
         self._beats = 0
+        self._max_own = 0.0
+        self._late_own = 0
+        self._waited = _run_queue_wait()
 
     async def run(self) -> None:
         """Beat until cancelled."""
@@ -43,17 +52,28 @@ class Heartbeat:
         while True:
             await trio.sleep_until(deadline)
             now = trio.current_time()
-            self.record(now, now - deadline)
+            waited = _run_queue_wait()
+            self.record(now, now - deadline, waited - self._waited)
+            self._waited = waited
             deadline = now + self.interval
 
-    def record(self, now: float, lag: float) -> None:
+    def record(self, now: float, lag: float, waited: float = 0.0) -> None:
+        """A wake-up `lag` s late, after `waited` s on a run queue since the last."""
         self._beats += 1
         self._last = lag
         self._max = max(self._max, lag)
+        own = max(0.0, lag - waited)
+        self._max_own = max(self._max_own, own)
         if lag > LATE:
             self._late += 1
+        if own > LATE:
+            self._late_own += 1
         if lag > WARN_AFTER:
-            log.warning("the event loop was held for %.0f ms", lag * 1000)
+            log.warning(
+                "the event loop woke %.0f ms late (%.0f ms of it waiting for a CPU)",
+                lag * 1000,
+                min(waited, lag) * 1000,
+            )
         # Only lags that may become the window's maximum are kept: each
         # sample drops those before it that it beats (a monotonic queue).
         while self._recent and self._recent[-1][1] <= lag:
@@ -70,8 +90,19 @@ class Heartbeat:
             "max_recent_ms": round(recent * 1000, 3),  # over the last WINDOW seconds
             "max_ms": round(self._max * 1000, 3),  # since corrald started
             "late": self._late,  # wake-ups later than LATE
+            "max_own_ms": round(self._max_own * 1000, 3),  # not spent waiting for a CPU
+            "late_own": self._late_own,
             "beats": self._beats,
         }
+
+
+def _run_queue_wait() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (0 if unknown)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as schedstat:
+            return int(schedstat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def live_tasks() -> int:

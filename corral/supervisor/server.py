@@ -58,10 +58,16 @@ MAX_REQUESTS_PER_CONNECTION = 64
 # One identity's sessions at once: a quarter of the total, so that one
 # user (or one stolen key) cannot take every slot from the others.
 MAX_CONNECTIONS_PER_USER = 256
-# TLS handshakes in progress at once (each costs a task and OpenSSL state);
-# beyond it new peers are closed at accept. Separate from the session cap,
-# so peers that never present a certificate cannot lock out those who do.
-MAX_HANDSHAKES = 128
+# TLS handshakes in progress at once. A handshake's crypto (~2 ms of CPU
+# each) runs on the event loop, and trio runs every task that is ready in
+# one batch: 32 handshakes ready together hold the loop ~60 ms at most.
+MAX_HANDSHAKES = 32
+# Peers accepted and waiting for a handshake slot (an fd and a small task
+# each). A peer takes a slot only once its first bytes have come, so silent
+# peers never hold one; past this many, new peers are closed at accept.
+# Separate from the session cap, so peers that never present a certificate
+# cannot lock out those who do.
+MAX_WAITING = 512
 # Time to flush goodbyes at shutdown before connections are cut.
 SHUTDOWN_GRACE = 5.0
 
@@ -74,6 +80,7 @@ class ServerConfig:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
     max_handshakes: int = MAX_HANDSHAKES
+    max_waiting: int = MAX_WAITING
     max_requests_per_connection: int = MAX_REQUESTS_PER_CONNECTION
     max_connections_per_user: int = MAX_CONNECTIONS_PER_USER
     io_timeout: float = IO_TIMEOUT
@@ -121,7 +128,8 @@ class Server:
         self._ssl_context = ssl_context
         self.cgroup: Flavour = detect_flavour(config.mountinfo)
         self._sessions: set[Session] = set()
-        self._connecting = 0  # in the TLS handshake, or being refused
+        self._connecting = 0  # waiting for or in the TLS handshake, or being refused
+        self._handshaking = trio.Semaphore(config.max_handshakes)
         self._accepted = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -246,8 +254,10 @@ class Server:
         # One exception escaping here would end serve_listeners: each
         # connection's failures stay with it.
         peer = _peer_name(stream)
-        if self.shutting_down or self._connecting >= self.config.max_handshakes:
-            log.info("%s: closed at accept: %d handshakes in progress", peer, self._connecting)
+        if self.shutting_down or (
+            self._connecting >= self.config.max_handshakes + self.config.max_waiting
+        ):
+            log.info("%s: closed at accept: %d peers before it", peer, self._connecting)
             await trio.aclose_forcefully(stream)
             return
         self._accepted += 1
@@ -258,7 +268,8 @@ class Server:
         session: Session | None = None
         try:
             identity = await self._handshake(tls, peer)
-            if identity is None:
+            if identity is None:  # no TLS to say goodbye with (aclose would handshake)
+                await trio.aclose_forcefully(tls)
                 return
             refusal = self._refusal(identity)
             if refusal is not None:
@@ -302,12 +313,16 @@ class Server:
         """The peer's identity (or why it has none); None if the handshake failed."""
         timeout = self.config.handshake_timeout
         with trio.move_on_after(timeout) as scope:
-            try:
-                await tls.do_handshake()
-            except trio.BrokenResourceError as exc:
-                log.info("%s: TLS handshake failed: %s", peer, exc.__cause__ or exc)
-                await _flush_alert(tls)
-                return None
+            # A slot once the ClientHello is here, so silent peers hold none;
+            # the deadline covers the wait for it and the handshake together.
+            await trio.lowlevel.wait_readable(tls.transport_stream.socket)
+            async with self._handshaking:
+                try:
+                    await tls.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    log.info("%s: TLS handshake failed: %s", peer, exc.__cause__ or exc)
+                    await _flush_alert(tls)
+                    return None
         if scope.cancelled_caught:
             log.info("%s: dropped: TLS handshake not done in %.0f s", peer, timeout)
             return None

@@ -393,10 +393,10 @@ class JobManager:
         With `owner`, only that owner's jobs are candidates: another owner's
         job is not found, exactly like a job that does not exist.
         """
-        candidates = self._owned(owner)
-        matches = [job for job in candidates if job.id == job_id] or [
-            job for job in candidates if job_id and job.id.startswith(job_id)
-        ]
+        exact = self._jobs.get(job_id)
+        if exact is not None and (owner is None or exact.spec.owner == owner):
+            return exact  # the usual case, without a scan of every job
+        matches = [job for job in self._owned(owner) if job_id and job.id.startswith(job_id)]
         if len(matches) == 1:
             return matches[0]
         if not matches:  # the id is the caller's: quoted, but cut short
