@@ -3,6 +3,7 @@
 Run as root on the host (a real corrald, real jobs):
 
     .venv/bin/python bench/soak.py [--jobs 1000] [--concurrent 200] [--followers 500]
+                                   [--rounds 1]
 
 Starts a corrald on a temporary state directory and notes its footprint
 (tasks, fds, RSS: `info`'s `process`, as an admin sees it) and the cgroups
@@ -14,7 +15,9 @@ disconnect. Then it reports corrald's event-loop lag (all of it, and the
 part not spent waiting for a CPU) and CPU time. Afterwards it
 checks every job's status (exited 0) and output (exactly its lines),
 removes the jobs, and compares corrald's footprint and the cgroup tree with
-the baseline. Exits 1 if anything was wrong.
+the baseline, after each of `--rounds` rounds on the same corrald (memory
+that stays level from round to round is the allocator's high-water mark,
+memory that grows is a leak). Exits 1 if anything was wrong.
 """
 
 from __future__ import annotations
@@ -171,7 +174,32 @@ async def check_and_clean(soak: Soak, admin: Client) -> None:
 
 async def soak_run(args: argparse.Namespace, address: str, identity: Path, pid: int) -> int:
     baseline, base_cgroups = await settled(address, identity)
+    errors = 0
+    for round_number in range(1, args.rounds + 1):
+        errors += await soak_round(args, address, identity, pid, round_number)
+        after, after_cgroups = await settled(address, identity)
+        for key in ("tasks", "fds"):
+            print(f"  {key}: {baseline[key]} before, {after[key]} after")
+        print(f"  RSS: {baseline['rss_bytes'] / 2**20:.1f} MiB before, "
+              f"{after['rss_bytes'] / 2**20:.1f} MiB after")  # fmt: skip
+        print(f"  cgroups under the parent: {base_cgroups} before, {after_cgroups} after")
+        if (after["tasks"], after["fds"], after_cgroups) != (
+            baseline["tasks"],
+            baseline["fds"],
+            base_cgroups,
+        ):
+            print("ERROR: corrald did not return to its baseline")
+            errors += 1
+    print(f"{errors} errors")
+    return 1 if errors else 0
+
+
+async def soak_round(
+    args: argparse.Namespace, address: str, identity: Path, pid: int, round_number: int
+) -> int:
+    """One round of the soak; the number of errors."""
     cpu_before = cpu_seconds(pid)
+    lag_before = (await footprint(address, identity))["lag"]
     soak = Soak(args.jobs, args.concurrent, args.followers)
     began = time.perf_counter()
     async with trio.open_nursery() as nursery:
@@ -185,31 +213,19 @@ async def soak_run(args: argparse.Namespace, address: str, identity: Path, pid: 
         elapsed = time.perf_counter() - began
         await check_and_clean(soak, clients[0])
         nursery.cancel_scope.cancel()
-    after, after_cgroups = await settled(address, identity)
-
-    print(f"{soak.jobs} jobs ({soak.concurrent} at once) in {elapsed:.1f} s; "
+    lag = (await footprint(address, identity))["lag"]
+    print(f"round {round_number}: {soak.jobs} jobs ({soak.concurrent} at once) in {elapsed:.1f} s; "
           f"{soak.followers} followers made {soak.follows} follows on {soak.connects} connections "
           f"({soak.refused} connects refused at the handshake cap and retried)")  # fmt: skip
-    lag = after["lag"]
-    print(f"event-loop lag: max {lag['max_ms']:.1f} ms, {lag['late']} of {lag['beats']} "
-          f"wake-ups later than 50 ms; not counting time waiting for a CPU: max "
-          f"{lag['max_own_ms']:.1f} ms, {lag['late_own']} later than 50 ms")  # fmt: skip
-    print(f"corrald CPU: {cpu_seconds(pid) - cpu_before:.1f} s over the run")
-    for key in ("tasks", "fds"):
-        print(f"{key}: {baseline[key]} before, {after[key]} after")
-    print(f"RSS: {baseline['rss_bytes'] / 2**20:.1f} MiB before, "
-          f"{after['rss_bytes'] / 2**20:.1f} MiB after")  # fmt: skip
-    print(f"cgroups under the parent: {base_cgroups} before, {after_cgroups} after")
-    if (after["tasks"], after["fds"], after_cgroups) != (
-        baseline["tasks"],
-        baseline["fds"],
-        base_cgroups,
-    ):
-        soak.errors.append("corrald did not return to its baseline")
+    beats = lag["beats"] - lag_before["beats"]
+    print(f"  event-loop lag: max {lag['max_recent_ms']:.1f} ms, "
+          f"{lag['late'] - lag_before['late']} of {beats} wake-ups later than 50 ms; "
+          f"not counting time waiting for a CPU: max {lag['max_own_ms']:.1f} ms (since start), "
+          f"{lag['late_own'] - lag_before['late_own']} later than 50 ms")  # fmt: skip
+    print(f"  corrald CPU: {cpu_seconds(pid) - cpu_before:.1f} s")
     for error in soak.errors[:20]:
         print(f"ERROR: {error}")
-    print(f"{len(soak.errors)} errors")
-    return 1 if soak.errors else 0
+    return len(soak.errors)
 
 
 async def _connected(
@@ -225,6 +241,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--concurrent", type=int, default=200)
     parser.add_argument("--followers", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=1, help="soak rounds on one corrald")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as directory:
         state = Path(directory)
