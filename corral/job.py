@@ -3,7 +3,8 @@
 Shared by the shim (plain Python, no trio) and the worker (trio), so it
 imports neither. Each record converts to and from a msgpack-ready map; the
 state directory holds `spec.msgpack` (written once, before the shim starts)
-and `status.msgpack` (replaced atomically by whoever knows more).
+and `status.msgpack` (replaced atomically by whoever knows more), and while
+a shim runs its job, `reserve`: room for the job's end (see `Reserve`).
 
 Validation lives here too: a spec that passes `JobSpec.validate()` is one
 the shim can run. Errors name the field (`SpecError.field`), so corrald can
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,12 +43,19 @@ MAX_IOPS = 10**9
 MIN_PIDS = 2  # init counts (it is in the job's cgroup), and the command
 MAX_PIDS = 4_194_304  # the kernel's pid_max ceiling
 MAX_RUNTIME = 10 * 365 * 86400.0
-MAX_ARGV_BYTES = 1 << 20
-MAX_ENV_BYTES = 1 << 20
+# A job's record (argv and writable paths with the rest) goes whole in one
+# wire frame of 1 MiB; a start request carries argv and env together.
+MAX_ARGV_BYTES = 256 << 10
+MAX_ENV_BYTES = 256 << 10
 PATH_MAX = 4096
 MIN_LOG_LIMIT = 4096
 DEFAULT_LOG_LIMIT = 1 << 30  # 1 GiB of output.log per job
 DEFAULT_TMP_SIZE = 64 << 20  # the job's private /tmp
+# A job's reserve (see Reserve): a block for its final status, the rest for
+# the log's last record and a directory block, in blocks of 4 KiB or more.
+RESERVE_SIZE = 32 << 10
+RESERVE_BLOCKS = 8
+RESERVE_MAX = 1 << 20  # a filesystem claiming huge blocks (NFS) gets no more
 MAX_WRITABLE = 64  # paths a job may be given to write (each a bind mount)
 
 
@@ -333,6 +342,10 @@ SPEC_FILE = "spec.msgpack"
 STATUS_FILE = "status.msgpack"
 OUTPUT_FILE = "output.log"
 SOCKET_FILE = "shim.sock"
+RESERVE_FILE = "reserve"
+
+# A full filesystem, or the writer's quota used up: no new blocks to be had.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -404,8 +417,123 @@ def read_status(job_dir: Path) -> Status | None:
 
 
 def write_status(job_dir: Path, status: Status) -> None:
-    """Record `status`; durably once the job has ended."""
-    write_atomically(job_dir / STATUS_FILE, pack(status.to_wire()), durable=status.state.finished)
+    """Record `status`; durably once the job has ended.
+
+    An end is recorded on a full filesystem too, if the status file has the
+    room: written over it in place (see `_overwrite`). Raises OSError when
+    it cannot be recorded.
+    """
+    path, data, durable = job_dir / STATUS_FILE, pack(status.to_wire()), status.state.finished
+    try:
+        write_atomically(path, data, durable=durable)
+    except OSError as exc:
+        if not durable or exc.errno not in FULL_ERRNOS or not _overwrite(path, data):
+            raise
+
+
+def _overwrite(path: Path, data: bytes) -> bool:
+    """Write `data` over the file at `path` in the blocks it has; False if
+    they are too few (or there is no file), so no new block is needed.
+
+    Not atomic: a reader at that moment may find a mix of the two. Only for
+    an end that could not be recorded otherwise; whoever writes an end does
+    so as the job's last act, and corrald reads it once the writer is gone.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        if len(data) > os.fstat(fd).st_blocks * 512:
+            return False
+        _write_at(fd, data)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _write_at(fd: int, data: bytes) -> None:
+    """All of `data` at the start of the file."""
+    view, done = memoryview(data), 0
+    while done < len(data):
+        done += os.pwrite(fd, view[done:], done)
+
+
+class Reserve:
+    """Room kept in a job directory, so the job's end is recorded however
+    full its filesystem gets.
+
+    Theory of operation. The shim makes the reserve, a file of a few blocks
+    allocated up front, before the job runs; at the end it puts the final
+    status in the reserve's own blocks (`hold`), which frees the rest for
+    the log's last record, then renames the reserve over status.msgpack
+    (`commit`). Neither step needs a new block: the end is recorded on a
+    full filesystem even when other jobs take every block as soon as it is
+    freed (those then take the room meant for the marker: the status still
+    counts the dropped output). Guaranteed where blocks allocated to a file
+    stay its own until it is truncated (tmpfs, ext4 and XFS, whose
+    conversion of preallocated blocks draws on the filesystem's own
+    reserve); not on copy-on-write filesystems (btrfs, ZFS), which need new
+    blocks for every write. A status larger than the reserve (a very long
+    reason) needs new blocks too; write_status is then the fallback.
+    """
+
+    def __init__(self, job_dir: Path) -> None:
+        """Allocate the room; OSError if it cannot (errno in FULL_ERRNOS: no room)."""
+        self.path = job_dir / RESERVE_FILE
+        self.held = False
+        self.fd: int | None = os.open(
+            self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+        )
+        try:
+            # Blocks of the filesystem's unit of allocation (a page on tmpfs).
+            size = max(RESERVE_SIZE, RESERVE_BLOCKS * os.fstatvfs(self.fd).f_frsize)
+            os.posix_fallocate(self.fd, 0, min(size, RESERVE_MAX))
+        except BaseException:
+            self.discard()
+            raise
+
+    def hold(self, status: Status) -> bool:
+        """Write `status` into the reserve and free the rest of its room;
+        False (and the reserve is gone) if that needed more room than it had."""
+        if self.fd is None:
+            return False
+        data = pack(status.to_wire())
+        try:
+            _write_at(self.fd, data)
+            os.ftruncate(self.fd, len(data))
+        except OSError:
+            self.discard()
+            return False
+        self.held = True
+        return True
+
+    def commit(self, job_dir: Path) -> bool:
+        """Make the status held the job's status.msgpack, flushed to disk
+        first (it is an end); False (and the reserve is gone) if nothing was
+        held or that failed."""
+        if self.fd is None or not self.held:
+            self.discard()
+            return False
+        try:
+            os.fsync(self.fd)
+            os.replace(self.path, job_dir / STATUS_FILE)
+        except OSError:
+            self.discard()
+            return False
+        os.close(self.fd)
+        self.fd = None
+        return True
+
+    def discard(self) -> None:
+        """Give the room back. Safe to call more than once."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 def read_spec(job_dir: Path) -> ResolvedSpec:

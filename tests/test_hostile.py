@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 from corral.address import TCPAddress
 from corral.client.client import Client, connect
+from corral.client.errors import ServerError
 from corral.protocol import (
     MAX_FRAME_SIZE,
     NEED_DATA,
@@ -791,11 +792,11 @@ async def test_a_users_large_jobs_do_not_break_the_admins_list(
     job_server: Server, pki_dir: Path
 ) -> None:
     """Every job record carries its whole argv, and `list` put them all in
-    one frame: three jobs of ~400 KB of argv made every `list` that included
-    them, the admin's `list --all` too, fail with `internal` ("the reply
+    one frame: three jobs of ~400 KB of argv (specs now allow 256 KiB) made
+    every `list` that included them, the admin's `list --all` too, fail with `internal` ("the reply
     could not be sent"), for as long as they were kept. `list` now answers a
     page at a time, and the client asks for the next."""
-    argv = ["true", *["a" * 100_000] * 4]  # each argument within the kernel's 128 KiB
+    argv = ["true", *["a" * 60_000] * 4]  # 240 KB: near the most a spec may have
     async with (
         connect(tcp(job_server), identity(pki_dir, "alice")) as alice,
         connect(tcp(job_server), identity(pki_dir, "admin")) as admin,
@@ -1095,3 +1096,22 @@ def test_session_ends_with_a_goodbye_or_a_close_whatever_follows_the_hello(
         assert messages[-1] is goodbyes[0]
         assert goodbyes[0].code in PEER_FAULT_CODES
     assert not [m for m in messages if isinstance(m, Error) and m.code is ErrorCode.INTERNAL]
+
+
+@pytest.mark.jobs
+async def test_the_largest_job_a_spec_allows_is_answered_whole(
+    job_server: Server, pki_dir: Path
+) -> None:
+    """argv and writable paths at their limits: the job's record still fits
+    in a frame, for start, status and list alike."""
+    argv = ["true", *["a" * 65_000] * 4]  # ~256 KiB with the NULs
+    writable = [f"/{'d' * 4000}{i}" for i in range(64)]  # ~256 KiB, refused at init
+    async with connect(tcp(job_server), identity(pki_dir, "admin")) as admin:
+        job = await admin.start(argv)
+        assert len(job.argv) == 5
+        assert len((await admin.status(job.id)).argv) == 5
+        with pytest.raises(ServerError) as caught:
+            await admin.start(["true"], writable=writable)
+        assert caught.value.code is not ErrorCode.INTERNAL
+        listed = await admin.list(everyone=True)
+        assert job.id in {j.id for j in listed}

@@ -755,7 +755,7 @@ async def test_sandboxes_a_dead_spawner_left_are_removed(tmp_path: Path) -> None
 
 async def test_argv_and_env_larger_than_a_pipe_reach_the_command(jobs: JobManager) -> None:
     # The job goes to init through a pipe (64 KiB): this one takes several writes.
-    args = [bytes([ord("a") + i]) * 100_000 for i in range(3)]
+    args = [bytes([ord("a") + i]) * 80_000 for i in range(3)]
     env = {f"VAR{i}": "x" * 1000 for i in range(100)}
     script = 'printf %s "$@" | sha256sum; env | grep -c "^VAR"'
     status, job_dir = await run(jobs, "sh", "-c", script, "sh", *args, env=env)

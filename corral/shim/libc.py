@@ -190,6 +190,18 @@ def cloexec_from(first: int) -> None:
     _check(result, "close_range")
 
 
+# <linux/falloc.h>
+FALLOC_FL_KEEP_SIZE = 1
+_libc.fallocate64.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2), which the os module lacks (posix_fallocate has no mode)."""
+    if _libc.fallocate64(fd, mode, offset, length) == -1:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))  # as os.write would say it
+
+
 def inotify_init(flags: int = IN_NONBLOCK | IN_CLOEXEC) -> int:
     return _check(_libc.inotify_init1(ctypes.c_int(flags)), "inotify_init1")
 

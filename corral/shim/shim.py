@@ -36,12 +36,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from corral.job import (
+    FULL_ERRNOS,
     OUTPUT_FILE,
     SHORT_ID,
     SOCKET_FILE,
     STREAM_MARKER,
     STREAM_STDERR,
     STREAM_STDOUT,
+    Reserve,
     ResolvedSpec,
     SpecError,
     State,
@@ -66,8 +68,11 @@ from corral.shim.init import (
 )
 
 READ_SIZE = 64 * 1024
-# Room kept below the log cap for the final "dropped" marker record.
-MARKER_RESERVE = 64
+# Room kept below the log cap for the final "dropped" marker record, error and all.
+MARKER_RESERVE = 128
+# The log's blocks are allocated this far past its end: a call per two full
+# reads of a pipe, and little room held aside by each running job.
+ALLOCATE_AHEAD = 128 * 1024
 # After init exits the kernel kills the rest of the namespace; its pipes
 # close within milliseconds. Anything slower is stuck in the kernel.
 DRAIN_TIMEOUT = 5.0
@@ -120,6 +125,12 @@ def _now() -> int:
     return time.time_ns()
 
 
+def _allocate_past_end(fd: int, offset: int, length: int) -> None:
+    """Allocate blocks for `length` bytes from `offset`, leaving the file's
+    size (and so what readers see) as it is."""
+    libc.fallocate(fd, libc.FALLOC_FL_KEEP_SIZE, offset, length)
+
+
 def _signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
@@ -128,42 +139,109 @@ def _signal_name(number: int) -> str:
 
 
 class OutputLog:
-    """output.log: append-only msgpack records, capped in size, never torn."""
+    """output.log: append-only msgpack records, capped in size, never torn.
+
+    Theory of operation. Readers follow the log by its size, so no record
+    may be seen in part. Blocks for records are allocated past the end
+    first (FALLOC_FL_KEEP_SIZE leaves the size alone), ALLOCATE_AHEAD at a
+    time or, short of that, just what the next record needs; a write into
+    them cannot run out of room. When even that fails the filesystem is
+    full: that record and every later one are dropped and counted, so the
+    log is a clean prefix of the output, and `close` appends a marker
+    saying how much was dropped and why. Logging does not resume if room
+    comes back during the job, so the log stays that prefix, as the job's
+    reason says ("output from byte N on was dropped"); resuming would need
+    a marker in the middle of the log, where the hole is. A filesystem that
+    cannot allocate ahead gets plain writes, a short one taken back (a
+    reader may then glimpse the torn record before it goes).
+    """
 
     def __init__(self, path: Path, limit: int) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.size = os.fstat(self.fd).st_size
+        self.allocated = self.size  # blocks are allocated up to here
+        self.can_allocate = True
         self.limit = limit
+        self.relayed = 0  # bytes of output, kept or not
         self.dropped = 0
-        self.error: str | None = None
+        self.error: str | None = None  # why logging stopped
+        self.error_at = 0  # the byte of output it stopped at
 
-    def append(self, stream: int, data: bytes | dict[str, Any]) -> None:
-        record = pack([stream, _now(), data])
-        room = self.limit - (MARKER_RESERVE if stream != STREAM_MARKER else 0)
-        if self.error is not None or self.size + len(record) > room:
-            self.dropped += len(data) if isinstance(data, bytes) else 0
-            return
-        try:
-            written = os.write(self.fd, record)
-        except OSError as exc:
-            written, self.error = 0, exc.strerror or str(exc)
-        if written != len(record):
-            # A short write (disk full) would tear the record: take it back.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, self.size)
-            self.error = self.error or "short write"
-            self.dropped += len(data) if isinstance(data, bytes) else 0
-            return
-        self.size += written
+    def append(self, stream: int, data: bytes) -> None:
+        """Log one read of the job's output, or count it as dropped."""
+        offset = self.relayed
+        self.relayed += len(data)
+        if self.error is None:
+            record = pack([stream, _now(), data])
+            # Over the cap, this record goes; a smaller one may still fit.
+            if self.size + len(record) <= self.limit - MARKER_RESERVE:
+                self.error = self._write(record)
+                if self.error is None:
+                    return
+                self.error_at = offset
+        self.dropped += len(data)
+
+    def loss(self) -> str | None:
+        """What output was dropped and why, in a few words; None if none was."""
+        if self.error is not None:
+            return f"output from byte {self.error_at} on was dropped: {self.error}"
+        if self.dropped:
+            return (
+                f"{self.dropped} bytes of output were dropped: "
+                f"the log reached its size cap of {self.limit} bytes"
+            )
+        return None
 
     def close(self) -> None:
+        """Append a marker of what was dropped, if anything, and give back
+        the blocks allocated ahead. The marker has its room under the cap;
+        on a full filesystem, it needs the room the job's reserve gave back
+        (another writer may take that first: then there is no marker, and
+        the job's status alone counts what was dropped)."""
         if self.dropped:
             marker: dict[str, Any] = {"dropped_bytes": self.dropped}
             if self.error:
                 marker["error"] = self.error
-            self.error = None  # the marker has its reserved room
-            self.append(STREAM_MARKER, marker)
+            record = pack([STREAM_MARKER, _now(), marker])
+            if self.size + len(record) <= self.limit:
+                self._write(record)
+        if self.allocated > self.size:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)  # the same size, and no blocks past it
         os.close(self.fd)
+
+    def _write(self, record: bytes) -> str | None:
+        """Append a whole record; on failure, why (the log is left as it was)."""
+        try:
+            self._allocate(len(record))
+            written = os.write(self.fd, record)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        if written == len(record):
+            self.size += written
+            return None
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, self.size)
+        self.allocated = self.size
+        return "short write"
+
+    def _allocate(self, length: int) -> None:
+        """Blocks for `length` more bytes past the end; OSError if there are none."""
+        end = self.size + length
+        if not self.can_allocate or end <= self.allocated:
+            return
+        ahead = max(end, min(self.size + ALLOCATE_AHEAD, self.limit))
+        try:
+            _allocate_past_end(self.fd, self.size, ahead - self.size)
+        except OSError as exc:
+            if exc.errno not in FULL_ERRNOS:  # EOPNOTSUPP and the like
+                self.can_allocate = False  # plain writes, whose errors tell
+                return
+            if ahead == end:
+                raise
+            _allocate_past_end(self.fd, self.size, length)
+            ahead = end
+        self.allocated = ahead
 
 
 class Sandbox:
@@ -294,6 +372,7 @@ class Shim:
         self.handlers: dict[int, Callable[[int], None]] = {}
         self.pipes: set[int] = set()  # the command's stdout and stderr, until EOF
         self.log: OutputLog | None = None
+        self.reserve: Reserve | None = None
         self.poll = select.poll()
         self.clients: set[socket.socket] = set()
 
@@ -330,7 +409,7 @@ class Shim:
         self._send_job(self.sandbox.job_w)
         if self.job_out:
             self._watch(self.sandbox.job_w, self._send_job, select.POLLOUT)
-        self.log = OutputLog(self.job_dir / OUTPUT_FILE, self.spec.log_limit)
+        self._open_log()
         self.listener = self._listen()
         self.pipes = {self.sandbox.out_r, self.sandbox.err_r}
         self._watch(self.sandbox.out_r, lambda fd: self._relay(fd, STREAM_STDOUT))
@@ -342,7 +421,30 @@ class Shim:
         self._watch(self.pidfd, self._init_exited)
         # Who holds the job, on disk while init finishes: a corrald that
         # restarts now finds this shim rather than a job it thinks lost.
-        write_status(self.job_dir, self.status)
+        self._record()
+
+    def _open_log(self) -> None:
+        """output.log, and room for the job's end; StartFailure if the disk is full.
+
+        A job whose output and end could not be kept is not worth starting."""
+        try:
+            self.log = OutputLog(self.job_dir / OUTPUT_FILE, self.spec.log_limit)
+            self.reserve = Reserve(self.job_dir)
+        except OSError as exc:
+            if exc.errno not in FULL_ERRNOS:
+                raise
+            message = f"no room for the job's output in corrald's state directory: {exc.strerror}"
+            raise StartFailure("output", message, "resource_exhausted") from None
+
+    def _record(self) -> None:
+        """Write a status that is not the end. On a full filesystem it is
+        skipped: corrald has the news from the report pipe, a restarted one
+        finds the shim by its open files, and the end has its reserve."""
+        try:
+            write_status(self.job_dir, self.status)
+        except OSError as exc:
+            if exc.errno not in FULL_ERRNOS:
+                raise
 
     def _send_job(self, fd: int) -> None:
         """Write the job to init as the pipe takes it (argv and env may not fit at once).
@@ -364,7 +466,7 @@ class Shim:
         self.setup_deadline = None
         self.status = replace(self.status, state=State.RUNNING, started_at=_now(), reason="running")
         self._report({"ok": True, "status": self.status.to_wire()})
-        write_status(self.job_dir, self.status)
+        self._record()
         if self.spec.max_runtime is not None:
             self.deadline = time.monotonic() + self.spec.max_runtime
 
@@ -561,8 +663,13 @@ class Shim:
         if self.cgroup is not None:
             with contextlib.suppress(CgroupError):
                 usage = self.cgroup.usage()
-        dropped = self.log.dropped if self.log is not None else 0
-        return replace(self.status, usage=usage, dropped_bytes=dropped)
+        return replace(self._with_loss(self.status), usage=usage)
+
+    def _with_loss(self, status: Status) -> Status:
+        """`status` with the output dropped so far counted, and said why."""
+        if self.log is None or (loss := self.log.loss()) is None:
+            return status
+        return replace(status, reason=f"{status.reason}; {loss}", dropped_bytes=self.log.dropped)
 
     # -- the end -----------------------------------------------------------------------
 
@@ -675,18 +782,24 @@ class Shim:
 
     def _end(self) -> NoReturn:
         """Clean up and record the end; the status is written last, so a
-        status that says finished means the cgroup is gone."""
+        status that says finished means the cgroup is gone and the log
+        complete. On a full filesystem too (see Reserve): the status goes
+        into the reserve's blocks first, which frees the rest of it for the
+        log's marker, and is then renamed into place."""
         if self.cgroup is not None:
             try:
                 self.cgroup.remove()
             except CgroupError as exc:
                 self.status = replace(self.status, reason=f"{self.status.reason} (cgroup: {exc})")
+        self.status = self._with_loss(self.status)
+        if self.reserve is not None:
+            self.reserve.hold(self.status)
         if self.log is not None:
             self.log.close()
-            self.status = replace(self.status, dropped_bytes=self.log.dropped)
         with contextlib.suppress(FileNotFoundError):
             (self.job_dir / SOCKET_FILE).unlink()
-        write_status(self.job_dir, self.status)
+        if self.reserve is None or not self.reserve.commit(self.job_dir):
+            write_status(self.job_dir, self.status)
         if self.report_fd is not None:
             # The caller of start hears of a failure only after it is on disk.
             self._report(

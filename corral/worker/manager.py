@@ -35,7 +35,9 @@ import msgpack
 import trio
 
 from corral.job import (
+    FULL_ERRNOS,
     OUTPUT_FILE,
+    RESERVE_FILE,
     SPEC_FILE,
     JobSpec,
     Limits,
@@ -434,17 +436,15 @@ class JobManager:
         except SpecError as exc:
             raise JobError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
         self._admit(resolved.owner)
-        job_id = self._warm.pop(0) if self._warm else new_job_id()
+        warm = bool(self._warm)
+        job_id = self._warm.pop(0) if warm else new_job_id()
         resolved = replace(
             resolved,
             id=job_id,
             created_at=time.time_ns(),
             limits=self.default_limits.merged(resolved.limits),
         )
-        directory = self.jobs_dir / job_id
-        directory.mkdir(mode=0o700)
-        write_atomically(directory / SPEC_FILE, pack(resolved.to_wire()), durable=False)
-        write_status(directory, Status(state=State.STARTING, reason="starting"))
+        directory = self._make_job_directory(resolved, warm=warm)
         job = Job(spec=resolved, status=Status(state=State.STARTING), directory=directory)
         self._jobs[job_id] = job
         self._active[resolved.owner] += 1  # no checkpoint since _admit
@@ -482,6 +482,29 @@ class JobManager:
         await job.done.wait()  # the shim has recorded the failure and is gone
         code = ErrorCode(report.get("code", "internal"))
         raise JobError(code, str(report.get("message", "the job could not start")))
+
+    def _make_job_directory(self, spec: ResolvedSpec, *, warm: bool) -> Path:
+        """The job's directory with its spec and first status.
+
+        JobError if they cannot be written (resource_exhausted when the disk
+        is full); then nothing is left, and a sandbox built ahead for this id
+        waits for the next start.
+        """
+        directory = self.jobs_dir / spec.id
+        try:
+            directory.mkdir(mode=0o700)
+            write_atomically(directory / SPEC_FILE, pack(spec.to_wire()), durable=False)
+            write_status(directory, Status(state=State.STARTING, reason="starting"))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(directory)
+            if warm:
+                self._warm.insert(0, spec.id)
+            code = ErrorCode.RESOURCE_EXHAUSTED if exc.errno in FULL_ERRNOS else ErrorCode.INTERNAL
+            raise JobError(
+                code, f"cannot record the job in corrald's state directory: {exc.strerror}"
+            ) from None
+        return directory
 
     def _admit(self, owner: str) -> None:
         """Refuse a start beyond the caps on jobs starting or running."""
@@ -538,7 +561,10 @@ class JobManager:
             state=State.FAILED, reason=message, failed_step=step, finished_at=time.time_ns()
         )
         # A final status is flushed to disk: never on the event loop.
-        await trio.to_thread.run_sync(write_status, job.directory, job.status)
+        try:
+            await trio.to_thread.run_sync(write_status, job.directory, job.status)
+        except OSError as exc:  # a full disk must not take corrald down
+            log.warning("job %s: cannot record its failure: %s", job.short_id, exc)
         self._ended(job)
 
     # -- watching shims --------------------------------------------------------------
@@ -551,7 +577,11 @@ class JobManager:
             finally:
                 trio.lowlevel.notify_closing(pidfd)
                 os.close(pidfd)
-        status = read_status(job.directory)
+        try:
+            status = read_status(job.directory)
+        except (OSError, ValueError, TypeError, KeyError) as exc:  # damaged: not corrald's end
+            log.warning("job %s: unreadable status: %s", job.short_id, exc)
+            status = None
         if status is None or not status.state.finished:
             status = await self._lost(job, status)
         job.status = status
@@ -571,7 +601,13 @@ class JobManager:
             reason += f"; its cgroup could not be removed: {exc}"
         base = last or Status(state=State.LOST)
         status = replace(base, state=State.LOST, reason=reason, finished_at=time.time_ns())
-        await trio.to_thread.run_sync(write_status, job.directory, status)
+        # The room the shim kept for the job's end is free now, for this end.
+        with contextlib.suppress(FileNotFoundError):
+            (job.directory / RESERVE_FILE).unlink()
+        try:
+            await trio.to_thread.run_sync(write_status, job.directory, status)
+        except OSError as exc:  # a full disk must not take corrald down
+            log.warning("job %s: cannot record that it was lost: %s", job.short_id, exc)
         log.warning("job %s %s", job.short_id, reason)
         return status
 
