@@ -141,7 +141,7 @@ async def test_output_lands_in_the_log(jobs: JobManager) -> None:
          "unknown user 'no-such-user-xyz'"),
         ({"argv": ["true"], "writable": ["/no/such/dir"]}, ErrorCode.INVALID_ARGUMENT,
          "writable", "cannot make a path writable: mount(/no/such/dir): No such file"),
-        ({"argv": ["true"], "writable": ["/bin"]}, ErrorCode.FAILED_PRECONDITION,
+        ({"argv": ["true"], "writable": ["/bin"]}, ErrorCode.INVALID_ARGUMENT,
          "writable", "cannot make a path writable: /bin passes through a symbolic link; "
          "give the path it leads to"),
     ],

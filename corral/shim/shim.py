@@ -519,7 +519,9 @@ class Shim:
         else:
             text = f"cannot set up the job ({step}): {message}"
         missing = number in {errno.ENOENT, errno.ENOTDIR}
-        caller_error = step in {"exec", "cwd", "writable"} and missing
+        # A writable path through a symbolic link: the caller should name its target.
+        linked = step == "writable" and number == errno.ELOOP
+        caller_error = (step in {"exec", "cwd", "writable"} and missing) or linked
         return StartFailure(
             step, text, "invalid_argument" if caller_error else "failed_precondition"
         )
