@@ -27,6 +27,7 @@ MAX_FRAME_SIZE = 1024 * 1024
 # Our messages nest a handful of levels (message -> args -> env -> value);
 # 32 leaves room for growth without letting a peer build deep structures.
 MAX_DEPTH = 32
+TOO_DEEP = f"message nests deeper than {MAX_DEPTH} levels"
 # What a frame's size buys (see _check_shape): a list or map per 32 bytes,
 # a value per 2 bytes, beyond a few of each that any frame may have.
 CONTAINER_BYTES = 32
@@ -71,10 +72,10 @@ def decode_body(body: bytes) -> dict[str, Any]:
     except RemoteProtocolError:
         raise
     except msgpack.StackError:  # nesting past msgpack's own limit; it says nothing
-        raise RemoteProtocolError(f"message nests deeper than {MAX_DEPTH} levels") from None
+        raise RemoteProtocolError(TOO_DEEP) from None
     except (ValueError, msgpack.UnpackException) as exc:
-        # ValueError covers msgpack's FormatError, StackError, ExtraData,
-        # non-string map keys and invalid UTF-8.
+        # ValueError covers msgpack's FormatError, ExtraData, non-string
+        # map keys and invalid UTF-8.
         raise RemoteProtocolError(f"malformed msgpack frame: {exc}") from exc
     if not isinstance(value, dict):
         raise RemoteProtocolError(f"a frame must hold a map, not {type(value).__name__}")
@@ -99,7 +100,7 @@ def _check_shape(root: dict[str, Any], size: int) -> None:
     while stack:
         value, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise RemoteProtocolError(f"message nests deeper than {MAX_DEPTH} levels")
+            raise RemoteProtocolError(TOO_DEEP)
         containers += 1
         values += len(value)
         if isinstance(value, dict):

@@ -185,7 +185,7 @@ class Server:
             "cgroup": str(self.cgroup),
             "connections": len(self._sessions),
             "jobs": len(jobs),
-            "running_jobs": sum(1 for job in jobs if not job.done.is_set()),
+            "running_jobs": self.jobs.running(owner) if self.jobs is not None else 0,
             # Jobs with live output readers (one inotify watch each).
             "followed_jobs": sum(1 for job in jobs if self.jobs and self.jobs.is_followed(job.id)),
             # The terms the caller's jobs start under.
@@ -350,9 +350,8 @@ class Server:
 
     async def _refuse(self, tls: trio.SSLStream[trio.SocketStream], peer: str, why: Error) -> None:
         """Tell the peer in one error frame why it may not have a session."""
-        code, message = why.code, why.message
-        log.info("%s: refused: %s", peer, message)
-        frame = Connection(Role.SERVER).send(Error(id=None, code=code, message=message))
+        log.info("%s: refused: %s", peer, why.message)
+        frame = Connection(Role.SERVER).send(why)
         with trio.move_on_after(CLOSE_TIMEOUT):
             with contextlib.suppress(*GONE):
                 await tls.send_all(frame)

@@ -79,12 +79,12 @@ SHIM_COMM = "corral-shim"
 # A shim and an init are ~15 MiB of private memory between them: a thousand
 # jobs is a large host's worth; one owner may take a quarter of it.
 MAX_JOBS = 1000
+MAX_JOBS_PER_OWNER = 250
 # A spawner that dies within SPAWNER_STEADY seconds of its start is
 # restarted after a delay that doubles from SPAWNER_BACKOFF each time.
 SPAWNER_STEADY = 10.0
 SPAWNER_BACKOFF = 0.05
 SPAWNER_BACKOFF_MAX = 30.0
-MAX_JOBS_PER_OWNER = 250
 
 
 class JobError(Exception):
