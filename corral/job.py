@@ -25,6 +25,8 @@ from typing import Any
 
 import msgpack
 
+from corral.client.units import describe, quote, short_duration, short_number, short_size
+
 # Job ids: 128 random bits as 32 hex digits. The first 12 are the hostname
 # inside the job and the short id people type.
 ID_BYTES = 16
@@ -35,20 +37,24 @@ DEFAULT_CWD = b"/"
 DEFAULT_PATH = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Bounds that catch typos ("256" meaning MiB, a cap in bits) without
-# getting in the way of any real host.
-MAX_CPU = 4096.0  # cores
+# getting in the way of any real host. The most CPU a job may ask for is
+# the host's (host_cpus()): a quota beyond it would limit nothing.
+MIN_CPU = 0.001  # cores; the cgroup's quota is never below 1 ms per 100 ms anyway
 MIN_MEMORY = 8 << 20  # init and a shell need a few MiB; less would OOM at once
 MAX_BYTES = 1 << 50  # 1 PiB: memory, bytes per second
 MAX_IOPS = 10**9
 MIN_PIDS = 2  # init counts (it is in the job's cgroup), and the command
 MAX_PIDS = 4_194_304  # the kernel's pid_max ceiling
 MAX_RUNTIME = 10 * 365 * 86400.0
+MIN_RUNTIME = 0.001  # 1 ms: shorter is no runtime at all
+MAX_STOP_GRACE = 3600.0  # seconds; an hour to shut down is already generous
 # A job's record (argv and writable paths with the rest) goes whole in one
 # wire frame of 1 MiB; a start request carries argv and env together.
 MAX_ARGV_BYTES = 256 << 10
 MAX_ENV_BYTES = 256 << 10
 PATH_MAX = 4096
 MIN_LOG_LIMIT = 4096
+MIN_TMP_SIZE = 1 << 20  # the private /tmp: room for a few files, not a typo in bytes
 DEFAULT_LOG_LIMIT = 1 << 30  # 1 GiB of output.log per job
 DEFAULT_TMP_SIZE = 64 << 20  # the job's private /tmp
 # A job's reserve (see Reserve): a block for its final status, the rest for
@@ -65,6 +71,12 @@ class SpecError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+def host_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a cpuset or
+    taskset narrows): the most CPU a job may be given."""
+    return len(os.sched_getaffinity(0))
 
 
 class State(enum.StrEnum):
@@ -101,16 +113,19 @@ class Limits:
     io_write_iops: int | None = None
     pids: int | None = None  # processes and threads, init included
 
-    def validate(self) -> Limits:
-        """Return self if every limit is sane; SpecError naming the limit otherwise."""
+    def validate(self, *, cpus: int | None = None) -> Limits:
+        """Return self if every limit is sane; SpecError naming the limit otherwise.
+
+        `cpu` may be at most `cpus` cores (default: host_cpus()).
+        """
         if self.cpu is not None:
-            _number("limits.cpu", self.cpu, 0.001, MAX_CPU, "cores")
-        _integer("limits.memory", self.memory, MIN_MEMORY, MAX_BYTES)
+            _cores("limits.cpu", self.cpu, host_cpus() if cpus is None else cpus)
+        _whole("limits.memory", self.memory, MIN_MEMORY, MAX_BYTES, " of bytes")
         for name in ("io_read_bps", "io_write_bps"):
-            _integer(f"limits.{name}", getattr(self, name), 1, MAX_BYTES)
+            _whole(f"limits.{name}", getattr(self, name), 1, MAX_BYTES, " of bytes")
         for name in ("io_read_iops", "io_write_iops"):
-            _integer(f"limits.{name}", getattr(self, name), 1, MAX_IOPS)
-        _integer("limits.pids", self.pids, MIN_PIDS, MAX_PIDS)
+            _whole(f"limits.{name}", getattr(self, name), 1, MAX_IOPS)
+        _whole("limits.pids", self.pids, MIN_PIDS, MAX_PIDS)
         return self
 
     def to_wire(self) -> dict[str, Any]:
@@ -119,12 +134,14 @@ class Limits:
     @classmethod
     def from_wire(cls, value: Any) -> Limits:
         if not isinstance(value, Mapping):
-            raise SpecError("limits", "must be a map")
+            raise SpecError(
+                "limits", f"must be a map of limit names to values, not {describe(value)}"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(str(k) for k in value if k not in known)
         if unknown:
             raise SpecError(
-                "limits", f"unknown limit {unknown[0]!r}; known: {', '.join(sorted(known))}"
+                "limits", f"unknown limit {quote(unknown[0])}; known: {', '.join(sorted(known))}"
             )
         limits = cls(**{str(k): v for k, v in value.items() if v is not None})
         return limits.validate()
@@ -134,20 +151,41 @@ class Limits:
         return replace(self, **overrides.to_wire())
 
 
-def _number(name: str, value: object, low: float, high: float, unit: str) -> None:
+def _cores(name: str, value: object, cpus: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise SpecError(name, f"must be a number of cores, not {describe(value)}")
+    if value < MIN_CPU:
+        raise SpecError(
+            name, f"must be at least {short_number(MIN_CPU)} cores, not {short_number(value)}"
+        )
+    if value > cpus:
+        cores = "core" if cpus == 1 else "cores"
+        raise SpecError(
+            name, f"must be at most {cpus} {cores}, this host's CPUs, not {short_number(value)}"
+        )
+
+
+def _seconds(name: str, value: object, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SpecError(name, f"must be a number, not {type(value).__name__}")
-    if not math.isfinite(value) or not low <= value <= high:
-        raise SpecError(name, f"must be between {low:g} and {high:g} {unit}, not {value!r}")
+        raise SpecError(name, f"must be a number of seconds, not {describe(value)}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise SpecError(
+            name,
+            f"must be between {short_duration(low)} and {short_duration(high)}, "
+            f"not {short_duration(value)}",
+        )
 
 
-def _integer(name: str, value: object, low: int, high: int) -> None:
+def _whole(name: str, value: object, low: int, high: int, of_bytes: str = "") -> None:
+    """SpecError unless `value` is None or a whole number from `low` to `high`;
+    `of_bytes` (" of bytes") shows them as sizes."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(name, f"must be an integer, not {type(value).__name__}")
+        raise SpecError(name, f"must be a whole number{of_bytes}, not {describe(value)}")
+    show = short_size if of_bytes else str
     if not low <= value <= high:
-        raise SpecError(name, f"must be between {low} and {high}, not {value}")
+        raise SpecError(name, f"must be between {show(low)} and {show(high)}, not {show(value)}")
 
 
 def _as_bytes(name: str, value: object) -> bytes:
@@ -155,9 +193,9 @@ def _as_bytes(name: str, value: object) -> bytes:
         # os.fsencode's rule: undecodable bytes from the OS round-trip.
         value = value.encode("utf-8", "surrogateescape")
     if not isinstance(value, bytes):
-        raise SpecError(name, f"must be bytes or a string, not {type(value).__name__}")
+        raise SpecError(name, f"must be a string, not {describe(value)}")
     if b"\0" in value:
-        raise SpecError(name, "must not contain a NUL byte")
+        raise SpecError(name, f"must not contain a NUL byte: {quote(value)}")
     return value
 
 
@@ -171,7 +209,10 @@ class JobSpec:
     """What to run, as whom, where, and within which limits."""
 
     argv: Sequence[bytes | str]
-    env: Mapping[bytes | str, bytes | str] | None = None  # None: default_env()
+    # Added to default_env(), replacing what it names; to an empty environment
+    # with env_clear (as `env -i` does).
+    env: Mapping[bytes | str, bytes | str] | None = None
+    env_clear: bool = False
     cwd: bytes | str = DEFAULT_CWD
     user: str = DEFAULT_USER
     limits: Limits = field(default_factory=Limits)
@@ -187,27 +228,28 @@ class JobSpec:
     def validate(self) -> ResolvedSpec:
         """Check every field and return the spec in its on-disk form."""
         if isinstance(self.argv, str | bytes) or not isinstance(self.argv, Sequence):
-            raise SpecError("argv", "must be a list of arguments")
+            raise SpecError("argv", f"must be a list of arguments, not {describe(self.argv)}")
         if not self.argv:
             raise SpecError("argv", "must name a command")
         argv = tuple(_as_bytes(f"argv[{i}]", arg) for i, arg in enumerate(self.argv))
         if not argv[0]:
             raise SpecError("argv[0]", "must not be empty")
-        if sum(len(a) + 1 for a in argv) > MAX_ARGV_BYTES:
-            raise SpecError("argv", f"is longer than {MAX_ARGV_BYTES} bytes")
-        env = default_env() if self.env is None else self._env()
+        _within("argv", sum(len(a) + 1 for a in argv), MAX_ARGV_BYTES)
+        env = self._env()
         cwd = _as_bytes("cwd", self.cwd)
         if not cwd.startswith(b"/"):
-            raise SpecError("cwd", f"must be an absolute path, not {cwd!r}")
+            raise SpecError("cwd", f"must be an absolute path, not {quote(cwd)}")
         if not isinstance(self.user, str) or not self.user or "\0" in self.user:
-            raise SpecError("user", "must be a user name or a numeric uid")
+            raise SpecError(
+                "user", f"must be a user name or a numeric uid, not {describe(self.user)}"
+            )
         if self.max_runtime is not None:
-            _number("max_runtime", self.max_runtime, 0.001, MAX_RUNTIME, "seconds")
-        _number("stop_grace", self.stop_grace, 0, 3600, "seconds")
-        _integer("log_limit", self.log_limit, MIN_LOG_LIMIT, MAX_BYTES)
-        _integer("tmp_size", self.tmp_size, 1 << 20, MAX_BYTES)
+            _seconds("max_runtime", self.max_runtime, MIN_RUNTIME, MAX_RUNTIME)
+        _seconds("stop_grace", self.stop_grace, 0, MAX_STOP_GRACE)
+        _whole("log_limit", self.log_limit, MIN_LOG_LIMIT, MAX_BYTES, " of bytes")
+        _whole("tmp_size", self.tmp_size, MIN_TMP_SIZE, MAX_BYTES, " of bytes")
         if not isinstance(self.limits, Limits):
-            raise SpecError("limits", "must be a Limits")
+            raise SpecError("limits", f"must be a Limits record, not {describe(self.limits)}")
         writable = self._writable()
         return ResolvedSpec(
             argv=argv,
@@ -225,16 +267,22 @@ class JobSpec:
 
     def _writable(self) -> tuple[bytes, ...]:
         if isinstance(self.writable, str | bytes) or not isinstance(self.writable, Sequence):
-            raise SpecError("writable", "must be a list of absolute paths")
+            raise SpecError(
+                "writable", f"must be a list of absolute paths, not {describe(self.writable)}"
+            )
         if len(self.writable) > MAX_WRITABLE:
-            raise SpecError("writable", f"names more than {MAX_WRITABLE} paths")
+            raise SpecError(
+                "writable", f"must name at most {MAX_WRITABLE} paths, not {len(self.writable)}"
+            )
         paths: list[bytes] = []
         for i, value in enumerate(self.writable):
             path = _as_bytes(f"writable[{i}]", value)
             if not path.startswith(b"/"):
-                raise SpecError(f"writable[{i}]", f"must be an absolute path, not {path!r}")
+                raise SpecError(f"writable[{i}]", f"must be an absolute path, not {quote(path)}")
             if len(path) > PATH_MAX:
-                raise SpecError(f"writable[{i}]", f"is longer than {PATH_MAX} bytes")
+                raise SpecError(
+                    f"writable[{i}]", f"must be at most {PATH_MAX} bytes long, not {len(path)}"
+                )
             path = os.path.normpath(path)
             if path.startswith(b"//"):  # normpath keeps POSIX's implementation-defined //
                 path = b"/" + path.lstrip(b"/")
@@ -243,17 +291,42 @@ class JobSpec:
         return tuple(paths)
 
     def _env(self) -> dict[bytes, bytes]:
+        """The command's environment: default_env() (or nothing, with
+        env_clear) with `env` over it."""
+        if not isinstance(self.env_clear, bool):
+            raise SpecError("env_clear", f"must be true or false, not {describe(self.env_clear)}")
+        env = {} if self.env_clear else default_env()
+        if self.env is None:
+            return env
         if not isinstance(self.env, Mapping):
-            raise SpecError("env", "must be a map of names to values")
-        env: dict[bytes, bytes] = {}
+            raise SpecError("env", f"must be a map of names to values, not {describe(self.env)}")
         for key, value in self.env.items():
-            name = _as_bytes("env", key)
-            if not name or b"=" in name:
-                raise SpecError("env", f"invalid variable name {name!r}")
-            env[name] = _as_bytes(f"env[{name.decode(errors='replace')}]", value)
-        if sum(len(k) + len(v) + 2 for k, v in env.items()) > MAX_ENV_BYTES:
-            raise SpecError("env", f"is larger than {MAX_ENV_BYTES} bytes")
+            if not isinstance(key, str | bytes):
+                raise SpecError("env", f"a variable name must be a string, not {describe(key)}")
+            name = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
+            wrong = _name_problem(name)
+            if wrong:
+                raise SpecError("env", f"invalid variable name {quote(name)}: it may not {wrong}")
+            label = name.decode("utf-8", "backslashreplace")
+            env[name] = _as_bytes(f"env[{label}]", value)
+        _within("env", sum(len(k) + len(v) + 2 for k, v in env.items()), MAX_ENV_BYTES)
         return env
+
+
+def _name_problem(name: bytes) -> str | None:
+    """What makes `name` no environment variable name, or None."""
+    if not name:
+        return "be empty"
+    if b"=" in name:
+        return "contain '='"
+    if b"\0" in name:
+        return "contain a NUL byte"
+    return None
+
+
+def _within(name: str, size: int, most: int) -> None:
+    if size > most:
+        raise SpecError(name, f"must be at most {short_size(most)} in all, not {short_size(size)}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -563,6 +636,13 @@ class RecordDecoder:
 
     def __init__(self) -> None:
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_RECORD)
+
+    @property
+    def consumed(self) -> int:
+        """Bytes of the records returned so far: where the next record begins,
+        counted from the first byte fed."""
+        position: int = self._unpacker.tell()
+        return position
 
     def feed(self, data: bytes) -> list[Record]:
         """The records `data` completes; ValueError if it is not output.log."""

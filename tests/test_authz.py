@@ -124,8 +124,8 @@ async def test_a_user_asking_for_root_or_over_a_cap_is_refused_and_an_admin_is_n
     ]
     assert refusals == [
         "permission_denied: only an admin may choose the user a job runs as; yours run as nobody",
-        "permission_denied: limits.memory: 512.0 MiB is over the user cap of 256.0 MiB",
-        "permission_denied: max_runtime: 7200 s is over the user cap of 3600 s",
+        "permission_denied: limits.memory: 512M is over the user cap of 256M",
+        "permission_denied: max_runtime: 2h is over the user cap of 1h",
     ]
     assert await alice.list() == []  # refused starts leave nothing behind
     job = await alice.start(["true"])  # unset limits: the default and the caps

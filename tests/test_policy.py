@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.job import Limits
+from corral.job import Limits, host_cpus
 from corral.protocol import ErrorCode
 from corral.supervisor.policy import (
     TABLE,
@@ -93,10 +93,16 @@ def test_an_admin_may_run_as_anyone_and_has_no_cap_unless_set() -> None:
 @pytest.mark.parametrize(
     ("limits", "max_runtime", "message"),
     [
-        (Limits(memory=2 << 30), None, "limits.memory: 2.0 GiB is over the user cap of 1.0 GiB"),
+        (Limits(memory=2 << 30), None, "limits.memory: 2G is over the user cap of 1G"),
+        (
+            Limits(memory=(1 << 30) + 1),
+            None,
+            "limits.memory: 1073741825B is over the user cap of 1G",
+        ),
         (Limits(cpu=2.5), None, "limits.cpu: 2.5 cores is over the user cap of 2 cores"),
         (Limits(pids=257), None, "limits.pids: 257 is over the user cap of 256"),
-        (Limits(), 3601.0, "max_runtime: 3601 s is over the user cap of 3600 s"),
+        (Limits(), 3601.0, "max_runtime: 3601s is over the user cap of 1h"),
+        (Limits(), 86400.0, "max_runtime: 1d is over the user cap of 1h"),
     ],
 )
 def test_a_user_over_a_cap_is_refused_naming_it(
@@ -144,13 +150,24 @@ def test_a_policy_from_a_file_with_flags_over_it(tmp_path: Path) -> None:
         ("[caps.guest]\ncpu = 1\n", {}, "caps for unknown role 'guest'"),
         ("limits = 1\n", {}, "unknown setting 'limits'"),
         ("[defaults]\nmemory = '1 lot'\n", {}, "defaults: memory: not a size: '1 lot'"),
-        ("[defaults]\nmemory = 100\n", {}, "limits.memory: must be between"),
-        ("[caps.user]\nmax_runtime = -1\n", {}, "max_runtime must be between"),
-        ("[defaults]\ncpu = true\n", {}, "cpu must be a number"),
+        ("[defaults]\nmemory = 100\n", {},
+         "defaults: limits.memory: must be between 8M and 1P, not 100B"),
+        ("[caps.user]\nmax_runtime = -1\n", {},
+         "caps.user: max_runtime must be between 1ms and 10y, not -1s"),
+        ("[caps.user]\nmax_runtime = '11y'\n", {},
+         "caps.user: max_runtime must be between 1ms and 10y, not 11y"),
+        ("[defaults]\ncpu = true\n", {}, "defaults: cpu must be a number of cores, not true"),
+        ("[defaults]\nmemory = [1]\n", {},
+         "defaults: memory must be a size like 512M or 2G, not a list"),
         ("default_user = 3\n", {}, "default_user must be a user name"),
         ("[caps.user]\nmemory = '1G'\n[defaults]\nmemory = '2G'\n", {},
-         "the default memory (2.0 GiB) is over the user cap (1.0 GiB)"),
-        ("", {"defaults": {"cpu": "lots"}}, "cpu: could not convert"),
+         "the default memory (2G) is over the user cap (1G)"),
+        ("[caps.user]\nmax_runtime = '1h'\n[defaults]\nmax_runtime = '90m'\n", {},
+         "the default max_runtime (90m) is over the user cap (1h)"),
+        ("", {"defaults": {"cpu": "lots"}}, "defaults: cpu must be a number of cores, not 'lots'"),
+        # A whole number is not rounded down from what was written.
+        ("", {"defaults": {"pids": "1.5"}}, "defaults: pids must be a whole number, not '1.5'"),
+        ("defaults = 3\n", {}, "defaults must be a table, not 3"),
         ("x = [", {}, "corrald.toml: "),
     ],
 )  # fmt: skip
@@ -185,8 +202,53 @@ def test_writable_places_per_role_from_file_and_flags(tmp_path: Path) -> None:
     narrowed = load_policy(None, writable={"admin": ["/srv"]})
     with pytest.raises(OperationError):
         narrowed.check_writable(Identity("root", "admin"), ["/etc"])
-    for wrong in ['[writable]\nuser = "/srv"\n', '[writable]\nuser = ["srv"]\n',
-                  '[writable]\nboss = ["/srv"]\n']:  # fmt: skip
+    for wrong, words in [
+        ('[writable]\nuser = "/srv"\n',
+         "writable.user must be a list of absolute paths, not '/srv'"),
+        ('[writable]\nuser = ["srv"]\n', "writable.user must be a list of absolute paths, "
+         "not one with 'srv'"),
+        ('[writable]\nboss = ["/srv"]\n', "writable for unknown role 'boss'"),
+    ]:  # fmt: skip
         config.write_text(wrong)
-        with pytest.raises(PolicyError, match="writable"):
+        with pytest.raises(PolicyError) as refused:
             load_policy(config)
+        assert str(refused.value).endswith(words)
+
+
+def test_a_path_outside_the_writable_places_is_named_as_written() -> None:
+    policy = load_policy(None, writable={"user": ["/srv"]})
+    with pytest.raises(OperationError) as caught:
+        policy.check_writable(ALICE, [b"/etc/p\xffth"])
+    assert str(caught.value) == (
+        "writable: '/etc/p\\xffth' is outside where a user's jobs may write (allowed: /srv)"
+    )
+
+
+# -- the host's CPUs --------------------------------------------------------------------
+
+
+def test_a_cpu_cap_over_the_hosts_cpus_is_the_hosts_count() -> None:
+    """A cap says "at most"; the host says less already. Left over the host,
+    it would become the cpu limit of every job that sets none, and each
+    such job would be refused."""
+    policy = load_policy(None, caps={"user": {"cpu": "8"}, "admin": {"cpu": "1.5"}}, cpus=2)
+    assert policy.caps["user"].limits.cpu == 2.0
+    assert policy.caps["admin"].limits.cpu == 1.5  # under the host: as written
+    terms = policy.start_terms(ALICE, None, Limits(), None)
+    assert terms.limits.cpu == 2.0
+    # On this host, the same: the cap of 1000 cores is its CPUs.
+    assert load_policy(None, caps={"user": {"cpu": "1000"}}).caps["user"].limits.cpu == float(
+        host_cpus()
+    )
+
+
+def test_a_cpu_default_over_the_hosts_cpus_is_refused_at_start() -> None:
+    """A default is given to every job that sets none: one the host cannot
+    give is the operator's mistake, said once at start, not at every start."""
+    with pytest.raises(PolicyError) as caught:
+        load_policy(None, defaults={"cpu": "3"}, cpus=2)
+    assert str(caught.value) == (
+        "policy: defaults: limits.cpu: must be at most 2 cores, this host's CPUs, not 3"
+    )
+    with pytest.raises(PolicyError, match=r"must be at most \d+ cores?, this host's CPUs"):
+        load_policy(None, defaults={"cpu": "1000"})

@@ -4,7 +4,8 @@ The shim forks init after `unshare(CLONE_NEWPID)`, so init is PID 1 of a
 new PID namespace. init builds the jail (new mount, network, UTS and IPC
 namespaces; private mounts, every host mount read-only, a fresh /proc and
 /sys, a size-limited /tmp and /dev/shm, the paths the job may write bound
-writable, `lo` up, the job's hostname, no_new_privs) while the shim puts it in the
+writable (a host path under /tmp or /dev/shm carried into the job's own
+one), `lo` up, the job's hostname, no_new_privs) while the shim puts it in the
 job's cgroup, becomes what the command must be (the run-as user, its cwd,
 the OOM score), waits for the shim's release, and spawns the command with
 posix_spawn. Then it reaps orphans, forwards SIGTERM and SIGINT, and when
@@ -34,8 +35,9 @@ import select
 import signal
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, ParamSpec, TypeVar
 
 from corral.job import pack, unpack
 from corral.shim import libc
@@ -70,6 +72,10 @@ DEV_LINKS = {
     "stderr": "/proc/self/fd/2",
     "ptmx": "pts/ptmx",
 }
+# The job's own mounts over host paths. A writable path at or under one of
+# them names the host's path, which the job's mount hides: it is opened
+# before the mount and bound at the same path inside it (see _carry_writable).
+PRIVATE_MOUNTS = (b"/tmp", b"/dev/shm")
 # Per-mount flags a bind remount must repeat or lose (mountinfo's names).
 MOUNT_FLAGS = {
     b"nosuid": libc.MS_NOSUID,
@@ -184,9 +190,14 @@ class _StepError(Exception):
         self.error = error
 
 
-def _step(step: str, call: object, *args: object) -> None:
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _step(step: str, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """call(*args, **kwargs)'s result; an OSError becomes the failure of `step`."""
     try:
-        call(*args)  # type: ignore[operator]
+        return call(*args, **kwargs)
     except OSError as exc:
         raise _StepError(step, exc) from None
 
@@ -196,20 +207,32 @@ def _prepare(config: InitConfig) -> JobConfig:
     # A dead shim means a dead job: the shim may die at any point from here
     # (or have died already: then the job never comes, only EOF).
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    _jail(config)
+    host_shm = _jail(config)
     # The jail is built ahead of the job (in a warm sandbox, long before);
     # the job comes once init is in the job's cgroup and its limits are set.
     job = _receive_job(config.job_fd)
+    carried: dict[bytes, int] = {}  # host paths the job's own mounts will hide, opened
     for path in job.writable:
-        _step("writable", _make_writable, path)
+        if _under_private_mount(path):
+            carried[path] = _step("writable", _open_host_path, path, host_shm)
+        else:
+            _step("writable", _make_writable, path)
     if b"/" in job.writable:  # all of it, but sysfs stays as it was mounted
         _step("mounts", libc.mount, None, "/sys", None, REMOUNT_READ_ONLY | HARDENED, None)
+    # The job's own /tmp and /dev/shm, unless it was given the host's whole.
     tmp_options = f"size={job.tmp_size},mode=1777"
-    _step(
-        "mounts", libc.mount, "tmpfs", "/tmp", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, tmp_options
-    )
-    # Private, so POSIX shared memory and semaphores stay in the job.
-    _step("mounts", libc.mount, "tmpfs", "/dev/shm", "tmpfs", HARDENED, tmp_options)
+    if b"/tmp" not in carried:
+        tmp_flags = libc.MS_NOSUID | libc.MS_NODEV
+        _step("mounts", libc.mount, "tmpfs", "/tmp", "tmpfs", tmp_flags, tmp_options)
+    if b"/dev/shm" not in carried:
+        # Private, so POSIX shared memory and semaphores stay in the job.
+        _step("mounts", libc.mount, "tmpfs", "/dev/shm", "tmpfs", HARDENED, tmp_options)
+    for path, fd in carried.items():
+        # A path inside another carried one is already there, in the host's directory.
+        if not any(_inside(path, other) for other in carried):
+            _step("writable", _carry_writable, path, fd)
+    for fd in [*carried.values(), *([] if host_shm is None else [host_shm])]:
+        os.close(fd)
     # The command is the process the OOM killer should pick; init inherits
     # the score it passes on (only root may lower it later).
     _step("oom_score_adj", _write, "/proc/self/oom_score_adj", COMMAND_OOM_SCORE_ADJ)
@@ -252,7 +275,9 @@ def _write(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def _jail(config: InitConfig) -> None:
+def _jail(config: InitConfig) -> int | None:
+    """Build the jail; return an O_PATH descriptor of the host's /dev/shm
+    (None if it has none), which the job's own /dev hides from here on."""
     flags = libc.CLONE_NEWNS | libc.CLONE_NEWNET | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC
     _step("namespaces", libc.unshare, flags)
     # On systemd hosts / is shared: without this our mounts leak to the host.
@@ -263,6 +288,10 @@ def _jail(config: InitConfig) -> None:
     _step("mounts", _set_read_only, b"/", True)
     _step("mounts", libc.mount, "proc", "/proc", "proc", HARDENED, None)
     _step("mounts", libc.mount, "sysfs", "/sys", "sysfs", HARDENED | libc.MS_RDONLY, None)
+    try:
+        host_shm: int | None = os.open("/dev/shm", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:  # no /dev/shm: a writable path under it will not be found
+        host_shm = None
     _step("dev", _make_dev)
     _step("network", libc.interface_up, "lo")
     # A new network namespace forbids unprivileged ping; allow it, as hosts do.
@@ -272,6 +301,7 @@ def _jail(config: InitConfig) -> None:
     # Inherited by the command: setuid bits and file capabilities give nothing.
     _step("no_new_privs", libc.prctl, libc.PR_SET_NO_NEW_PRIVS, 1)
     libc.set_name("corral-init")
+    return host_shm
 
 
 def _make_dev() -> None:
@@ -306,13 +336,73 @@ def _make_writable(path: bytes) -> None:
     process with write access to a parent directory is not caught.
     """
     if os.path.realpath(path) != path:
-        raise OSError(
-            errno.ELOOP,
-            f"{path.decode(errors='replace')} passes through a symbolic link; "
-            "give the path it leads to",
-        )
+        raise _through_a_link(path)
     if path != b"/":
         libc.mount(path, path, None, libc.MS_BIND | libc.MS_REC, None)
+    _set_read_only(path, False)
+
+
+def _through_a_link(path: bytes) -> OSError:
+    return OSError(
+        errno.ELOOP, f"{_shown(path)} passes through a symbolic link; give the path it leads to"
+    )
+
+
+def _shown(path: bytes) -> str:
+    return path.decode("utf-8", "backslashreplace")
+
+
+def _under_private_mount(path: bytes) -> bool:
+    return any(path == mount or _inside(path, mount) for mount in PRIVATE_MOUNTS)
+
+
+def _inside(path: bytes, directory: bytes) -> bool:
+    """`path` is strictly below `directory` (both normalised, absolute)."""
+    return path.startswith(directory.rstrip(b"/") + b"/")
+
+
+def _open_host_path(path: bytes, host_shm: int | None) -> int:
+    """An O_PATH descriptor of the host's `path`, at or under /tmp or /dev/shm,
+    for _carry_writable once the job's own mount there hides it.
+
+    `host_shm` is the host's /dev/shm, opened before the job's /dev hid it.
+    What was opened is checked to be `path` itself (ELOOP if the way there
+    passes through a symbolic link: one planted in the world-writable /tmp
+    could lead anywhere), and the same descriptor is what gets bound, so no
+    link swapped in between the check and the bind is followed.
+    """
+    flags = os.O_PATH | os.O_CLOEXEC
+    try:
+        if path == b"/dev/shm" or _inside(path, b"/dev/shm"):
+            if host_shm is None:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+            below = b"." if path == b"/dev/shm" else path.removeprefix(b"/dev/shm/")
+            fd = os.open(below, flags, dir_fd=host_shm)
+        else:
+            fd = os.open(path, flags)
+    except OSError as exc:
+        raise OSError(exc.errno, f"open({_shown(path)}): {exc.strerror}") from None
+    if os.readlink(b"/proc/self/fd/%d" % fd) != path:  # the path the kernel took
+        os.close(fd)
+        raise _through_a_link(path)
+    return fd
+
+
+def _carry_writable(path: bytes, fd: int) -> None:
+    """Bind the host's `path` (open as `fd`) at `path` in the job's own /tmp or
+    /dev/shm, writable, as _make_writable does in place; the host's whole
+    /tmp or /dev/shm (the job then has none of its own) in their place.
+
+    The mount point is made in the job's fresh tmpfs, never on the host: a
+    directory for a directory, an empty file for anything else.
+    """
+    if path not in PRIVATE_MOUNTS:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.mkdir(path, 0o755)
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+    libc.mount(b"/proc/self/fd/%d" % fd, path, None, libc.MS_BIND | libc.MS_REC, None)
     _set_read_only(path, False)
 
 

@@ -106,7 +106,7 @@ def mount(
             data.encode() if data is not None else None,
         ),
         "mount",
-        target.decode(errors="replace"),
+        target.decode(errors="backslashreplace"),
     )
 
 
@@ -130,7 +130,7 @@ def mount_setattr(path: bytes, *, attr_set: int = 0, attr_clr: int = 0) -> None:
         ctypes.byref(attr),
         ctypes.c_size_t(ctypes.sizeof(attr)),
     )
-    _check(result, "mount_setattr", path.decode(errors="replace"))
+    _check(result, "mount_setattr", path.decode(errors="backslashreplace"))
 
 
 def umount(target: str, flags: int = 0) -> None:

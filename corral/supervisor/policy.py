@@ -21,7 +21,9 @@ admin may choose any, root included), and its limits: the defaults fill
 what the request leaves unset, and each role's caps bound the result. A
 limit over a cap is `permission_denied` naming the cap; a limit left unset
 where a cap exists becomes the cap, so no job of a capped role runs
-unbounded.
+unbounded. A cpu cap over the host's CPUs is the host's count (the host
+bounds a job already; left over it, it would be given to every job that
+sets no cpu, and refused); a cpu default over them is refused at start.
 """
 
 from __future__ import annotations
@@ -35,11 +37,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from corral.client.units import format_size, parse_duration, parse_size
-from corral.job import DEFAULT_USER, MAX_RUNTIME, Limits, SpecError
+from corral.client.units import (
+    describe,
+    parse_duration,
+    parse_size,
+    quote,
+    short_duration,
+    short_number,
+    short_size,
+)
+from corral.job import DEFAULT_USER, MAX_RUNTIME, MIN_RUNTIME, Limits, SpecError, host_cpus
 from corral.pki import ROLES
 from corral.protocol import ErrorCode
-from corral.protocol.errors import shorten
 from corral.supervisor.session import OperationError
 from corral.tls import Identity
 
@@ -71,7 +80,7 @@ def authorize(identity: Identity, operation: str) -> Reach:
     if reach is None:
         raise OperationError(
             ErrorCode.PERMISSION_DENIED,
-            f"{identity.role} {identity.name} may not use {operation!r}",
+            f"{identity.role} {identity.name} may not use {quote(operation)}",
         )
     return reach
 
@@ -85,6 +94,7 @@ def owner_filter(identity: Identity, operation: str) -> str | None:
 
 LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 BYTE_LIMITS = {"memory", "io_read_bps", "io_write_bps"}
+WHOLE_LIMITS = {"pids", "io_read_iops", "io_write_iops"}
 CAP_NAMES = (*LIMIT_NAMES, "max_runtime")
 
 
@@ -160,7 +170,7 @@ class Policy:
                 places = ", ".join(allowed) if allowed else "none"
                 raise OperationError(
                     ErrorCode.PERMISSION_DENIED,
-                    f"writable: {shorten(text)} is outside where a {identity.role}'s jobs may "
+                    f"writable: {quote(value)} is outside where a {identity.role}'s jobs may "
                     f"write (allowed: {places})",
                 )
 
@@ -210,46 +220,72 @@ def _field(name: str) -> str:
 
 
 def _show(name: str, value: float) -> str:
+    """A limit's value as it would be typed in a flag: 2G, 1h, 2.5 cores, 100."""
     if name in BYTE_LIMITS:
-        per_second = "/s" if name.startswith("io_") else ""
-        return format_size(int(value)) + per_second
+        return short_size(int(value))
     if name == "max_runtime":
-        return f"{value:g} s"
+        return short_duration(value)
     if name == "cpu":
-        return f"{value:g} cores"
-    return f"{value:g}"
+        return f"{short_number(value)} {'core' if value == 1 else 'cores'}"
+    return short_number(value)
 
 
 # -- reading settings -------------------------------------------------------------
 
+# What each kind of setting must be, in words, for messages.
+_KINDS = {
+    **dict.fromkeys(BYTE_LIMITS, "a size like 512M or 2G"),
+    **dict.fromkeys(WHOLE_LIMITS, "a whole number"),
+    "cpu": "a number of cores",
+    "max_runtime": "a duration like 30m or 1h",
+}
+
 
 def parse_setting(name: str, value: object, where: str) -> int | float:
-    """One limit or max_runtime from a flag's text or a TOML value."""
+    """One limit or max_runtime from a flag's text or a TOML value: a size
+    for byte limits, a duration for max_runtime, a number of cores for cpu,
+    a whole number for the rest. PolicyError saying what it must be."""
     if name not in CAP_NAMES:
-        raise PolicyError(f"{where}: unknown limit {name!r}; known: {', '.join(CAP_NAMES)}")
+        raise PolicyError(f"{where}: unknown limit {quote(name)}; known: {', '.join(CAP_NAMES)}")
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise PolicyError(f"{where}: {name} must be a number or a string like 2G or 1h")
+        raise PolicyError(f"{where}: {name} must be {_KINDS[name]}, not {describe(value)}")
+    if not isinstance(value, str):
+        return value  # a TOML number: its range is checked with the others
     try:
-        if isinstance(value, str):
-            if name in BYTE_LIMITS:
-                return parse_size(value)
-            if name == "max_runtime":
-                return parse_duration(value)
-            number = float(value)
-            return number if name == "cpu" else int(number)
-        return value
+        if name in BYTE_LIMITS:
+            return parse_size(value)
+        if name == "max_runtime":
+            return parse_duration(value)
+        return float(value) if name == "cpu" else int(value)
     except ValueError as exc:
-        raise PolicyError(f"{where}: {name}: {exc}") from None
+        if name in BYTE_LIMITS or name == "max_runtime":  # their words are for people already
+            raise PolicyError(f"{where}: {name}: {exc}") from None
+        raise PolicyError(f"{where}: {name} must be {_KINDS[name]}, not {quote(value)}") from None
 
 
-def caps_from(settings: Mapping[str, object], where: str) -> Caps:
-    """Caps (or defaults) from a map of limit names to values, validated."""
+def caps_from(
+    settings: Mapping[str, object], where: str, *, cpus: int | None = None, cap: bool = False
+) -> Caps:
+    """Caps (`cap`) or defaults from a map of limit names to values, validated;
+    PolicyError naming what is wrong.
+
+    A cpu over the host's `cpus` (default: host_cpus()) is an error in a
+    default; a cap over it becomes the host's count.
+    """
     values = {name: parse_setting(name, value, where) for name, value in settings.items()}
     runtime = values.pop("max_runtime", None)
-    if runtime is not None and not (math.isfinite(runtime) and 0 < runtime <= MAX_RUNTIME):
-        raise PolicyError(f"{where}: max_runtime must be between 0 and {MAX_RUNTIME:g} s")
+    if runtime is not None and not (
+        math.isfinite(runtime) and MIN_RUNTIME <= runtime <= MAX_RUNTIME
+    ):
+        raise PolicyError(
+            f"{where}: max_runtime must be between {short_duration(MIN_RUNTIME)} and "
+            f"{short_duration(MAX_RUNTIME)}, not {short_duration(runtime)}"
+        )
+    cpus = host_cpus() if cpus is None else cpus
+    if cap and values.get("cpu", 0) > cpus:
+        values["cpu"] = float(cpus)
     try:
-        limits = Limits(**values).validate()  # type: ignore[arg-type]
+        limits = Limits(**values).validate(cpus=cpus)  # type: ignore[arg-type]
     except SpecError as exc:
         raise PolicyError(f"{where}: {exc}") from None
     return Caps(limits, None if runtime is None else float(runtime))
@@ -262,8 +298,13 @@ def load_policy(
     defaults: Mapping[str, str] | None = None,
     caps: Mapping[str, Mapping[str, str]] | None = None,
     writable: Mapping[str, Sequence[str]] | None = None,
+    cpus: int | None = None,
 ) -> Policy:
-    """The policy of a TOML file (if any), with flags' settings over it.
+    """The policy of a TOML file (if any), with flags' settings over it;
+    PolicyError naming the setting that is wrong.
+
+    `cpus` is the host's CPUs (default: host_cpus()): a cpu default over
+    them is an error, a cpu cap over them becomes their count.
 
     The file's shape:
 
@@ -290,7 +331,7 @@ def load_policy(
         unknown = sorted(set(document) - {"default_user", "defaults", "caps", "writable"})
         if unknown:
             raise PolicyError(
-                f"{path}: unknown setting {unknown[0]!r}; "
+                f"{path}: unknown setting {quote(unknown[0])}; "
                 "known: default_user, defaults, caps, writable"
             )
     where = str(path) if path else "policy"
@@ -302,14 +343,16 @@ def load_policy(
     roles = sorted(set(cap_tables) | set(caps or {}))
     unknown_roles = [role for role in roles if role not in ROLES]
     if unknown_roles:
-        raise PolicyError(f"{where}: caps for unknown role {unknown_roles[0]!r}")
+        raise PolicyError(f"{where}: caps for unknown role {quote(unknown_roles[0])}")
     policy = Policy(
         default_user=user,
-        defaults=caps_from(default_settings, f"{where}: defaults"),
+        defaults=caps_from(default_settings, f"{where}: defaults", cpus=cpus),
         caps={
             role: caps_from(
                 {**_table(cap_tables, role, f"{where}: caps"), **(caps or {}).get(role, {})},
                 f"{where}: caps.{role}",
+                cpus=cpus,
+                cap=True,
             )
             for role in roles
         },
@@ -324,12 +367,19 @@ def _writable(
     places: dict[str, tuple[str, ...]] = {ADMIN: ("/",), USER: ()}
     for role in sorted(set(table) | set(flags)):
         if role not in ROLES:
-            raise PolicyError(f"{where}: writable for unknown role {role!r}")
-        paths = [*table.get(role, []), *flags.get(role, [])]
-        if not isinstance(table.get(role, []), list) or not all(
-            isinstance(p, str) and p.startswith("/") and "\0" not in p for p in paths
-        ):
-            raise PolicyError(f"{where}: writable.{role} must be a list of absolute paths")
+            raise PolicyError(f"{where}: writable for unknown role {quote(role)}")
+        listed = table.get(role, [])
+        if not isinstance(listed, list):
+            raise PolicyError(
+                f"{where}: writable.{role} must be a list of absolute paths, not {describe(listed)}"
+            )
+        paths = [*listed, *flags.get(role, [])]
+        for p in paths:
+            if not (isinstance(p, str) and p.startswith("/") and "\0" not in p):
+                raise PolicyError(
+                    f"{where}: writable.{role} must be a list of absolute paths, "
+                    f"not one with {describe(p)}"
+                )
         places[role] = tuple(posixpath.normpath(p) for p in paths)
     return places
 
@@ -337,5 +387,5 @@ def _writable(
 def _table(document: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:
     table = document.get(name, {})
     if not isinstance(table, dict):
-        raise PolicyError(f"{where}: {name} must be a table")
+        raise PolicyError(f"{where}: {name} must be a table, not {describe(table)}")
     return table
