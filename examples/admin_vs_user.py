@@ -24,6 +24,7 @@ import trio
 
 from corral.client.client import Client, connect
 from corral.client.errors import EXIT_CONFIG, CorralError, ServerError
+from corral.client.script import run_script
 from corral.job import new_job_id
 from corral.protocol import ErrorCode
 
@@ -146,4 +147,5 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(trio.run(main))
+    # Ctrl+C cancels main (its jobs are cleaned up on the way out) and exits 130.
+    sys.exit(run_script(main))

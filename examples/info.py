@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 import sys
 
-import trio
-
 from corral.client.client import connect
 from corral.client.errors import CorralError
+from corral.client.script import run_script
 
 
 async def main() -> int:
@@ -34,4 +33,5 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(trio.run(main))
+    # Ctrl+C cancels main (its jobs are cleaned up on the way out) and exits 130.
+    sys.exit(run_script(main))

@@ -22,6 +22,7 @@ import trio
 from corral.client.client import Client, connect
 from corral.client.errors import CorralError
 from corral.client.jobs import JobInfo
+from corral.client.script import run_script
 
 # The mounts init makes for every job, and what "/" is (the host's).
 SHOWN_MOUNTS = ("/", "/proc", "/sys", "/tmp", "/dev/shm", "/dev/mqueue")
@@ -139,18 +140,22 @@ async def tour(guide: Tour) -> None:
     output, _ = await guide.run(["sh", "-c", WRITABLE], shown="test -w on /etc /usr /var/tmp /tmp")
     guide.show(output)
     writable = dict(line.split() for line in output.splitlines())
-    var_tmp = "can" if writable.get("/var/tmp") == "yes" else "cannot"
-    guard = (
-        "the host's filesystem is read-only here"
-        if root_read_only
-        else "the host's files are guarded by their permissions, not by the mount"
-    )
-    guide.explain(
-        writable.get("/etc") == writable.get("/usr") == "no" and writable.get("/tmp") == "yes",
-        f"{guard}:\n"
-        "     as nobody it cannot change /etc or /usr, but it can write wherever anyone\n"
-        f"     may on the host: it {var_tmp} write to the host's /var/tmp. /tmp is its own.",
-    )
+    if root_read_only:
+        what = (
+            "the host's filesystem is read-only here: it cannot change /etc or /usr,\n"
+            "     nor even /var/tmp, which anyone may write on the host; /tmp is its own,\n"
+            "     and `--rw PATH` is how a job is given a host path to write"
+        )
+        expected = {"/etc": "no", "/usr": "no", "/var/tmp": "no", "/tmp": "yes"}
+    else:
+        var_tmp = "can" if writable.get("/var/tmp") == "yes" else "cannot"
+        what = (
+            "the host's files are guarded by their permissions, not by the mount:\n"
+            "     as nobody it cannot change /etc or /usr, but it can write wherever anyone\n"
+            f"     may on the host: it {var_tmp} write to the host's /var/tmp. /tmp is its own."
+        )
+        expected = {"/etc": "no", "/usr": "no", "/tmp": "yes"}
+    guide.explain(all(writable.get(path) == seen for path, seen in expected.items()), what)
 
     output, _ = await guide.run(["ls", "-A", "/tmp"])
     guide.show(output or "(nothing)")
@@ -180,4 +185,5 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(trio.run(main))
+    # Ctrl+C cancels main (its jobs are cleaned up on the way out) and exits 130.
+    sys.exit(run_script(main))

@@ -21,6 +21,7 @@ import trio
 from corral.client.client import Client, connect
 from corral.client.errors import CorralError
 from corral.client.jobs import JobInfo
+from corral.client.script import run_script
 
 SPIN_SECONDS = 2.0
 # Busy until the wall clock says so: a throttled loop runs as long, and
@@ -148,4 +149,5 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(trio.run(main))
+    # Ctrl+C cancels main (its jobs are cleaned up on the way out) and exits 130.
+    sys.exit(run_script(main))

@@ -20,6 +20,7 @@ import trio
 
 from corral.client.client import Client, connect
 from corral.client.errors import CorralError
+from corral.client.script import run_script
 from corral.job import STREAM_STDERR, STREAM_STDOUT
 
 # A job that talks on both streams for a second or so, then fails.
@@ -90,4 +91,5 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(trio.run(main))
+    # Ctrl+C cancels main (its jobs are cleaned up on the way out) and exits 130.
+    sys.exit(run_script(main))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -108,7 +112,94 @@ def test_server_from_another_ca(corrald: Daemon, tmp_path: Path) -> None:
     pki.init_pki(other)
     result = corral("--addr", corrald.tcp, "--identity", str(other / "clients" / "admin"), "info")
     assert result.returncode == 76
-    assert f"cannot verify the server at {corrald.tcp}" in error_line(result)
+    assert error_line(result) == (
+        f"corral: error: cannot verify the server at {corrald.tcp}: its certificate is not "
+        "signed by this identity's CA (its ca.crt); is the identity for this corrald?"
+    )
+
+
+@contextlib.contextmanager
+def fake_server(reply: bytes | None) -> Iterator[str]:
+    """A TCP server that is not corrald: to each connection it answers
+    `reply` once the client has spoken (None: it closes at once)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                peer, _ = listener.accept()
+                with peer:
+                    if reply is not None:
+                        peer.recv(4096)
+                        peer.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "message"),
+    [
+        (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", 76, "does not speak TLS"),
+        (None, 69, "closed the connection during the TLS handshake"),
+    ],
+)
+def test_a_port_that_is_not_corrald_is_said_so(
+    pki_dir: Path, reply: bytes | None, status: int, message: str
+) -> None:
+    with fake_server(reply) as address:
+        result = corral("--addr", address, "--identity", str(identity(pki_dir, "bob")), "info")
+    assert result.returncode == status
+    line = error_line(result)
+    assert message in line
+    assert "is it corrald?" in line
+
+
+def test_a_wrong_flag_is_one_line_naming_the_help() -> None:
+    result = corral("start", "--bogus", "--", "true")
+    assert result.returncode == 2
+    assert error_line(result) == (
+        "corral: error: unrecognized arguments: --bogus; see 'corral start --help'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["info"], "invalid_config"),
+        (["--addr", "127.0.0.1:1", "--identity", "IDENTITY", "info"], "unavailable"),
+    ],
+)
+def test_json_errors_made_by_the_client_carry_snake_case_codes(
+    pki_dir: Path, args: list[str], code: str
+) -> None:
+    args = [str(identity(pki_dir, "bob")) if arg == "IDENTITY" else arg for arg in args]
+    result = corral("--json", *args)
+    assert result.returncode != 0
+    assert json.loads(result.stdout)["error"]["code"] == code
+
+
+def test_a_key_readable_by_others_gets_a_warning(
+    corrald: Daemon, pki_dir: Path, tmp_path: Path
+) -> None:
+    exposed = tmp_path / "bob"
+    shutil.copytree(identity(pki_dir, "bob"), exposed)
+    (exposed / pki.CLIENT_KEY_FILE).chmod(0o644)
+    result = corral("--addr", corrald.tcp, "--identity", str(exposed), "info")
+    assert result.returncode == 0  # said, as ssh would, but not refused
+    assert result.stderr == (
+        f"corral: warning: {exposed}/client.key is readable by others (mode 0644): anyone "
+        f"who reads it can act as this identity; `chmod 600 {exposed}/client.key`\n"
+    )
+    (exposed / pki.CLIENT_KEY_FILE).chmod(0o600)
+    assert corral("--addr", corrald.tcp, "--identity", str(exposed), "info").stderr == ""
 
 
 def test_wrong_server_name(corrald: Daemon, pki_dir: Path) -> None:
@@ -240,7 +331,7 @@ def test_corrald_refuses_a_cgroup_parent_that_is_not_a_name(pki_dir: Path, short
          (2, "expected LIMIT=VALUE (e.g. memory=2G), not 'memory'")),
         (["--user-cap", "ram=1G"], None, (78, "policy: caps.user: unknown limit 'ram'")),
         ([], "[caps.user]\nmemory = '1G'\n[defaults]\nmemory = '2G'\n",
-         (78, "the default memory (2.0 GiB) is over the user cap (1.0 GiB)")),
+         (78, "the default memory (2G) is over the user cap (1G)")),
         (["--default", "memory=4G"], "[caps.admin]\nmemory = '2G'\n",
          (78, "over the admin cap")),  # a flag over the file
     ],

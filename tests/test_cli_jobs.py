@@ -26,7 +26,8 @@ pytestmark = [
 
 JOB_KEYS = {
     "id", "owner", "argv", "state", "exit_code", "signal", "oom_killed", "reason",
-    "created_at", "started_at", "finished_at", "limits", "usage",
+    "created_at", "started_at", "finished_at", "limits", "usage", "outcome", "user",
+    "max_runtime", "stopped_by",
 }  # fmt: skip
 USAGE_KEYS = {"cpu_seconds", "memory_peak_bytes", "io_read_bytes", "io_write_bytes"}
 
@@ -72,10 +73,10 @@ def test_start_status_ps_stop_rm_as_json(as_user: Callable[..., object]) -> None
     assert final["reason"] == "stopped by alice; killed by SIGTERM"
 
     again = as_user("alice", "stop", "--json", job_id)
-    assert again.returncode == 1  # type: ignore[attr-defined]
-    error = json.loads(again.stdout)["error"]  # type: ignore[attr-defined]
-    assert error["code"] == "failed_precondition"
-    assert "has already ended" in error["message"]
+    assert again.returncode == 0  # type: ignore[attr-defined]
+    ended = json.loads(again.stdout)  # type: ignore[attr-defined]
+    assert ended["already_ended"] is True
+    assert ended["reason"] == final["reason"]
 
     removed = as_user("alice", "rm", job_id[:8])
     assert removed.stdout.strip() == job_id  # type: ignore[attr-defined]

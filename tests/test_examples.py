@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,49 @@ def test_admin_vs_user_needs_an_admin(corrald: Daemon, pki_dir: Path) -> None:
         EXAMPLES_DIR / "admin_vs_user.py", corrald.tcp, identity(pki_dir, "bob"), status=78,
     )  # fmt: skip
     assert job_dirs(corrald) == []
+
+
+@pytest.mark.parametrize("script", JOB_EXAMPLES, ids=[p.name for p in JOB_EXAMPLES])
+def test_job_example_ends_on_ctrl_c_with_130_and_no_traceback(
+    script: Path, corrald: Daemon, pki_dir: Path
+) -> None:
+    env = dict(
+        os.environ,
+        CORRAL_ADDR=corrald.tcp,
+        CORRAL_IDENTITY=str(identity(pki_dir, "admin")),
+        PYTHONUNBUFFERED="1",
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    # Interrupted once its first job exists: mid-way, with something to clean up.
+    deadline = time.monotonic() + 30
+    while not job_dirs(corrald) and process.poll() is None:
+        assert time.monotonic() < deadline, "the example started no job"
+        time.sleep(0.005)  # what another process does, looked at: see conftest.until
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert job_dirs(corrald) == []
+
+
+def test_the_readmes_python_runs_as_written(corrald: Daemon, pki_dir: Path) -> None:
+    readme = (EXAMPLES_DIR.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    assert len(blocks) == 1
+    code = (
+        blocks[0]
+        .replace('"127.0.0.1:7443"', repr(corrald.tcp))
+        .replace('"var/pki/clients/admin"', repr(str(identity(pki_dir, "admin"))))
+    )
+    assert code != blocks[0]  # the address and identity were found and replaced
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "exited" in result.stdout

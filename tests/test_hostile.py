@@ -489,7 +489,7 @@ SAMPLES: tuple[Message, ...] = (
     Welcome(version=PROTOCOL_VERSION, server="s", name="n", role="user"),
     Request(id=1, op="info", args={}),
     Result(id=1, value={}),
-    Error(id=1, code=ErrorCode.INTERNAL, message="m"),
+    Error(id=1, code=ErrorCode.INTERNAL, message="m", details={"job": "j"}),
     Data(id=1, offset=0, data=b"d"),
     End(id=1, value={}),
     Credit(id=1, amount=1),

@@ -265,7 +265,7 @@ def test_run_says_when_the_job_ran_out_of_memory(as_admin: dict[str, str]) -> No
     grab = "x = bytearray(200 << 20)"
     result = cli(as_admin, "run", "--memory", "32M", "--", "python3", "-c", grab)
     assert result.returncode == 137
-    assert result.stderr.decode().endswith("was killed: out of memory (memory limit 32.0 MiB)\n")
+    assert result.stderr.decode().endswith("was killed: out of memory (memory limit 32M)\n")
 
 
 def test_run_of_a_missing_command_exits_127(as_admin: dict[str, str]) -> None:

@@ -262,24 +262,39 @@ def test_a_bad_line_says_why_and_the_shell_goes_on(
     trio.run(only_the_checker_is_connected, corrald, pki_dir)
 
 
+def _shell_script(corrald: Daemon, pki_dir: Path, script: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env.update(CORRAL_ADDR=corrald.tcp, CORRAL_IDENTITY=str(identity(pki_dir, "admin")))
+    return subprocess.run(
+        [*CORRAL, "shell"], input=script, capture_output=True, text=True, env=env, timeout=30,
+        check=False,
+    )  # fmt: skip
+
+
 def test_without_a_terminal_lines_are_read_from_stdin_without_a_prompt(
     corrald: Daemon, pki_dir: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-    env.update(CORRAL_ADDR=corrald.tcp, CORRAL_IDENTITY=str(identity(pki_dir, "admin")))
-    result = subprocess.run(
-        [*CORRAL, "shell"],
-        input="info\nstatus nope\n",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = _shell_script(corrald, pki_dir, "info\nstatus nope\n")
     assert result.stdout.startswith("server:")
     assert PROMPT not in result.stdout
     assert result.stderr == "error: no job 'nope'\n"
+    assert result.returncode == 1  # the last failure's status, as a script's
+
+
+@pytest.mark.parametrize(
+    ("script", "status"),
+    [
+        ("info\n", 0),
+        ("status nope\ninfo\n", 1),  # a failure earlier in the script still counts
+        ("status nope\nstatus --bogus x\n", 2),  # the last failure's status
+        ("run -- sh -c 'exit 7'\ninfo\n", 7),
+    ],
+)
+def test_a_script_fed_to_the_shell_exits_with_its_last_failure(
+    corrald: Daemon, pki_dir: Path, script: str, status: int
+) -> None:
+    result = _shell_script(corrald, pki_dir, script)
+    assert result.returncode == status, result.stderr
 
 
 def test_a_lost_connection_ends_the_shell_with_69(shell: Shell, corrald: Daemon) -> None:

@@ -18,60 +18,54 @@ import contextlib
 import math
 import os
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from itertools import count
 from pathlib import Path
 from typing import Any
 
 import trio
-from cryptography import x509
 
-import corral
 from corral.address import Address, AddressError, TCPAddress, parse_address
 from corral.client.errors import (
-    AuthenticationError,
     ConfigError,
     ConnectError,
     CorralError,
     ServerError,
     TLSError,
 )
+from corral.client.handshake import RECEIVE_SIZE, handshake, identity_context, open_transport
 from corral.client.jobs import JobInfo
 from corral.job import Record, RecordDecoder
-from corral.pki import CLIENT_CERT_FILE
 from corral.protocol import (
     NEED_DATA,
-    PROTOCOL_VERSION,
     Cancel,
     Connection,
     Credit,
     Data,
     End,
     Error,
-    ErrorCode,
-    Hello,
     Message,
     ProtocolError,
     Request,
     Result,
-    Role,
     Signal,
     Welcome,
 )
 from corral.streams import CLOSE_TIMEOUT, close_stream
-from corral.tls import Identity, TLSConfigError, client_context
+from corral.tls import Identity
 
 # Long enough for a loaded server on a slow link; short enough that a
 # script pointed at the wrong port does not hang.
 CONNECT_TIMEOUT = 10.0
-RECEIVE_SIZE = 64 * 1024
 # The name the dev server certificate always carries, used for unix sockets.
 UNIX_SERVER_NAME = "localhost"
 # A send that makes no progress this long means corrald has stopped reading.
 SEND_TIMEOUT = 30.0
+# How long a cancelled start waits for corrald's answer, and then for its
+# job's stop, before it gives up (the job is then left as it is).
+START_UNDO_TIMEOUT = 10.0
 # Credit granted to a log stream: corrald holds at most this much for us.
 LOG_WINDOW = 4 << 20
 
@@ -190,7 +184,7 @@ class LogStream:
                 continue
             self._ended = True
             if isinstance(event, Error):
-                raise ServerError(event.code, event.message)
+                raise ServerError(event.code, event.message, event.details)
             if isinstance(event, End):
                 self.offset = int(event.value.get("offset", self.offset))
                 self.job = JobInfo.from_wire(event.value["job"])
@@ -206,47 +200,6 @@ class LogStream:
                 raise TLSError(f"the job's output is not in corral's format: {exc}") from None
             for record in records:
                 yield record
-
-
-def _os_reason(exc: OSError) -> str:
-    """The first human reason in an OSError, or in the group behind it."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and (seen.errno or seen.strerror):
-            # trio's strerror repeats the address; the errno says it plainly.
-            # (Name lookup errors have negative errnos and their own text.)
-            reason = os.strerror(seen.errno) if seen.errno and seen.errno > 0 else seen.strerror
-            return str(reason)[0].lower() + str(reason)[1:]
-        if isinstance(seen, BaseExceptionGroup) and seen.exceptions:
-            seen = seen.exceptions[0]
-        else:
-            seen = seen.__cause__
-    return str(exc)
-
-
-def _alert_text(exc: ssl.SSLError) -> str:
-    """'TLSV1_ALERT_UNKNOWN_CA' -> 'unknown ca'."""
-    reason = (exc.reason or str(exc)).lower()
-    for prefix in ("tlsv13_alert_", "tlsv1_alert_", "sslv3_alert_"):
-        if reason.startswith(prefix):
-            return reason.removeprefix(prefix).replace("_", " ")
-    return reason.replace("_", " ")
-
-
-def _is_alert(exc: BaseException | None) -> bool:
-    return isinstance(exc, ssl.SSLError) and "alert" in (exc.reason or "").lower()
-
-
-async def _open_transport(address: Address, timeout: float) -> trio.SocketStream:
-    try:
-        with trio.fail_after(timeout):
-            if isinstance(address, TCPAddress):
-                return await trio.open_tcp_stream(address.host, address.port)
-            return await trio.open_unix_socket(address.path)
-    except trio.TooSlowError:
-        raise ConnectError(f"cannot connect to {address}: timed out after {timeout:g} s") from None
-    except OSError as exc:
-        raise ConnectError(f"cannot connect to {address}: {_os_reason(exc)}") from None
 
 
 class Client:
@@ -304,31 +257,51 @@ class Client:
         limits: Mapping[str, int | float] | None = None,
         max_runtime: float | None = None,
         writable: Sequence[str | bytes] = (),
+        env_clear: bool = False,
     ) -> JobInfo:
         """Start a job; return once its command runs (ServerError if it cannot).
 
+        `env` adds to the default environment (PATH, HOME, LANG, TERM),
+        replacing the names it gives; with `env_clear`, it is all there is.
         The job sees the host read-only except its own /tmp and /dev/shm and
         the `writable` paths (where file permissions still apply).
+
+        Cancelled or interrupted (a timeout around it, Ctrl+C), a start
+        leaves no job behind: corrald's answer is awaited (a few ms; at most
+        START_UNDO_TIMEOUT), and the job it started, which nobody else
+        knows of, is stopped at once and removed.
         """
         args: dict[str, Any] = {"argv": list(argv), "limits": dict(limits or {})}
         if writable:
             args["writable"] = list(writable)
         if env is not None:
             args["env"] = dict(env)
+        if env_clear:
+            args["env_clear"] = True
         if cwd is not None:
             args["cwd"] = cwd
         if user is not None:
             args["user"] = user
         if max_runtime is not None:
             args["max_runtime"] = max_runtime
-        return JobInfo.from_wire((await self.call("start", args))["job"])
+        return JobInfo.from_wire((await self.call("start", args, undo=self._undo_start))["job"])
+
+    async def _undo_start(self, reply: dict[str, Any]) -> None:
+        """Stop at once and remove the job a start abandoned by its caller made."""
+        job_id = str(reply["job"]["id"])
+        await self.stop(job_id, 0)
+        await self.remove(job_id)
 
     async def stop(self, job_id: str, grace: float | None = None) -> JobInfo:
-        """Stop a job (SIGTERM, then SIGKILL after `grace` s); return its final state."""
+        """Stop a job (SIGTERM, then SIGKILL after `grace` s); return its final
+        state. A job that has ended already is no error: see `already_ended`."""
         args: dict[str, Any] = {"id": job_id}
         if grace is not None:
             args["grace"] = grace
-        return JobInfo.from_wire((await self.call("stop", args))["job"])
+        reply = await self.call("stop", args)
+        # A job that had ended before the stop came is stopped already:
+        # `already_ended` says so (and its state says how it ended).
+        return JobInfo.from_wire(reply["job"], already_ended=bool(reply.get("already_ended")))
 
     async def wait(self, job_id: str) -> JobInfo:
         """Return once the job has ended, with its final state."""
@@ -391,12 +364,20 @@ class Client:
         ):
             await self._send(Cancel(id=request_id), unless_ended=True)
 
-    async def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def call(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        *,
+        undo: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
         """Run one request and return its result value.
 
         Raises ServerError if corrald answers with an error, ConnectError if
-        the connection is lost. If the caller is cancelled, corrald is told
-        to cancel the request too.
+        the connection is lost. If the caller is cancelled (or interrupted),
+        corrald is told to cancel the request too; or, with `undo`, the
+        request runs on to its answer, whose value `undo` is called with
+        (what the request did is undone) before the cancellation goes on.
         """
         if self._closed is not None:
             raise self._closed
@@ -413,7 +394,9 @@ class Client:
         try:
             await pending.done.wait()
         except BaseException:
-            if not pending.done.is_set():
+            if undo is not None:
+                await self._undo(request_id, pending, undo)
+            elif not pending.done.is_set():
                 del self._pending[request_id]
                 with (
                     trio.CancelScope(shield=True),
@@ -426,12 +409,26 @@ class Client:
         if isinstance(reply, CorralError):
             raise reply
         if isinstance(reply, Error):
-            raise ServerError(reply.code, reply.message)
+            raise ServerError(reply.code, reply.message, reply.details)
         if isinstance(reply, Result):
             return reply.value
         raise TLSError(f"unexpected reply to {op!r}: {type(reply).__name__}")
 
     # -- plumbing ------------------------------------------------------------
+
+    async def _undo(
+        self,
+        request_id: int,
+        pending: _Pending,
+        undo: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        """Wait (shielded, bounded) for an abandoned request's answer and undo it."""
+        with trio.CancelScope(shield=True), trio.move_on_after(START_UNDO_TIMEOUT):
+            await pending.done.wait()
+            if isinstance(pending.reply, Result):
+                with contextlib.suppress(CorralError, KeyError, TypeError):
+                    await undo(pending.reply.value)
+        self._pending.pop(request_id, None)
 
     async def _send(self, message: Message, *, unless_ended: bool = False) -> None:
         """Send one message; with `unless_ended`, nothing if its request has
@@ -502,111 +499,6 @@ class Client:
                 pending.done.set()
 
 
-async def _handshake(
-    tls: trio.SSLStream[trio.SocketStream], address: Address, timeout: float
-) -> tuple[Connection, Welcome]:
-    """TLS handshake, hello, welcome: return the open protocol connection."""
-    conn = Connection(Role.CLIENT)
-    try:
-        with trio.fail_after(timeout):
-            try:
-                await tls.do_handshake()
-            except trio.BrokenResourceError as exc:
-                cause = exc.__cause__
-                if isinstance(cause, ssl.SSLCertVerificationError):
-                    raise TLSError(
-                        f"cannot verify the server at {address}: {cause.verify_message}"
-                    ) from None
-                if _is_alert(cause):
-                    raise TLSError(
-                        f"TLS handshake with {address} failed: the server sent "
-                        f"'{_alert_text(cause)}'"  # type: ignore[arg-type]
-                    ) from None
-                if cause is None or isinstance(cause, ssl.SSLEOFError | ConnectionError):
-                    # Closed (or reset) before any TLS was spoken: refused at accept.
-                    raise ConnectError(
-                        f"corrald at {address} closed the connection during the TLS "
-                        "handshake; it may be overloaded, try again"
-                    ) from None
-                raise TLSError(f"TLS handshake with {address} failed: {cause}") from None
-            agent = f"corral/{corral.__version__}"
-            try:
-                await tls.send_all(conn.send(Hello(version=PROTOCOL_VERSION, agent=agent)))
-            except trio.BrokenResourceError as exc:
-                raise _refusal(address, exc.__cause__) from None
-            while True:
-                try:
-                    event = conn.next_event()
-                except ProtocolError as exc:
-                    if exc.code is ErrorCode.FAILED_PRECONDITION:
-                        raise TLSError(f"corrald at {address}: {exc}") from None
-                    raise TLSError(f"corrald at {address} broke the protocol: {exc}") from None
-                if event is NEED_DATA:
-                    try:
-                        data = await tls.receive_some(RECEIVE_SIZE)
-                    except trio.BrokenResourceError as exc:
-                        raise _refusal(address, exc.__cause__) from None
-                    conn.receive_data(bytes(data))
-                elif isinstance(event, Welcome):
-                    return conn, event
-                elif isinstance(event, Error):
-                    raise _server_refusal(address, event)
-                else:  # PEER_CLOSED
-                    raise _refusal(address, None)
-    except trio.TooSlowError:
-        raise TLSError(
-            f"corrald at {address} did not finish the handshake in {timeout:g} s"
-        ) from None
-
-
-def _server_refusal(address: Address, error: Error) -> CorralError:
-    if error.code is ErrorCode.PERMISSION_DENIED:
-        return AuthenticationError(f"corrald at {address} refused our certificate: {error.message}")
-    if error.code is ErrorCode.FAILED_PRECONDITION:
-        return TLSError(f"corrald at {address}: {error.message}")
-    return ServerError(error.code, f"corrald at {address}: {error.message}")
-
-
-def _refusal(address: Address, cause: BaseException | None) -> CorralError:
-    """A server that ends the connection before the welcome has refused us."""
-    if isinstance(cause, ssl.SSLError) and _is_alert(cause):
-        return AuthenticationError(
-            f"corrald at {address} rejected our client certificate: {_alert_text(cause)}"
-        )
-    return AuthenticationError(
-        f"corrald at {address} closed the connection before accepting us; "
-        "is our certificate signed by its CA, and still valid?"
-    )
-
-
-def _identity_context(directory: Path) -> ssl.SSLContext:
-    """The TLS context for an identity directory, after checking our own certificate."""
-    shown = os.fspath(directory)
-    if (directory / "clients").is_dir() and not (directory / CLIENT_CERT_FILE).exists():
-        example = f"{shown}/clients/admin"
-        raise ConfigError(f"identity {shown} is a PKI directory; use a client's, e.g. {example}")
-    try:
-        context = client_context(directory)
-    except TLSConfigError as exc:
-        raise ConfigError(f"identity {shown}: {exc}") from None
-    try:
-        cert = x509.load_pem_x509_certificate((directory / CLIENT_CERT_FILE).read_bytes())
-    except (OSError, ValueError):
-        return context  # the TLS layer has loaded it; let the handshake judge
-    now = datetime.now(UTC)
-    if now < cert.not_valid_before_utc:
-        raise ConfigError(
-            f"our certificate {shown}/{CLIENT_CERT_FILE} is not valid until "
-            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC; is this machine's clock right?"
-        )
-    if now > cert.not_valid_after_utc:
-        raise ConfigError(
-            f"our certificate {shown}/{CLIENT_CERT_FILE} expired on "
-            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC; issue a new one"
-        )
-    return context
-
-
 @asynccontextmanager
 async def connect(
     address: str | Address,
@@ -632,25 +524,32 @@ async def connect(
             address = parse_address(address)
         except AddressError as exc:
             raise ConfigError(str(exc)) from None
-    if isinstance(identity, ssl.SSLContext):
-        context = identity
-    else:
-        context = _identity_context(Path(identity))
+    context = identity if isinstance(identity, ssl.SSLContext) else identity_context(Path(identity))
     if server_name is None:
         server_name = address.host if isinstance(address, TCPAddress) else UNIX_SERVER_NAME
-    transport = await _open_transport(address, timeout)
+    transport = await open_transport(address, timeout)
     tls = trio.SSLStream(transport, context, server_hostname=server_name)
     try:
-        conn, welcome = await _handshake(tls, address, timeout)
+        conn, welcome = await handshake(tls, address, timeout)
         client = Client(tls, conn, address, welcome)
         try:
+            # The reader is shielded from the caller's cancellation: cleanup
+            # the caller runs shielded after a cancel (stop a job, remove
+            # it) still gets its replies. It ends when the block does.
+            reader = trio.CancelScope(shield=True)
+
+            async def read() -> None:
+                with reader:
+                    await client._read_loop()
+
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(client._read_loop)
+                nursery.start_soon(read)
                 if keepalive is not None:
                     nursery.start_soon(client._keep_alive, keepalive)
                 try:
                     yield client
                 finally:
+                    reader.cancel()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The reader never raises: the group only wraps what the caller's

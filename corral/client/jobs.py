@@ -39,6 +39,10 @@ class JobInfo:
     limits: dict[str, Any]
     usage: dict[str, Any]
     raw: dict[str, Any] = field(compare=False, repr=False)
+    user: str = ""  # who the command runs as
+    max_runtime: float | None = None  # seconds: its timeout, given or imposed by a cap
+    stopped_by: str | None = None  # who or what stopped it ("max runtime 2 s", a name)
+    already_ended: bool = False  # a stop's reply: the job had ended before it came
 
     @property
     def short_id(self) -> str:
@@ -51,8 +55,32 @@ class JobInfo:
         line = " ".join(_text(arg) for arg in self.argv)
         return line.translate(_CONTROL_ESCAPES)
 
+    @property
+    def finished(self) -> bool:
+        return self.state not in {"starting", "running"}
+
+    @property
+    def timed_out(self) -> bool:
+        """Stopped because it reached its max runtime (its timeout)."""
+        return self.state == "stopped" and (self.stopped_by or "").startswith("max runtime")
+
+    @property
+    def outcome(self) -> str:
+        """How it ended, in a word or two: 'exited (4)', 'killed (SIGKILL)',
+        'stopped (SIGTERM)', 'oom', 'timeout'; its state while it runs, and
+        for 'failed' and 'lost'."""
+        if self.state in {"exited", "stopped"}:
+            if self.oom_killed:
+                return "oom"
+            if self.timed_out:
+                return "timeout"
+            how = self.signal if self.signal is not None else str(self.exit_code)
+            verb = "killed" if self.state == "exited" and self.signal is not None else self.state
+            return f"{verb} ({how})"
+        return self.state
+
     @classmethod
-    def from_wire(cls, record: Any) -> JobInfo:
+    def from_wire(cls, record: Any, *, already_ended: bool = False) -> JobInfo:
         try:
             return cls(
                 id=str(record["id"]),
@@ -71,6 +99,10 @@ class JobInfo:
                 limits=dict(record.get("limits") or {}),
                 usage=dict(record.get("usage") or {}),
                 raw=record,
+                user=str(record.get("user") or ""),
+                max_runtime=_seconds(record.get("max_runtime")),
+                stopped_by=_optional_text(record.get("stopped_by")),
+                already_ended=already_ended,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TLSError(f"corrald sent a job of the wrong shape: {exc!r}") from None
@@ -82,6 +114,7 @@ class JobInfo:
             "owner": self.owner,
             "argv": [_text(arg) for arg in self.argv],
             "state": self.state,
+            "outcome": self.outcome,
             "exit_code": self.exit_code,
             "signal": self.signal,
             "oom_killed": self.oom_killed,
@@ -90,6 +123,9 @@ class JobInfo:
             "started_at": rfc3339(self.started_at),
             "finished_at": rfc3339(self.finished_at),
             "limits": self.limits,
+            "max_runtime": self.max_runtime,
+            "stopped_by": self.stopped_by,
+            "user": self.user,
             "usage": {
                 "cpu_seconds": self.usage.get("cpu_seconds", 0.0),
                 "memory_peak_bytes": self.usage.get("memory_peak_bytes", 0),
@@ -97,3 +133,15 @@ class JobInfo:
                 "io_write_bytes": self.usage.get("io_write_bytes", 0),
             },
         }
+
+
+def _seconds(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"max_runtime must be a number, not {type(value).__name__}")
+    return float(value)
+
+
+def _optional_text(value: object) -> str | None:
+    return None if value is None else str(value)

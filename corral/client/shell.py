@@ -54,10 +54,10 @@ from typing import Any, TextIO
 
 import trio
 
-from corral.client.cli import build_parser
 from corral.client.client import Client, connect
-from corral.client.errors import EXIT_UNAVAILABLE, CorralError
+from corral.client.errors import EXIT_UNAVAILABLE, EXIT_USAGE, CorralError
 from corral.client.jobs import JobInfo
+from corral.client.parser import build_parser
 from corral.client.units import rfc3339
 from corral.job import STREAM_STDERR, STREAM_STDOUT, Record
 
@@ -187,6 +187,9 @@ class _Session:
     def __init__(self, connect_args: dict[str, Any], screen: _Screen) -> None:
         self.failure: CorralError | None = None  # could not connect
         self.lost = False  # the connection went away under the shell
+        # The exit status of the last line that failed: a script fed to the
+        # shell exits with it, as `sh` does with its last command's.
+        self.failure_status = 0
         self.ended = threading.Event()
         self._connect_args = connect_args
         self._screen = screen
@@ -365,7 +368,9 @@ class _Session:
             if line.interrupted:
                 self._screen.write("\n")  # after the terminal's ^C, as a shell does
         except (CorralError, BaseExceptionGroup) as exc:
-            self._report(_corral_error(exc))
+            error = _corral_error(exc)
+            self.failure_status = int(error.exit_status)
+            self._report(error)
             line.leave = self.lost
         finally:
             sys.stdout.flush()  # a command's last words, even when stdout is a pipe
@@ -391,6 +396,7 @@ class _Session:
             words = shlex.split(text.removesuffix("&"))
         except ValueError as exc:
             self._screen.error(f"error: {exc}\n")
+            self.failure_status = EXIT_USAGE
             return False
         if not words:
             return False
@@ -408,6 +414,7 @@ class _Session:
         args = self._parse(words)
         if args is None:
             return False
+        refused = True
         given = [flag for dest, flag in CONNECTION_OPTIONS.items() if hasattr(args, dest)]
         if given:
             self._screen.error(
@@ -419,11 +426,16 @@ class _Session:
         elif background and not (args.command == "logs" and args.follow):
             self._screen.error("error: only `logs -f ID &` runs in the background\n")
         elif background:
+            refused = False
             await self._start_follow(args)
         else:
+            refused = False
             status = await self._run_command(args, line)
             if status:
+                self.failure_status = status
                 self._screen.error(f"corral: exit status {status}\n")
+        if refused:
+            self.failure_status = EXIT_USAGE
         return False
 
     def _parse(self, words: list[str]) -> argparse.Namespace | None:
@@ -433,7 +445,9 @@ class _Session:
             args = self._parser.parse_args(words)
             args.reconnect_for = 0  # the shell's connection is the shell's: lost, it ends
             return args
-        except SystemExit:
+        except SystemExit as stop:
+            if stop.code:  # not --help
+                self.failure_status = int(stop.code)
             return None
 
     async def _run_command(self, args: argparse.Namespace, line: _Line) -> int:
@@ -474,6 +488,7 @@ class _Session:
             assert final is not None
             self._screen.write(f"[{job.short_id}] job {final.state}: {final.reason}\n")
         except CorralError as exc:
+            self.failure_status = int(exc.exit_status)
             self._report(exc, prefix=f"[{job.short_id}] ")
         finally:
             del self._follows[job.id]
@@ -597,8 +612,9 @@ def _loop(session: _Session, prompt: str) -> None:
 
 def run_shell(args: argparse.Namespace, connect_args: dict[str, Any]) -> int:
     """Run the interactive shell until exit or EOF; return the exit status:
-    0, or 69 when the connection was lost. Raises the CorralError of a
-    connection that could not be made."""
+    69 when the connection was lost; otherwise 0 at a terminal, and for
+    lines read from elsewhere (a script) the status of the last that failed.
+    Raises the CorralError of a connection that could not be made."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     prompt = PROMPT if interactive else ""
     session = _Session(connect_args, _Screen(prompt, redraw=interactive))
@@ -619,4 +635,9 @@ def run_shell(args: argparse.Namespace, connect_args: dict[str, Any]) -> int:
                 _save_history(history)
     finally:
         signal.signal(signal.SIGINT, previous)
-    return EXIT_UNAVAILABLE if session.lost else 0
+    if session.lost:
+        return EXIT_UNAVAILABLE
+    # Lines from a script: its exit status is the last failure's, so a
+    # pipeline or CI step sees that something failed. At a terminal the
+    # person saw each error as it came.
+    return 0 if interactive else session.failure_status

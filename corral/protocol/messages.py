@@ -62,6 +62,10 @@ class Error:
     id: int | None
     code: ErrorCode
     message: str
+    # What a program may act on beside the code, e.g. {"job": ID} for a
+    # start that failed after its job was recorded. Peers ignore keys they
+    # do not know.
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -116,6 +120,8 @@ def to_wire(message: Message) -> dict[str, Any]:
     wire: dict[str, Any] = {"t": _TAGS[type(message)]}
     for name in message.__slots__:
         value = getattr(message, name)
+        if name == "details" and not value:
+            continue  # most errors have none: no empty map on the wire
         wire[name] = str(value) if isinstance(value, ErrorCode) else value
     return wire
 
@@ -191,6 +197,7 @@ def from_wire(wire: dict[str, Any]) -> Message:
                 id=None if raw_id is None else _id(wire, tag),
                 code=code,
                 message=code_text + _field(wire, "message", str, tag),
+                details=_map(wire, "details", tag),
             )
         case "data":
             return Data(

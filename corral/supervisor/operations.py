@@ -14,15 +14,17 @@ import bisect
 import math
 from typing import Any
 
-from corral.job import JobSpec, Limits, SpecError, Status, pack
+import trio
+
+from corral.client.units import describe, short_duration
+from corral.job import MAX_STOP_GRACE, OUTPUT_FILE, JobSpec, Limits, SpecError, Status, pack
 from corral.protocol import ErrorCode
 from corral.supervisor.policy import Policy, authorize, owner_filter
 from corral.supervisor.session import Handler, OperationError, RequestContext, StreamEnd
 from corral.worker.manager import Job, JobError, JobManager
-from corral.worker.output import CHUNK
+from corral.worker.output import CHUNK, misplaced_offset
 
 DEFAULT_GRACE = 10.0
-MAX_GRACE = 3600.0
 
 
 # Bytes of job records in one `list` reply; with the largest record a spec
@@ -53,8 +55,23 @@ def _arg(
     if value is not None and (
         not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)
     ):
-        raise OperationError(ErrorCode.INVALID_ARGUMENT, f"{name}: has the wrong type")
+        raise OperationError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"{name}: must be {_KIND_WORDS[kind]}, not {describe(value)}",
+        )
     return value
+
+
+# What each argument kind is called in a message.
+_KIND_WORDS: dict[type | tuple[type, ...], str] = {
+    list: "a list",
+    dict: "a map",
+    str: "a string",
+    (str, bytes): "a string",
+    (int, float): "a number",
+    int: "a whole number",
+    bool: "true or false",
+}
 
 
 class JobOperations:
@@ -104,6 +121,7 @@ class JobOperations:
                 argv=_arg(args, "argv", list, []),
                 env=_arg(args, "env", dict),
                 cwd=_arg(args, "cwd", (str, bytes), "/"),
+                env_clear=_arg(args, "env_clear", bool, False),
                 writable=writable,
                 user=terms.user,
                 limits=terms.limits,
@@ -114,22 +132,33 @@ class JobOperations:
         except SpecError as exc:
             raise OperationError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
         except JobError as exc:
-            raise OperationError(exc.code, str(exc)) from None
+            # A start that failed after its job was recorded names the job:
+            # its row (state failed, and why) is there to see and to remove.
+            failed = getattr(exc, "job_id", None)
+            raise OperationError(exc.code, str(exc), {"job": failed} if failed else None) from None
         return {"id": job.id, "job": job_record(job)}
 
     async def stop(self, context: RequestContext) -> dict[str, Any]:
         args = context.request.args
         job = self._visible(context)
         grace = _arg(args, "grace", (int, float), DEFAULT_GRACE)
-        if not (math.isfinite(grace) and 0 <= grace <= MAX_GRACE):
+        if not (math.isfinite(grace) and 0 <= grace <= MAX_STOP_GRACE):
             raise OperationError(
-                ErrorCode.INVALID_ARGUMENT, f"grace: must be between 0 and {MAX_GRACE:g} seconds"
+                ErrorCode.INVALID_ARGUMENT,
+                f"grace: must be between 0s and {short_duration(MAX_STOP_GRACE)}, "
+                f"not {short_duration(grace)}",
             )
+        # Stopping a job that has ended is done already, as `docker stop`
+        # has it: the reply says so, with how it ended.
+        if job.done.is_set():
+            return {"job": job_record(job), "already_ended": True}
         try:
             status = await self.manager.stop(job.id, grace, by=context.identity.name)
         except JobError as exc:
+            if job.done.is_set():  # it ended on its own meanwhile
+                return {"job": job_record(job), "already_ended": True}
             raise OperationError(exc.code, str(exc)) from None
-        return {"job": job_record(job, status)}
+        return {"job": job_record(job, status), "already_ended": False}
 
     async def status(self, context: RequestContext) -> dict[str, Any]:
         job = self._visible(context)
@@ -191,6 +220,8 @@ class JobOperations:
         follow = bool(_arg(args, "follow", bool, False))
         if offset < 0:
             raise OperationError(ErrorCode.INVALID_ARGUMENT, "offset: must be zero or more")
+        if offset:
+            await _check_offset(job, offset)
         with self.manager.open_output(job.id, offset) as reader:
             while True:
                 # Credit first, then the read: nothing is read that cannot be sent.
@@ -209,3 +240,25 @@ class JobOperations:
             except JobError:
                 status = job.status
         return StreamEnd({"offset": end, "job": job_record(job, status)})
+
+
+async def _check_offset(job: Job, offset: int) -> None:
+    """invalid_argument, naming the nearest offsets that work, unless a
+    record of the job's log begins at `offset`: a stream must start on a
+    record, or the client would decode the middle of one as the next."""
+    nearest = await trio.to_thread.run_sync(misplaced_offset, job.directory / OUTPUT_FILE, offset)
+    if nearest is None:
+        return
+    below, above = nearest
+    nearest_text = (
+        f"the nearest that work are {below} and {above}"
+        if above is not None
+        else f"the nearest that works is {below}, where its complete records end now"
+    )
+    raise OperationError(
+        ErrorCode.INVALID_ARGUMENT,
+        f"offset {offset} is not where a record of job {job.short_id}'s log begins; "
+        f"{nearest_text} (offsets count bytes of the log, as `logs --json` and the "
+        "client library report them)",
+        {"offset_below": below, "offset_above": above},
+    )

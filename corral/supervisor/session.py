@@ -81,9 +81,12 @@ IDLE_TIMEOUT = 600.0
 class OperationError(Exception):
     """An operation failed in a way the client should hear about."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.details = details or {}
 
 
 class _PeerNotReading(Exception):
@@ -397,7 +400,7 @@ class Session:
             else:
                 reply = Result(id=request_id, value=value)
         except OperationError as exc:
-            reply = Error(id=request_id, code=exc.code, message=str(exc))
+            reply = Error(id=request_id, code=exc.code, message=str(exc), details=exc.details)
         except Exception:
             log.exception("%s: request %d (%s) failed", self.peer, request_id, context.request.op)
             reply = Error(

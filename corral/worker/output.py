@@ -29,9 +29,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 import trio
 
-from corral.job import OUTPUT_FILE
+from corral.job import MAX_RECORD, OUTPUT_FILE
 from corral.shim import libc
 
 log = logging.getLogger(__name__)
@@ -224,3 +225,45 @@ class OutputReader:
                 del buffer[count:]
                 return bytes(buffer)
         return await trio.to_thread.run_sync(os.pread, self._fd, size, self.offset)
+
+
+# Bytes of the log read at a time while looking for record starts.
+SCAN_READ = 1 << 20
+
+
+def misplaced_offset(path: Path, offset: int) -> tuple[int, int | None] | None:
+    """None if a record of the log at `path` begins at `offset` (0 and the
+    end of the complete records included); otherwise the record starts
+    nearest below and above it (above: None when no complete record
+    follows).
+
+    Reads the log from its start, skipping each record without decoding
+    its bytes (blocking: call it from a thread). A log that is not yet there
+    has one start, 0.
+    """
+    unpacker = msgpack.Unpacker(raw=True, max_buffer_size=MAX_RECORD + SCAN_READ)
+    below = 0
+    try:
+        file = open(path, "rb")  # noqa: SIM115 - closed below, read in a loop
+    except FileNotFoundError:
+        return None if offset == 0 else (0, None)
+    with file:
+        while below < offset:
+            data = file.read(SCAN_READ)
+            if not data:
+                return (below, None)
+            unpacker.feed(data)
+            while True:
+                try:
+                    unpacker.skip()
+                except msgpack.OutOfData:
+                    break
+                except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+                    return (below, None)  # damaged from here: nothing above to offer
+                start = unpacker.tell()
+                if start == offset:
+                    return None
+                if start > offset:
+                    return (below, start)
+                below = start
+    return None if below == offset else (below, None)

@@ -1,0 +1,418 @@
+"""The `corral` command line: every command's options, help and examples.
+
+Parsing only: each command's `run` default is its function in
+`corral.client.commands`. The shell parses its lines with the same parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import corral
+from corral import pki
+from corral.client import commands as cmds
+from corral.client.client import CONNECT_TIMEOUT
+from corral.client.errors import (
+    EXIT_CONFIG,
+    EXIT_NOPERM,
+    EXIT_PROTOCOL,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
+from corral.client.follow import RECONNECT_FOR
+from corral.client.settings import DEFAULT_ADDR
+from corral.client.units import parse_duration, parse_size
+
+EPILOG = f"""\
+environment:
+  CORRAL_ADDR       address of corrald when --addr is not given (default {DEFAULT_ADDR})
+  CORRAL_IDENTITY   identity directory when --identity is not given
+
+exit statuses:
+  0    success
+  1    corrald answered with an error
+  {EXIT_USAGE}    the command line is wrong
+  {EXIT_UNAVAILABLE}   corrald cannot be reached, or the connection was lost
+  {EXIT_PROTOCOL}   TLS failed: the server could not be verified, or protocol versions differ
+  {EXIT_NOPERM}   corrald refused our certificate, or the operation
+  {EXIT_CONFIG}   a local setting is wrong: address, identity directory, PKI files
+  130  interrupted
+  `corral run` exits with the job's own status instead: its exit code, 128+N
+  when signal N killed it, 127 command not found, 126 command not runnable
+
+examples:
+  export CORRAL_ADDR=127.0.0.1:7443 CORRAL_IDENTITY=var/pki/clients/admin
+  corral info
+  corral run -- sh -c 'echo hello; exit 3'
+  corral logs -f 3f2a9c
+  corral --addr unix:var/corrald.sock --json info
+  corral certs init /etc/corral/pki --server-name corral.example.com
+  corral certs issue --pki /etc/corral/pki carol --role user
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors look like ours: one line, `corral: error:
+    ...`, naming the help to read, and status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"corral: error: {message}; see '{self.prog} --help'\n")
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        """Parse, and check what argparse cannot see, before anything
+        connects: every mistake is said by the command it is in."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        command = self._command(parsed)
+        if extras:
+            command.error(f"unrecognized arguments: {' '.join(extras)}")
+        problem = _check(parsed)
+        if problem:
+            command.error(problem)
+        return parsed
+
+    def _command(self, parsed: argparse.Namespace) -> _Parser:
+        """The (sub)parser of the command `parsed` is for: its help is the one to read."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(parsed, action.dest, None) or "")
+                if isinstance(chosen, _Parser):
+                    return chosen._command(parsed)
+        return self
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    """What is wrong with a parsed command line beyond argparse's rules, or None."""
+    command = getattr(args, "command", None)
+    if command in {"start", "run"}:
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if not argv:
+            return f"{command} needs a command: corral {command} [OPTIONS] -- COMMAND [ARG...]"
+    if command == "rm":
+        if args.finished == bool(args.ids):
+            return "rm takes job ids, or --finished for every finished job, not both"
+        if args.all and not args.finished:
+            return "rm --all goes with --finished"
+    return None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 86400:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds: {text!r}")
+    return value
+
+
+def _connection_options() -> _Parser:
+    """Options every talking command accepts, before or after its name."""
+    parent = _Parser(add_help=False)
+    group = parent.add_argument_group("connection")
+    # SUPPRESS keeps a subcommand's unset option from hiding the global one.
+    group.add_argument(
+        "--addr",
+        default=argparse.SUPPRESS,
+        metavar="ADDR",
+        help="corrald's address: HOST:PORT, [IPV6]:PORT or unix:PATH",
+    )
+    group.add_argument(
+        "--identity",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="directory with ca.crt, client.crt and client.key",
+    )
+    group.add_argument(
+        "--server-name",
+        default=argparse.SUPPRESS,
+        metavar="NAME",
+        help="name to verify in corrald's certificate (default: the address's host)",
+    )
+    group.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help=f"give up connecting after this long (default {CONNECT_TIMEOUT:g})",
+    )
+    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    connection = _connection_options()
+    parser = _Parser(
+        prog="corral",
+        description="Run and watch isolated jobs on a corrald host, over mutual TLS.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[connection],
+    )
+    parser.add_argument("--version", action="version", version=f"corral {corral.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    info = commands.add_parser(
+        "info",
+        parents=[connection],
+        help="show corrald's version, who you are to it, and its counts",
+        description="Show corrald's version, your identity as it sees you, "
+        "the cgroup flavour it runs jobs with, and its counts.",
+        epilog="example:\n  corral --addr 127.0.0.1:7443 --identity var/pki/clients/admin info",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    info.set_defaults(run=cmds.cmd_info)
+
+    _job_commands(commands, connection)
+
+    certs = commands.add_parser(
+        "certs",
+        help="create a development PKI and client identities",
+        description="Create a CA, corrald's certificate and client identities.",
+        epilog="example:\n  corral certs init var/pki && "
+        "corral certs issue --pki var/pki carol --role user",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    certs_commands = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
+    init = certs_commands.add_parser(
+        "init",
+        help="create a CA, a server certificate and the admin, alice and bob identities",
+        description="Create DIR/ca.{crt,key}, DIR/server.{crt,key} and client identities "
+        "DIR/clients/{admin,alice,bob}. The server certificate names localhost, "
+        "127.0.0.1, ::1 and every --server-name.",
+        epilog="example:\n  corral certs init /etc/corral/pki --server-name corral.example.com",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    init.add_argument("directory", type=Path, metavar="DIR")
+    init.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        dest="server_names",
+        help="another DNS name or IP address for the server certificate (repeatable)",
+    )
+    init.add_argument("--force", action="store_true", help="replace existing keys and certificates")
+    init.set_defaults(run=cmds.cmd_certs_init, connects=False)
+
+    issue = certs_commands.add_parser(
+        "issue",
+        help="issue another client identity",
+        description="Issue a client identity DIR/clients/NAME signed by the CA in DIR.",
+        epilog="example:\n  corral certs issue --pki /etc/corral/pki carol --role user",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    issue.add_argument("--pki", type=Path, required=True, metavar="DIR", help="the PKI directory")
+    issue.add_argument("name", metavar="NAME", help="the client's name (its certificate's CN)")
+    issue.add_argument("--role", required=True, choices=pki.ROLES, help="the client's role")
+    issue.add_argument("--force", action="store_true", help="replace an existing identity")
+    issue.set_defaults(run=cmds.cmd_certs_issue, connects=False)
+    return parser
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(text)
+
+
+def _cores(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of cores: {text!r}") from None
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
+    return name, value
+
+
+STATES = ["starting", "running", "exited", "stopped", "failed", "lost", "finished"]
+
+# (flag, wire name, parser, help)
+LIMIT_FLAGS = [
+    ("--cpu", "cpu", _cores, "CPU in cores, e.g. 0.5 (at most this host's CPUs)"),
+    ("--memory", "memory", _size, "memory, e.g. 256M (swap is off for jobs)"),
+    ("--io-read", "io_read_bps", _size, "disk reads per second, e.g. 10M"),
+    ("--io-write", "io_write_bps", _size, "disk writes per second, e.g. 10M"),
+    ("--io-read-iops", "io_read_iops", _count, "disk read operations per second"),
+    ("--io-write-iops", "io_write_iops", _count, "disk write operations per second"),
+    ("--pids", "pids", _count, "processes and threads at once (init counts)"),
+]
+
+
+def _subcommand(
+    commands: Any, name: str, connection: argparse.ArgumentParser, summary: str, example: str
+) -> argparse.ArgumentParser:
+    return commands.add_parser(  # type: ignore[no-any-return]
+        name,
+        parents=[connection],
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _reconnect_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reconnect-for",
+        type=_duration,
+        default=RECONNECT_FOR,
+        metavar="DURATION",
+        help="when following and the connection is lost (corrald restarting), keep "
+        f"reconnecting this long and resume where the output stopped (default "
+        f"{RECONNECT_FOR:g}s; 0: give up at once)",
+    )
+
+
+def _job_spec_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `start` and `run`: what to run, as whom, within what."""
+    for flag, dest, kind, text in LIMIT_FLAGS:
+        parser.add_argument(flag, dest=f"limit_{dest}", type=kind, metavar="N", help=text)
+    parser.add_argument("--timeout", type=_duration, metavar="DURATION",
+                        help="stop the job after this long, e.g. 30s, 5m")  # fmt: skip
+    parser.add_argument("--user", help="run as this user (admins only; default nobody)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        type=_env_pair,
+        metavar="NAME=VALUE",
+        help="set an environment variable (repeatable); added to the default set "
+        "(PATH, HOME=/, LANG=C.UTF-8, TERM=dumb), replacing a name it has",
+    )
+    parser.add_argument(
+        "--env-clear",
+        action="store_true",
+        help="start from an empty environment, as env -i does: the job gets only the "
+        "--env variables",
+    )
+    parser.add_argument("--cwd", metavar="DIR", help="working directory (default /)")
+    parser.add_argument(
+        "--rw",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a host path the job may write (repeatable). The rest of the host is read-only, "
+        "but for the job's own /tmp and /dev/shm: a path under them is the host's, seen at "
+        "the same place; --rw /tmp gives the job the host's whole /tmp; --rw / all of the "
+        "host (its /tmp and /dev/shm stay its own)",
+    )
+    parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+
+
+def _job_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
+    start = _subcommand(
+        commands, "start", connection, "start a job and print its id",
+        "corral start --memory 256M --cpu 0.5 -- python3 -c 'print(42)'",
+    )  # fmt: skip
+    _job_spec_options(start)
+    start.set_defaults(run=cmds.cmd_start)
+
+    run = _subcommand(
+        commands, "run", connection,
+        "start a job, follow its output to the end and exit with its status",
+        "corral run --memory 64M -- sh -c 'echo hello; exit 3'   # prints hello, exits 3",
+    )  # fmt: skip
+    run.epilog = (run.epilog or "") + (
+        "\n\nThe exit status is the job's: its code, or 128+N when signal N killed it.\n"
+        "127: the command was not found; 126: it could not be run.\n"
+        "Ctrl+C stops the job (SIGTERM, then SIGKILL after the grace); a second\n"
+        "Ctrl+C kills it at once."
+    )
+    _job_spec_options(run)
+    run.add_argument("--grace", type=_duration, metavar="DURATION",
+                     help="on Ctrl+C, time between SIGTERM and SIGKILL (default 10s)")  # fmt: skip
+    _reconnect_option(run)
+    run.set_defaults(run=cmds.cmd_run)
+
+    logs = _subcommand(
+        commands, "logs", connection,
+        "write a job's output: stdout to stdout, stderr to stderr, byte for byte",
+        "corral logs -f 3f2a9c",
+    )  # fmt: skip
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep writing new output until the job ends")  # fmt: skip
+    logs.add_argument("--since-offset", type=_count, default=0, metavar="N",
+                      help="start at byte N of the job's log, where a record begins: an "
+                      "offset a stream ended at (--json's `end`, the client library); "
+                      "another is refused, naming the nearest that work")  # fmt: skip
+    logs.add_argument("-t", "--timestamps", action="store_true",
+                      help="begin each line with the time it was written (RFC 3339)")  # fmt: skip
+    which = logs.add_mutually_exclusive_group()
+    which.add_argument("--stdout", action="store_true", help="only the job's stdout")
+    which.add_argument("--stderr", action="store_true", help="only the job's stderr")
+    logs.add_argument("id", metavar="ID", help="a job id or unique prefix")
+    _reconnect_option(logs)
+    logs.set_defaults(run=cmds.cmd_logs)
+
+    stop = _subcommand(
+        commands, "stop", connection,
+        "stop jobs: SIGTERM, then SIGKILL after the grace (one that has ended: a note)",
+        "corral stop --grace 5s 3f2a9c 7b1e04",
+    )  # fmt: skip
+    stop.add_argument("--grace", type=_duration, metavar="DURATION",
+                      help="time between SIGTERM and SIGKILL (default 10s)")  # fmt: skip
+    stop.add_argument("ids", nargs="+", metavar="ID", help="job ids or unique prefixes")
+    stop.set_defaults(run=cmds.cmd_stop)
+
+    status = _subcommand(
+        commands, "status", connection, "show a job's state, exit status and usage",
+        "corral status 3f2a9c",
+    )  # fmt: skip
+    status.add_argument("id", metavar="ID", help="a job id or unique prefix")
+    status.set_defaults(run=cmds.cmd_status)
+
+    ps = _subcommand(
+        commands, "ps", connection, "list jobs, newest first, with how each ended",
+        "corral ps --all --state running -n 10",
+    )  # fmt: skip
+    ps.add_argument("--all", action="store_true", help="every user's jobs (admins)")
+    ps.add_argument("-q", "--quiet", action="store_true", help="only the ids, one a line")
+    ps.add_argument("--state", action="append", choices=STATES, metavar="STATE",
+                    help=f"only jobs in this state (repeatable): {', '.join(STATES)}; "
+                    "`finished` is every state but starting and running")  # fmt: skip
+    ps.add_argument("-n", "--last", type=_count, metavar="N", help="only the N newest")
+    ps.set_defaults(run=cmds.cmd_ps)
+
+    rm = _subcommand(
+        commands, "rm", connection, "remove finished jobs and their output",
+        "corral rm 3f2a9c 7b1e04; corral rm --finished",
+    )  # fmt: skip
+    rm.add_argument("ids", nargs="*", metavar="ID", help="job ids or unique prefixes")
+    rm.add_argument(
+        "--finished",
+        action="store_true",
+        help="every finished job of yours (with --all, of everyone: admins)",
+    )
+    rm.add_argument("--all", action="store_true", help="with --finished: every user's")
+    rm.set_defaults(run=cmds.cmd_rm)
+
+    shell = _subcommand(
+        commands, "shell", connection,
+        "an interactive shell: every command above on one connection, with history, "
+        "completion and background follows",
+        "corral shell   # then: run -- sh -c 'echo hi', ps, logs -f ID &, jobs, help, exit",
+    )  # fmt: skip
+    shell.set_defaults(run=None, interactive=True)
