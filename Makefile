@@ -1,23 +1,28 @@
-# make run   start corrald with state and a dev PKI in ./var (created on first run)
+# make run   start corrald with state and a dev PKI in $(STATE) (created on first run)
+#            on $(LISTEN) and unix:$(STATE)/corrald.sock, e.g.
+#            make run LISTEN=127.0.0.1:7444 STATE=var2   (a second one beside the first)
 # make test  run the test suite
 # make lint  ruff and mypy --strict
 # Each target first creates .venv and installs corral into it (editable).
 
 PYTHON ?= python3
 VENV ?= .venv
+LISTEN ?= 127.0.0.1:7443
+STATE ?= var
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
 .PHONY: run test lint clean
 
 $(INSTALLED): pyproject.toml
+	@test -x $(BIN)/python || echo "setting up $(VENV) with corral and its dev tools (first run only)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --editable '.[dev]'
 	touch $@
 
 run: $(INSTALLED)
-	$(BIN)/corrald --state-dir var --init-pki --listen 127.0.0.1:7443 --listen unix:var/corrald.sock
+	$(BIN)/corrald --state-dir $(STATE) --init-pki --listen $(LISTEN) --listen unix:$(STATE)/corrald.sock
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
@@ -28,4 +33,4 @@ lint: $(INSTALLED)
 	$(BIN)/mypy --strict
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(STATE) .pytest_cache .mypy_cache .ruff_cache .hypothesis

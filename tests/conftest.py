@@ -28,6 +28,7 @@ from corral.job import read_status
 from corral.shim.cgroup import Flavour, detect_flavour, open_cgroup, orphans
 from corral.supervisor.server import Server, ServerConfig
 from corral.tls import server_context
+from corral.worker.cgroup_parent import default_parent
 
 STRICT_SKIPS = "CORRAL_STRICT_SKIPS"
 # Jobs started by tests get cgroups under a parent of their own, never a
@@ -132,14 +133,20 @@ def start_corrald(*args: str, stderr: int | IO[str] = subprocess.PIPE) -> subpro
 
 @contextlib.contextmanager
 def running_corrald(
-    pki_dir: Path, directory: Path, *flags: str, end_its_jobs: bool = True
+    pki_dir: Path,
+    directory: Path,
+    *flags: str,
+    end_its_jobs: bool = True,
+    cgroup_parent: str | None = TEST_CGROUP_PARENT,
 ) -> Iterator[Daemon]:
     """A real corrald process on a free port and a unix socket in `directory`;
-    its jobs are ended afterwards unless the test hands them to another."""
+    its jobs are ended afterwards unless the test hands them to another.
+    `cgroup_parent` None: corrald's default (the test removes what it leaves)."""
     socket_path = directory / "corrald.sock"
     # A file, not a pipe: a pipe nobody reads fills at 64 KiB, and then
     # corrald's next log line blocks its event loop.
     log = directory / "corrald.log"
+    parent = [] if cgroup_parent is None else ["--cgroup-parent", cgroup_parent]
     with log.open("w") as log_file:
         process = start_corrald(
             "--state-dir",
@@ -150,8 +157,7 @@ def running_corrald(
             "127.0.0.1:0",
             "--listen",
             f"unix:{socket_path}",
-            "--cgroup-parent",
-            TEST_CGROUP_PARENT,
+            *parent,
             *flags,
             stderr=log_file,
         )
@@ -166,7 +172,8 @@ def running_corrald(
             process.terminate()
         process.communicate(timeout=30)
         if end_its_jobs:
-            end_jobs(directory / "state")
+            state = directory / "state"
+            end_jobs(state, cgroup_parent or default_parent(state))
 
 
 @pytest.fixture
@@ -176,16 +183,16 @@ def corrald(pki_dir: Path, short_dir: Path) -> Iterator[Daemon]:
         yield daemon
 
 
-def end_jobs(state_dir: Path) -> None:
+def end_jobs(state_dir: Path, parent: str = TEST_CGROUP_PARENT) -> None:
     """Kill what jobs a test left running (their shims outlive corrald) and
-    remove their cgroups."""
+    remove their cgroups (under `parent`)."""
     flavour = detect_flavour()
     for job_dir in sorted((state_dir / "jobs").glob("*")):
         status = read_status(job_dir)
         if status is not None and status.shim_pid and not status.state.finished:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(status.shim_pid, signal.SIGKILL)
-        open_cgroup(flavour, job_dir.name, parent=TEST_CGROUP_PARENT).remove()
+        open_cgroup(flavour, job_dir.name, parent=parent).remove()
 
 
 def clear_cgroup_parent(flavour: Flavour, parent: str) -> list[str]:

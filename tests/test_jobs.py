@@ -31,6 +31,7 @@ from corral.shim import libc
 from corral.shim.cgroup import CgroupError, Flavour, detect_flavour, open_cgroup, orphans
 from corral.supervisor.heartbeat import live_tasks
 from corral.worker.manager import Admission, Job, JobError, JobManager
+from corral.worker.sandboxes import SandboxRecords
 
 from .conftest import TEST_CGROUP_PARENT, open_fds, until
 
@@ -154,6 +155,7 @@ async def test_start_failures_are_clear_and_recorded(
     assert caught.value.code is code
     assert words in str(caught.value)
     (job,) = jobs.jobs()
+    assert caught.value.job_id == job.id  # the failed job's row, for the client
     assert job.status.state is State.FAILED
     assert job.status.failed_step == step
     assert words in job.status.reason
@@ -183,6 +185,7 @@ async def test_invalid_specs_change_nothing(
         await jobs.start(JobSpec(**spec))  # type: ignore[arg-type]
     assert caught.value.code is ErrorCode.INVALID_ARGUMENT
     assert str(caught.value).startswith(f"{field}: ")
+    assert caught.value.job_id is None  # nothing was recorded
     assert jobs.jobs() == []
     assert list(jobs.jobs_dir.iterdir()) == []
 
@@ -714,8 +717,10 @@ async def test_a_start_takes_the_sandbox_built_ahead_for_it(tmp_path: Path) -> N
         await until(lambda: jobs.warm_ids and sandbox_init(jobs.warm_ids[0]))
         ahead = jobs.warm_ids[0]
         init = sandbox_init(ahead)
+        assert SandboxRecords(jobs.state_dir).recorded() == [ahead]  # recorded: ours to sweep
         job = await jobs.start(JobSpec(argv=["sleep", "1000"]))
         assert (job.id, job.status.pid) == (ahead, init)
+        assert ahead not in SandboxRecords(jobs.state_dir).recorded()  # a job's now
         # The next one is being built already, for another id.
         await until(lambda: jobs.warm_ids and jobs.warm_ids[0] != ahead)
         await jobs.stop(job.id, grace=0)
@@ -739,18 +744,40 @@ async def test_a_dead_warm_shim_means_a_cold_start_with_the_same_id(tmp_path: Pa
 
 @pytest.mark.cgroup
 async def test_sandboxes_a_dead_spawner_left_are_removed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
     left = open_cgroup(FLAVOUR, new_job_id(), parent=PARENT)
+    SandboxRecords(state).record(left.name)  # as the manager does before building one
     left.create()
     sleeper = subprocess.Popen(["sleep", "1000"])
     try:
         left.add(sleeper.pid)
-        async with JobManager(tmp_path / "state", cgroup_parent=PARENT, warm=0):
+        async with JobManager(state, cgroup_parent=PARENT, warm=0):
             assert orphans(FLAVOUR, parent=PARENT) == []
+            assert SandboxRecords(state).recorded() == []
         assert sleeper.wait(timeout=10) == -signal.SIGKILL
     finally:
         sleeper.kill()
         sleeper.wait()
         left.remove()
+
+
+@pytest.mark.cgroup
+async def test_a_cgroup_the_manager_did_not_record_is_left_alone(tmp_path: Path) -> None:
+    # Another manager's job under the same parent: no record, no job directory here.
+    stranger = open_cgroup(FLAVOUR, new_job_id(), parent=PARENT)
+    stranger.create()
+    sleeper = subprocess.Popen(["sleep", "1000"])
+    try:
+        stranger.add(sleeper.pid)
+        async with JobManager(tmp_path / "state", cgroup_parent=PARENT, warm=0) as jobs:
+            job = await jobs.start(JobSpec(argv=["true"]))
+            await jobs.wait(job.id)
+        assert stranger.procs() == [sleeper.pid]
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        stranger.remove()
 
 
 async def test_argv_and_env_larger_than_a_pipe_reach_the_command(jobs: JobManager) -> None:
@@ -806,6 +833,16 @@ async def test_starts_beyond_the_running_caps_are_refused_and_change_nothing(
             if not job.done.is_set():
                 await jobs.stop(job.id, grace=0)
         assert jobs.running() == 0
+
+
+async def test_starts_refused_for_a_shutdown_say_why_and_change_nothing(tmp_path: Path) -> None:
+    async with JobManager(tmp_path / "state", cgroup_parent=PARENT, warm=0) as jobs:
+        jobs.refuse_starts("corrald is shutting down; it starts no new jobs")
+        with pytest.raises(JobError) as caught:
+            await jobs.start(JobSpec(argv=["true"]))
+        assert caught.value.code is ErrorCode.UNAVAILABLE
+        assert str(caught.value) == "corrald is shutting down; it starts no new jobs"
+        assert (jobs.jobs(), list(jobs.jobs_dir.iterdir())) == ([], [])
 
 
 async def test_a_burst_of_starts_is_admitted_up_to_the_cap(tmp_path: Path) -> None:
@@ -911,3 +948,41 @@ async def test_a_job_has_a_dev_of_its_own(jobs: JobManager) -> None:
     status, directory = await run(jobs, "sh", "-c", "mknod /dev/sda b 8 0", user="root")
     assert status.exit_code != 0
     assert b"Read-only file system" in output(directory, 2)
+
+
+# -- status order ------------------------------------------------------------------
+
+
+def test_a_job_status_never_goes_back(tmp_path: Path) -> None:
+    spec = JobSpec(argv=["true"]).validate()
+    job = Job(spec, Status(state=State.STARTING), tmp_path)
+    running = Status(state=State.RUNNING, reason="running")
+    ended = Status(state=State.EXITED, exit_code=0, reason="exited with code 0")
+    assert job.advance(running)
+    assert not job.advance(Status(state=State.STARTING))  # running never starts again
+    assert job.advance(ended)
+    for later in (running, Status(state=State.LOST), ended):
+        assert not job.advance(later)  # an end is never replaced, not even by another
+    assert job.status is ended
+
+
+async def test_a_burst_of_short_jobs_all_end_exited_none_stays_running(tmp_path: Path) -> None:
+    # `true` ends while its start is still being answered: the start's
+    # "running" must not replace the end the watcher recorded meanwhile.
+    async with JobManager(tmp_path / "state", cgroup_parent=PARENT) as jobs:
+        limit = trio.CapacityLimiter(50)
+        started: list[Job] = []
+
+        async def start() -> None:
+            async with limit:
+                started.append(await jobs.start(JobSpec(argv=["true"])))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(300):
+                nursery.start_soon(start)
+        with trio.fail_after(30):
+            ends = [await jobs.wait(job.id) for job in started]
+        wrong = [(end.state, end.exit_code) for end in ends if end.state is not State.EXITED]
+        assert wrong == [], f"{len(wrong)} of {len(ends)} jobs did not end exited"
+        assert all(end.exit_code == 0 for end in ends)
+        assert jobs.running() == 0

@@ -100,6 +100,8 @@ async def test_jobs_survive_a_crash_and_the_next_corrald_adopts_them(
         await until(lambda: not alive(lost_status.shim_pid))
 
         with running_corrald(pki_dir, short_dir) as second:
+            adopted = "adopted 2 running jobs; 1 job lost (shim gone without recording an end)"
+            assert adopted in second.log.read_text()
             async with connect(second.tcp, admin_id) as admin:
                 jobs = {job.id: job for job in await admin.list(everyone=True)}
                 assert jobs[counter.id].state == "running"
@@ -159,6 +161,7 @@ async def test_keep_jobs_leaves_them_for_the_next_corrald(pki_dir: Path, short_d
         assert status.state is State.RUNNING
         assert alive(status.shim_pid)
         with running_corrald(pki_dir, short_dir) as second:
+            assert "corrald INFO adopted 1 running jobs\n" in second.log.read_text()
             async with connect(second.tcp, admin_id) as admin:
                 assert (await admin.status(job.id)).state == "running"
                 assert (await admin.stop(job.id, grace=0)).state == "stopped"

@@ -1,20 +1,21 @@
 """`corrald`: the daemon's entry point.
 
 Everything that must happen before trio starts happens in `main()`, in
-order: parse flags, prepare the state directory, load (or, with
-`--init-pki`, create) the PKI, raise the open-file limit. Then one trio run
-serves until SIGINT or SIGTERM: the first signal shuts down gracefully
-(stop accepting, say goodbye to every session), a second one cuts it short.
+order: parse flags, prepare and lock the state directory, choose and claim
+the cgroup parent, load (or, with `--init-pki`, create) the PKI, raise the
+open-file limit. Then one trio run binds the listeners, and only then
+starts the job manager (which sweeps and builds sandboxes): a corrald that
+refuses to start (state directory locked, parent claimed, address taken)
+has touched no cgroup and no job. It serves until SIGINT or SIGTERM; see
+`serve` for the order of a shutdown.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import functools
 import logging
-import os
 import resource
 import shutil
 import signal
@@ -29,6 +30,7 @@ import corral
 from corral import pki
 from corral.address import Address, AddressError, TCPAddress, UnixAddress, parse_address
 from corral.client.units import parse_duration, parse_size
+from corral.pidlock import LockHeld, take_lock
 from corral.shim.cgroup import CgroupError, Flavour, check_component, check_host, detect_flavour
 from corral.supervisor.listeners import ListenError
 from corral.supervisor.policy import PolicyError, load_policy
@@ -42,8 +44,15 @@ from corral.supervisor.server import (
 )
 from corral.supervisor.session import IDLE_TIMEOUT, IO_TIMEOUT
 from corral.tls import TLSConfigError, server_context
+from corral.worker.cgroup_parent import (
+    ParentClaim,
+    ParentError,
+    claim_parent,
+    default_parent,
+    remove_if_empty,
+)
 from corral.worker.manager import (
-    CGROUP_PARENT,
+    CGROUP_ROOT,
     MAX_JOBS,
     MAX_JOBS_PER_OWNER,
     Admission,
@@ -248,10 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cgroup-parent",
         type=_cgroup_parent,
-        default=CGROUP_PARENT,
         metavar="NAME",
-        help=f"cgroup under which jobs get theirs (default {CGROUP_PARENT}); "
-        "give each corrald on a host its own",
+        help="cgroup under which jobs get theirs (default: the one the state directory "
+        "recorded on an earlier run, else corral-HASH, HASH being 8 hex digits of a hash "
+        "of the state directory's path); corrald claims it: two may not share one",
     )
     parser.add_argument(
         "--warm",
@@ -360,22 +369,23 @@ def _lock_state_dir(state_dir: Path) -> int:
     lives, released by the kernel however it ends); refuse if another has it."""
     path = state_dir / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return take_lock(path)
     except OSError as exc:
         raise StartupError(f"cannot open {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
+    except LockHeld as held:
         raise StartupError(
-            f"state directory {state_dir} is in use by another corrald (pid {holder}); "
+            f"state directory {state_dir} is in use by another corrald (pid {held.holder}); "
             "stop it first, or give this one its own --state-dir",
             EXIT_UNAVAILABLE,
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+
+
+def _claim_cgroup_parent(state_dir: Path, chosen: str | None) -> ParentClaim:
+    """Claim the parent given, or the state directory's own (held until exit)."""
+    try:
+        return claim_parent(chosen or default_parent(state_dir))
+    except ParentError as exc:
+        raise StartupError(str(exc), EXIT_UNAVAILABLE) from None
 
 
 def _prepare_pki(pki_dir: Path, *, create: bool, server_names: Sequence[str]) -> None:
@@ -431,9 +441,10 @@ def _path_setting() -> str:
 def banner(server: Server, pki_dir: Path) -> str:
     """What a person starting corrald by hand wants to read."""
     listening = ", ".join(str(a) for a in server.addresses)
+    parent = f" under {server.jobs.cgroup_parent}" if server.jobs is not None else ""
     lines = [
         f"corrald {corral.__version__} listening on {listening}",
-        f"state {server.config.state_dir}, PKI {pki_dir}, cgroup {server.cgroup}",
+        f"state {server.config.state_dir}, PKI {pki_dir}, cgroup {server.cgroup}{parent}",
     ]
     admin = pki_dir / pki.CLIENTS_DIR / "admin"
     tcp = [a for a in server.addresses if isinstance(a, TCPAddress)]
@@ -453,73 +464,102 @@ async def serve(
     spawner: Spawner,
     pki_dir: Path,
     *,
-    cgroup_parent: str = CGROUP_PARENT,
+    cgroup_parent: str,
     warm: int = 1,
     keep_jobs: bool = False,
     retention: Retention | None = None,
     admission: Admission | None = None,
 ) -> str | None:
-    """Serve until a signal: the first SIGINT/SIGTERM shuts down, a second
-    cancels (and kills the jobs being stopped).
+    """Bind the listeners, then start the job manager, then serve until a
+    signal. Returns why corrald could not start serving (having touched no
+    cgroup or job), or None after a clean stop.
 
-    Shutting down ends every session with a goodbye, then stops the running
-    jobs, each with its grace, unless `keep_jobs`: then they keep running
-    (their shims outlive corrald) for the next corrald to adopt. Returns why
-    corrald could not start serving, or None after a clean stop.
+    Theory of operation (shutdown). With `keep_jobs` (an upgrade) the first
+    SIGINT/SIGTERM says goodbye to every session at once and leaves the jobs
+    running for the next corrald (their shims outlive corrald; clients
+    reconnect to it). Otherwise the jobs end first and the goodbye comes
+    last: stop accepting, refuse new starts, stop every job with its grace
+    (a second signal kills them), give the requests that were waiting on
+    them (follows, `wait`s) up to `shutdown_grace` to send their ends, which
+    carry the final status, then say goodbye. A further signal exits at once.
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                jobs = await stack.enter_async_context(
-                    JobManager(
-                        config.state_dir,
-                        spawner=spawner,
-                        cgroup_parent=cgroup_parent,
-                        warm=warm,
-                        retention=retention,
-                        admission=admission,
-                    )
-                )
-            except JobError as exc:
-                return str(exc)
-            server = Server(config, context, jobs)
-            async with trio.open_nursery() as nursery:
+        try:  # nothing is touched until it is entered
+            jobs = JobManager(
+                config.state_dir,
+                spawner=spawner,
+                cgroup_parent=cgroup_parent,
+                warm=warm,
+                retention=retention,
+                admission=admission,
+            )
+        except JobError as exc:
+            return str(exc)
+        server = Server(config, context, jobs)
+        try:
+            await server.open_listeners()
+        except ListenError as exc:
+            return str(exc)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
                 try:
-                    await nursery.start(_serve_then_stop, server, nursery.cancel_scope)
-                except ListenError as exc:
+                    await stack.enter_async_context(jobs)
+                except JobError as exc:
                     return str(exc)
-                print(banner(server, pki_dir), flush=True)
-                async for signum in signals:
-                    name = signal.Signals(signum).name
-                    if server.shutting_down:
-                        log.warning("%s again: stopping now", name)
-                        nursery.cancel_scope.cancel()
-                        return None
-                    log.info("%s: shutting down", name)
-                    server.shutdown()
-            if keep_jobs:
-                log.info("leaving %d running jobs to the next corrald", _running(jobs))
-            else:
-                await _stop_jobs(jobs, signals)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(_serve_then_stop, server, nursery.cancel_scope)
+                    print(banner(server, pki_dir), flush=True)
+                    await _shut_down(server, jobs, signals, keep_jobs, nursery.cancel_scope)
+        finally:
+            with trio.CancelScope(shield=True):
+                await server.close_listeners()  # if serving never began
     return None
 
 
-def _running(jobs: JobManager) -> int:
-    return sum(1 for job in jobs.jobs() if not job.done.is_set())
+async def _shut_down(
+    server: Server,
+    jobs: JobManager,
+    signals: AsyncIterator[int],
+    keep_jobs: bool,
+    everything: trio.CancelScope,
+) -> None:
+    """Wait for a signal, then shut down in the order `serve` describes."""
+    name = signal.Signals(await anext(signals)).name
+    log.info("%s: shutting down", name)
+    if keep_jobs:
+        server.shutdown()
+        log.info("leaving %d running jobs to the next corrald", jobs.running())
+    else:
+        server.stop_accepting()
+        jobs.refuse_starts("corrald is shutting down; it starts no new jobs")
+        await _stop_jobs(jobs, signals, everything)
+        with trio.move_on_after(server.config.shutdown_grace):
+            await server.wait_requests_done()
+        server.shutdown()
+    async for signum in signals:
+        log.warning("%s again: stopping now", signal.Signals(signum).name)
+        everything.cancel()
+        return
 
 
-async def _stop_jobs(jobs: JobManager, signals: AsyncIterator[int]) -> None:
-    """Stop every running job with its grace; another signal kills them now."""
-    running = _running(jobs)
+async def _stop_jobs(
+    jobs: JobManager, signals: AsyncIterator[int], everything: trio.CancelScope
+) -> None:
+    """Stop every running job with its grace; another signal kills them now,
+    one more cancels `everything`."""
+    running = jobs.running()
     if not running:
         return
     log.info("stopping %d running jobs (each with its grace)", running)
     async with trio.open_nursery() as nursery:
 
         async def kill_on_signal() -> None:
-            async for signum in signals:
-                log.warning("%s again: killing the jobs now", signal.Signals(signum).name)
-                nursery.start_soon(functools.partial(jobs.stop_all, by=SHUTDOWN_BY, grace=0.0))
+            name = signal.Signals(await anext(signals)).name
+            log.warning("%s again: killing the jobs now", name)
+            nursery.start_soon(functools.partial(jobs.stop_all, by=SHUTDOWN_BY, grace=0.0))
+            name = signal.Signals(await anext(signals)).name
+            log.warning("%s again: stopping now", name)
+            everything.cancel()
 
         nursery.start_soon(kill_on_signal)
         await jobs.stop_all(by=SHUTDOWN_BY)
@@ -543,9 +583,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s corrald %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    claim: ParentClaim | None = None  # held until we exit
     try:
         state_dir = _prepare_state_dir(args.state_dir)
         _lock_state_dir(state_dir)  # its descriptor stays open until we exit
+        claim = _claim_cgroup_parent(state_dir, args.cgroup_parent)
+        parent = claim.parent
         pki_dir = (args.pki or state_dir / "pki").absolute()
         _prepare_pki(pki_dir, create=args.init_pki, server_names=args.server_names)
         try:
@@ -592,7 +635,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         try:
             serving = functools.partial(
                 serve,
-                cgroup_parent=args.cgroup_parent,
+                cgroup_parent=parent,
                 warm=args.warm,
                 keep_jobs=args.keep_jobs,
                 retention=Retention(
@@ -606,10 +649,15 @@ def run(argv: Sequence[str] | None = None) -> int:
             )
             failure = trio.run(serving, config, context, spawner, pki_dir)
         finally:
-            spawner.close()
+            spawner.close()  # its warm sandboxes are gone when it returns
+        if failure is None:  # it served: the parent is ours to tidy, if nothing is left in it
+            remove_if_empty(detect_flavour(), parent, CGROUP_ROOT)
     except StartupError as exc:
         sys.stderr.write(f"corrald: error: {exc}\n")
         return exc.status
+    finally:
+        if claim is not None:
+            claim.close()
     if failure is not None:
         sys.stderr.write(f"corrald: error: {failure}\n")
         return EXIT_UNAVAILABLE

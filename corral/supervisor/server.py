@@ -9,8 +9,16 @@ connection-level error frame saying why and is closed; everyone else gets a
 wrong key usage, TLS 1.2) has its alert flushed to the peer, so the client
 hears "unknown ca" rather than a bare EOF.
 
-Shutdown: stop accepting, tell every session goodbye (`unavailable`), give
-them `shutdown_grace` seconds to flush, then cancel what is left.
+Start-up: `open_listeners()` binds every address before anything else
+happens (corrald binds before its job manager touches a cgroup), and
+`serve()` accepts on them.
+
+Shutdown, in two steps that may come apart: `stop_accepting()` closes the
+listeners while the sessions go on (corrald stops its jobs meanwhile, so
+followers get their streams' ends and `wait`s their replies:
+`wait_requests_done()`); `shutdown()` then tells every session goodbye
+(`unavailable`), gives them `shutdown_grace` seconds to flush, and cancels
+what is left. `shutdown()` alone does both at once.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from corral.supervisor.session import (
     Handler,
     RequestContext,
     Session,
+    StreamEnd,
 )
 from corral.tls import Identity, IdentityError, identity_from_certificate
 from corral.worker.manager import JobManager
@@ -134,13 +143,19 @@ class Server:
         self._idle = trio.Event()
         self._idle.set()
         self._accept_scope = trio.CancelScope()
-        self.shutting_down = False
+        self.shutting_down = False  # no longer accepting
+        self._goodbye = trio.Event()  # set once sessions have been told goodbye
+        self._listeners: list[trio.SocketListener] | None = None
         self.addresses: list[Address] = []
         self.jobs = jobs
         self.heartbeat = Heartbeat()
-        self._operations: dict[str, Handler] = {"info": self._info, "ping": self._ping}
+        self._requests = 0  # being served, on every session
+        self._no_requests = trio.Event()
+        self._no_requests.set()
+        operations: dict[str, Handler] = {"info": self._info, "ping": self._ping}
         if jobs is not None:
-            self._operations.update(JobOperations(jobs, config.policy).handlers())
+            operations.update(JobOperations(jobs, config.policy).handlers())
+        self._operations = {op: self._counted(handler) for op, handler in operations.items()}
 
     # -- observation ---------------------------------------------------------
 
@@ -158,6 +173,27 @@ class Server:
     async def wait_idle(self) -> None:
         """Return once no connection is open or being set up."""
         await self._idle.wait()
+
+    def _counted(self, handler: Handler) -> Handler:
+        async def counted(context: RequestContext) -> dict[str, Any] | StreamEnd:
+            self._requests += 1
+            if self._no_requests.is_set():
+                self._no_requests = trio.Event()
+            try:
+                return await handler(context)
+            finally:
+                self._requests -= 1
+                if not self._requests:
+                    self._no_requests.set()
+
+        return counted
+
+    async def wait_requests_done(self) -> None:
+        """Return once no session has a request being served. A reply (or a
+        stream's end) is queued as its handler returns, unless the peer's
+        queue is full: a peer that does not read may not have it yet."""
+        while self._requests:
+            await self._no_requests.wait()
 
     # -- operations ----------------------------------------------------------
 
@@ -201,13 +237,12 @@ class Server:
 
     # -- serving -------------------------------------------------------------
 
-    async def serve(
-        self, *, task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Listen on every configured address and serve until cancelled or shutdown().
+    async def open_listeners(self) -> list[Address]:
+        """Listen on every configured address (not accepting yet) and return
+        the bound addresses (real ports for port 0).
 
-        Reports the bound addresses (real ports for port 0) once listening.
-        Raises ListenError if an address cannot be listened on.
+        Raises ListenError if an address cannot be listened on; then none is
+        left open and no socket file is left behind.
         """
         listeners: list[trio.SocketListener] = []
         try:
@@ -218,7 +253,31 @@ class Server:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             raise
+        self._listeners = listeners
         self.addresses = [listener_address(listener) for listener in listeners]
+        return self.addresses
+
+    async def close_listeners(self) -> None:
+        """Close listeners `serve()` has not taken over, and remove their socket
+        files (for a corrald that bound them, then could not start)."""
+        listeners, self._listeners = self._listeners or [], None
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+        if listeners:
+            remove_unix_sockets(self.addresses)
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled or shutdown(), listening first unless
+        `open_listeners()` has.
+
+        Reports the bound addresses (real ports for port 0) once accepting.
+        Raises ListenError if an address cannot be listened on.
+        """
+        if self._listeners is None:
+            await self.open_listeners()
+        listeners, self._listeners = self._listeners or [], None  # closed as accepting ends
         try:
             async with trio.open_nursery() as handlers:
                 handlers.start_soon(self.heartbeat.run)
@@ -233,20 +292,31 @@ class Server:
                             )
                         )
                         task_status.started(self.addresses)
-                # Accepting stopped: shutdown() was called.
+                # Accepting stopped; sessions go on until they are told goodbye.
+                await self._goodbye.wait()
                 with trio.move_on_after(self.config.shutdown_grace):
                     await self.wait_idle()
                 handlers.cancel_scope.cancel()
         finally:
+            for listener in listeners:  # closed already, unless cancelled before accepting
+                await trio.aclose_forcefully(listener)
             remove_unix_sockets(self.addresses)
 
-    def shutdown(self, reason: str = "corrald is shutting down") -> None:
-        """Stop accepting and say goodbye to every session; `serve` then returns."""
+    def stop_accepting(self) -> None:
+        """Close the listeners; open sessions are served until `shutdown()`."""
         if self.shutting_down:
             return
         self.shutting_down = True
-        log.info("shutting down: %d sessions", len(self._sessions))
+        log.info("no longer accepting connections: %d sessions open", len(self._sessions))
         self._accept_scope.cancel()
+
+    def shutdown(self, reason: str = "corrald is shutting down") -> None:
+        """Stop accepting and say goodbye to every session; `serve` then returns."""
+        self.stop_accepting()
+        if self._goodbye.is_set():
+            return
+        self._goodbye.set()
+        log.info("shutting down: %d sessions", len(self._sessions))
         for session in list(self._sessions):
             session.shutdown(reason)
 
@@ -289,7 +359,7 @@ class Server:
             )
             self._connecting -= 1
             self._sessions.add(session)
-            if self.shutting_down:
+            if self._goodbye.is_set():
                 session.shutdown("corrald is shutting down")
             log.info("%s: session opened (%s)", session.peer, identity.role)
             await session.run()

@@ -12,6 +12,12 @@ manager keeps an index of jobs in memory, one watcher task per live shim
 socket for `status` and `stop`. When a shim ends, its watcher reads the
 status it left; a shim that died without one leaves a `lost` job, whose
 cgroup the watcher removes.
+
+A job's status only moves forward (`Job.advance`): starting, running, then
+one end, which nothing replaces; the watcher may record the end before the
+start that made the job has taken the shim's "running" report. The manager
+removes only cgroups it can prove are its own: its jobs', and the sandboxes
+it recorded before building them (`corral.worker.sandboxes`).
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ import errno
 import logging
 import math
 import os
+import select
 import shutil
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -45,7 +52,6 @@ from corral.job import (
     SpecError,
     State,
     Status,
-    is_job_id,
     new_job_id,
     pack,
     read_spec,
@@ -63,15 +69,15 @@ from corral.shim.cgroup import (
     detect_flavour,
     disk_devices,
     open_cgroup,
-    orphans,
 )
+from corral.worker.cgroup_parent import ParentError, default_parent, record_parent
 from corral.worker.output import OutputReader, OutputWatcher
+from corral.worker.sandboxes import SandboxRecords
 from corral.worker.spawner import Spawner, SpawnerError
 
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_PARENT = "corral"
 # A shim sets a job up in milliseconds; this only catches one that hangs.
 START_TIMEOUT = 60.0
 SHIM_TIMEOUT = 10.0  # for one status or stop exchange with a shim
@@ -88,11 +94,13 @@ SPAWNER_BACKOFF_MAX = 30.0
 
 
 class JobError(Exception):
-    """A job operation failed; `code` is the wire's error code."""
+    """A job operation failed; `code` is the wire's error code. `job_id` names
+    the job it concerns when one was recorded (a start that failed after it)."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, *, job_id: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.job_id = job_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,15 +130,36 @@ class Admission:
     max_jobs_per_owner: int | None = MAX_JOBS_PER_OWNER
 
 
-@dataclass(slots=True, eq=False)
-class Job:
-    """One job as the manager knows it. `status` is the last recorded one."""
+def _rank(state: State) -> int:
+    """Where a state comes in a job's life: starting, running, then its end."""
+    return {State.STARTING: 0, State.RUNNING: 1}.get(state, 2)
 
-    spec: ResolvedSpec
-    status: Status
-    directory: Path
-    started: trio.Event = field(default_factory=trio.Event)  # set once start() knows
-    done: trio.Event = field(default_factory=trio.Event)
+
+class Job:
+    """One job as the manager knows it. `status` is the latest recorded one."""
+
+    __slots__ = ("_status", "directory", "done", "spec", "started")
+
+    def __init__(self, spec: ResolvedSpec, status: Status, directory: Path) -> None:
+        self.spec = spec
+        self.directory = directory
+        self._status = status
+        self.started = trio.Event()  # set once start() knows how the start went
+        self.done = trio.Event()  # set once the end is recorded
+
+    @property
+    def status(self) -> Status:
+        return self._status
+
+    def advance(self, status: Status) -> bool:
+        """Take `status` unless it is earlier than the one held: an end is
+        never replaced, and running never goes back to starting, whoever
+        reports last (the start taking the shim's report, the watcher taking
+        the end). Returns whether it was taken."""
+        if self._status.state.finished or _rank(status.state) < _rank(self._status.state):
+            return False
+        self._status = status
+        return True
 
     @property
     def id(self) -> str:
@@ -185,10 +214,19 @@ def _shim_alive(pid: int | None) -> int | None:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         comm = ""
-    if comm != SHIM_COMM:  # the pid was reused
+    # The pid was reused, or the shim has ended (a zombie not yet reaped).
+    if comm != SHIM_COMM or select.select([pidfd], [], [], 0)[0]:
         os.close(pidfd)
         return None
     return pidfd
+
+
+def _recorded_end(directory: Path) -> bool:
+    """Whether the job's status file records its end."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        status = read_status(directory)
+        return status is not None and status.state.finished
+    return False
 
 
 class JobManager:
@@ -201,7 +239,7 @@ class JobManager:
         spawner: Spawner | None = None,
         flavour: Flavour | None = None,
         cgroup_root: Path = CGROUP_ROOT,
-        cgroup_parent: str = CGROUP_PARENT,
+        cgroup_parent: str | None = None,
         default_limits: Limits | None = None,
         warm: int = 1,
         retention: Retention | None = None,
@@ -211,7 +249,12 @@ class JobManager:
         self.jobs_dir = state_dir / "jobs"
         self.flavour = flavour or detect_flavour()
         self.cgroup_root = cgroup_root
-        self.cgroup_parent = cgroup_parent
+        try:  # None: the state directory's own (see corral.worker.cgroup_parent)
+            self.cgroup_parent = cgroup_parent or default_parent(state_dir)
+        except ParentError as exc:
+            raise JobError(ErrorCode.FAILED_PRECONDITION, str(exc)) from None
+        self._sandboxes = SandboxRecords(state_dir)
+        self._refusing: str | None = None  # why starts are refused, once they are
         self.default_limits = default_limits or Limits()
         self._spawner = spawner
         self._own_spawner = spawner is None
@@ -246,6 +289,17 @@ class JobManager:
         if self.warm < 0:
             raise JobError(ErrorCode.INVALID_ARGUMENT, f"warm must be 0 or more, not {self.warm}")
         self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            previous = record_parent(self.state_dir, self.cgroup_parent)
+        except OSError as exc:  # the next run may choose another default; say so
+            log.warning("cannot record the cgroup parent %s: %s", self.cgroup_parent, exc)
+        else:
+            if previous not in (None, self.cgroup_parent):
+                log.warning(
+                    "cgroup parent %s replaces %s: jobs started before keep their cgroups there",
+                    self.cgroup_parent,
+                    previous,
+                )
         self._devices = disk_devices([self.state_dir, Path("/")])
         if self._spawner is None:
             self._spawner = Spawner.start()
@@ -276,7 +330,9 @@ class JobManager:
                 self._spawner.close()
 
     def _load(self) -> None:
-        """Index the jobs already in the state directory; watch live shims again."""
+        """Index the jobs already in the state directory; watch live shims
+        again (and log how many), and have those whose shim is gone marked lost."""
+        adopted = lost = 0
         for directory in sorted(self.jobs_dir.iterdir()):
             try:
                 spec = read_spec(directory)
@@ -294,8 +350,12 @@ class JobManager:
             # A corrald killed just after writing "starting" left no shim pid:
             # the shim may live on all the same; find it by its job directory.
             pidfd = _shim_alive(status.shim_pid or _shim_of(directory))
+            adopted += pidfd is not None
+            lost += pidfd is None and not _recorded_end(directory)  # it may have just ended
             assert self._nursery is not None
             self._nursery.start_soon(self._watch, job, pidfd)
+        lost_note = f"; {_jobs(lost)} lost (shim gone without recording an end)" if lost else ""
+        log.info("adopted %d running jobs%s", adopted, lost_note)
 
     async def _supervise_spawner(self) -> None:
         """Start a new spawner whenever the spawner dies.
@@ -341,14 +401,9 @@ class JobManager:
             self._nursery.start_soon(self._warm_up)
 
     def _sweep_sandboxes(self) -> None:
-        """Remove the cgroups of sandboxes built ahead by a spawner that died
-        (they never became jobs: no job directory has their id)."""
-        for name in orphans(self.flavour, self.cgroup_root, self.cgroup_parent):
-            if is_job_id(name) and not (self.jobs_dir / name).exists():
-                try:
-                    open_cgroup(self.flavour, name, self.cgroup_root, self.cgroup_parent).remove()
-                except CgroupError as exc:
-                    log.warning("cannot remove the cgroup of an unused sandbox %s: %s", name, exc)
+        """Remove the sandboxes this manager recorded that never became jobs."""
+        building = list(self._warm)
+        self._sandboxes.sweep(self.flavour, self.cgroup_root, self.cgroup_parent, building=building)
 
     async def _warm_up(self) -> None:
         """Keep `warm` sandboxes built ahead of the next starts."""
@@ -358,10 +413,16 @@ class JobManager:
         try:
             while len(self._warm) < self.warm:
                 job_id = new_job_id()
+                try:  # before it exists, so that a later sweep may remove it
+                    self._sandboxes.record(job_id)
+                except OSError as exc:
+                    log.warning("cannot record a sandbox, so none is built ahead: %s", exc)
+                    return
                 self._warm.append(job_id)
                 try:
                     await self._spawner.prepare(self._spawn_request(job_id))
                 except SpawnerError as exc:
+                    # Its record stays: the sweep after a dead spawner takes it.
                     log.warning("cannot build a sandbox ahead of a start: %s", exc)
                     with contextlib.suppress(ValueError):
                         self._warm.remove(job_id)
@@ -429,7 +490,8 @@ class JobManager:
 
         Raises JobError: invalid_argument for a bad spec, or a command that
         cannot be found; failed_precondition or internal when it could not
-        start. A job that failed to start stays recorded as `failed`.
+        start; unavailable once starts are refused. A job that failed to
+        start stays recorded as `failed`, and the error's `job_id` names it.
         """
         try:
             resolved = spec.validate()
@@ -464,7 +526,8 @@ class JobManager:
             with trio.CancelScope(shield=True):  # a recorded failure, even if cancelled
                 await self._fail(job, "spawn", str(exc))
             job.started.set()
-            raise JobError(ErrorCode.UNAVAILABLE, f"cannot start the job: {exc}") from None
+            message = f"cannot start the job: {exc}"
+            raise JobError(ErrorCode.UNAVAILABLE, message, job_id=job.id) from None
         finally:
             os.close(report_w)
         try:
@@ -474,14 +537,17 @@ class JobManager:
             assert self._nursery is not None
             self._nursery.start_soon(self._warm_up)  # after this start: it had the CPU first
         if report.get("ok"):
+            # The job may have ended already (its watcher took the end): then
+            # this earlier report changes nothing.
             try:
-                job.status = Status.from_wire(report["status"])
+                job.advance(Status.from_wire(report["status"]))
             except (KeyError, TypeError, ValueError):
-                job.status = read_status(directory) or job.status
+                job.advance(read_status(directory) or job.status)
             return job
         await job.done.wait()  # the shim has recorded the failure and is gone
         code = ErrorCode(report.get("code", "internal"))
-        raise JobError(code, str(report.get("message", "the job could not start")))
+        message = str(report.get("message", "the job could not start"))
+        raise JobError(code, message, job_id=job.id)
 
     def _make_job_directory(self, spec: ResolvedSpec, *, warm: bool) -> Path:
         """The job's directory with its spec and first status.
@@ -504,10 +570,15 @@ class JobManager:
             raise JobError(
                 code, f"cannot record the job in corrald's state directory: {exc.strerror}"
             ) from None
+        if warm:
+            self._sandboxes.drop(spec.id)  # its job directory says it is ours now
         return directory
 
     def _admit(self, owner: str) -> None:
-        """Refuse a start beyond the caps on jobs starting or running."""
+        """Refuse a start beyond the caps on jobs starting or running, or
+        once starts are refused."""
+        if self._refusing is not None:
+            raise JobError(ErrorCode.UNAVAILABLE, self._refusing)
         limit = self.admission.max_jobs
         if limit is not None and self.running() >= limit:
             raise JobError(
@@ -523,7 +594,14 @@ class JobManager:
                 "the most one user may have; wait for one to end, or stop one",
             )
 
-    def _ended(self, job: Job) -> None:
+    def _finish(self, job: Job, status: Status) -> None:
+        """Record the job's end, once: it frees the job's slot and wakes its
+        waiters. A second end (there should be none) changes nothing."""
+        if job.done.is_set():
+            log.warning("job %s: a second end ignored: %s", job.short_id, status.reason)
+            return
+        job.advance(status)
+        job.started.set()
         job.done.set()
         self._active[job.spec.owner] -= 1
         if not self._active[job.spec.owner]:
@@ -557,15 +635,15 @@ class JobManager:
         }
 
     async def _fail(self, job: Job, step: str, message: str) -> None:
-        job.status = Status(
+        status = Status(
             state=State.FAILED, reason=message, failed_step=step, finished_at=time.time_ns()
         )
         # A final status is flushed to disk: never on the event loop.
         try:
-            await trio.to_thread.run_sync(write_status, job.directory, job.status)
+            await trio.to_thread.run_sync(write_status, job.directory, status)
         except OSError as exc:  # a full disk must not take corrald down
             log.warning("job %s: cannot record its failure: %s", job.short_id, exc)
-        self._ended(job)
+        self._finish(job, status)
 
     # -- watching shims --------------------------------------------------------------
 
@@ -584,9 +662,7 @@ class JobManager:
             status = None
         if status is None or not status.state.finished:
             status = await self._lost(job, status)
-        job.status = status
-        job.started.set()
-        self._ended(job)
+        self._finish(job, status)
         if self._output is not None:
             self._output.notify(job.id)  # followers: the output is complete
         self._retention_changed.set()
@@ -745,6 +821,11 @@ class JobManager:
             await self._ask_shim(job, {"op": "stop", "grace": float(grace), "by": by})
         await job.done.wait()
         return job.status
+
+    def refuse_starts(self, reason: str) -> None:
+        """From now on refuse every start (`unavailable`, saying `reason`), so
+        the jobs running now are all there will be (corrald shutting down)."""
+        self._refusing = reason
 
     async def stop_all(self, *, by: str, grace: float | None = None) -> int:
         """Stop every job still running, all at once, each with its own stop
