@@ -305,7 +305,9 @@ def test_a_lost_connection_ends_the_shell_with_69(shell: Shell, corrald: Daemon)
     shell.send("sta")  # at the prompt, typing
     shell.expect("sta")
     corrald.process.terminate()
+    # corrald stops its jobs before it says goodbye: the follow sees the end.
+    shell.expect(f"[{short}] job stopped: stopped by corrald shutting down")
     shell.expect("corrald is shutting down (connection lost; leaving the shell)")
     assert shell.wait() == 69
     assert corrald.process.wait(timeout=30) == 0
-    # The job outlives corrald: the corrald fixture kills what it left.
+    # corrald stopped the job on its way out.

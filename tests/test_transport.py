@@ -399,7 +399,9 @@ async def test_a_peer_dribbling_a_frame_is_dropped_and_delays_nobody(
                 await tls.send_all(bytes([byte]))
                 with trio.move_on_after(0.05):
                     await assert_serves(served, pki_dir, "bob")  # others go on at once
-                if trio.current_time() - began > io_timeout * 4:
+                # Stop before the deadline: a byte sent after corrald has
+                # closed draws a reset, which can discard its goodbye unread.
+                if trio.current_time() - began > io_timeout * 0.8:
                     break
         with trio.fail_after(5):
             while chunk := await tls.receive_some(65536):

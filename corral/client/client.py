@@ -222,6 +222,7 @@ class Client:
         self._streams: dict[int, trio.MemorySendChannel[Message | CorralError]] = {}
         self._send_lock = trio.Lock()
         self._closed: CorralError | None = None
+        self._closed_event = trio.Event()
 
     @property
     def closed(self) -> CorralError | None:
@@ -229,6 +230,13 @@ class Client:
         return self._closed
 
     # -- operations ----------------------------------------------------------
+
+    async def wait_closed(self) -> CorralError:
+        """Return once the connection is gone (corrald's goodbye, a loss, our
+        close), with why: what every call raises from then on."""
+        await self._closed_event.wait()
+        assert self._closed is not None
+        return self._closed
 
     async def ping(self) -> None:
         """A request that does nothing but keep an idle connection open."""
@@ -457,6 +465,7 @@ class Client:
         """Fail every waiting request with `reason`; later calls raise it too."""
         if self._closed is None:
             self._closed = reason
+            self._closed_event.set()
         for request_id, pending in list(self._pending.items()):
             pending.reply = self._closed
             pending.done.set()

@@ -317,7 +317,9 @@ class _Session:
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         self._connected.set()
-                        await trio.sleep_forever()
+                        # A goodbye while nothing runs (corrald shutting
+                        # down) ends the shell now, not at the next command.
+                        self._report(await client.wait_closed())
             except CorralError as exc:
                 if self._client is not None:
                     raise  # the lines catch theirs: this one is a bug
