@@ -1,7 +1,7 @@
 # make run   start corrald with state and a dev PKI in $(STATE) (created on first run)
 #            on $(LISTEN) and unix:$(STATE)/corrald.sock, e.g.
 #            make run LISTEN=127.0.0.1:7444 STATE=var2   (a second one beside the first)
-# make test  run the test suite
+# make test  run the test suite (two workers: pytest-xdist)
 # make lint  ruff and mypy --strict
 # Each target first creates .venv and installs corral into it (editable).
 
@@ -25,7 +25,7 @@ run: $(INSTALLED)
 	$(BIN)/corrald --state-dir $(STATE) --init-pki --listen $(LISTEN) --listen unix:$(STATE)/corrald.sock
 
 test: $(INSTALLED)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -34,7 +34,7 @@ from pathlib import Path
 import trio
 
 from corral.job import JobSpec
-from corral.worker.manager import JobManager
+from corral.worker.manager import JobManager, open_job_manager
 
 PARENT = f"corral-bench-{os.getpid()}"
 
@@ -146,12 +146,12 @@ def warm_sandbox_uss() -> None:
 
 async def main(count: int) -> None:
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as state:
-        async with JobManager(Path(state), cgroup_parent=PARENT) as jobs:
+        async with open_job_manager(Path(state), cgroup_parent=PARENT) as jobs:
             await latency(jobs, "corral", count)
             await memory(jobs, count)
             await trio.sleep(0.5)  # let the next sandbox be built: its size is measured
             warm_sandbox_uss()
-        async with JobManager(Path(state), cgroup_parent=PARENT, warm=0) as jobs:
+        async with open_job_manager(Path(state), cgroup_parent=PARENT, warm=0) as jobs:
             await latency(jobs, "corral cold", count)
     for path in Path("/sys/fs/cgroup").glob(f"*/{PARENT}"):
         path.rmdir()

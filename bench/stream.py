@@ -52,7 +52,7 @@ import msgpack
 import trio
 
 from corral.client.client import Client, connect
-from corral.job import STREAM_STDOUT
+from corral.records import STREAM_STDOUT
 
 CORRALD = [sys.executable, "-m", "corral.supervisor.main"]
 MIB = 1 << 20

@@ -1,31 +1,26 @@
-"""What a job is on disk: its spec, its limits, its status, its usage.
+"""What a job is: its spec, its limits, its status, its usage.
 
 Shared by the shim (plain Python, no trio) and the worker (trio), so it
-imports neither. Each record converts to and from a msgpack-ready map; the
-state directory holds `spec.msgpack` (written once, before the shim starts)
-and `status.msgpack` (replaced atomically by whoever knows more), and while
-a shim runs its job, `reserve`: room for the job's end (see `Reserve`).
+imports neither. Each record converts to and from a msgpack-ready map;
+`corral.store` keeps them in the state directory, and `corral.records` is
+the format of a job's output.
 
-Validation lives here too: a spec that passes `JobSpec.validate()` is one
+Validation lives here: a spec that passes `JobSpec.validate()` is one
 the shim can run. Errors name the field (`SpecError.field`), so corrald can
 answer `invalid_argument` saying exactly what is wrong.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import errno
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
-import msgpack
-
-from corral.client.units import describe, quote, short_duration, short_number, short_size
+from corral.errors import ErrorCode, OperationError
+from corral.units import describe, quote, short_duration, short_number, short_size
 
 # Job ids: 128 random bits as 32 hex digits. The first 12 are the hostname
 # inside the job and the short id people type.
@@ -57,19 +52,15 @@ MIN_LOG_LIMIT = 4096
 MIN_TMP_SIZE = 1 << 20  # the private /tmp: room for a few files, not a typo in bytes
 DEFAULT_LOG_LIMIT = 1 << 30  # 1 GiB of output.log per job
 DEFAULT_TMP_SIZE = 64 << 20  # the job's private /tmp
-# A job's reserve (see Reserve): a block for its final status, the rest for
-# the log's last record and a directory block, in blocks of 4 KiB or more.
-RESERVE_SIZE = 32 << 10
-RESERVE_BLOCKS = 8
-RESERVE_MAX = 1 << 20  # a filesystem claiming huge blocks (NFS) gets no more
 MAX_WRITABLE = 64  # paths a job may be given to write (each a bind mount)
 
 
-class SpecError(ValueError):
-    """A job spec or limit is invalid; `field` names which part."""
+class SpecError(OperationError, ValueError):
+    """A job spec or limit is invalid (`invalid_argument`); `field` names
+    which part, in the message and in its details."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        super().__init__(ErrorCode.INVALID_ARGUMENT, f"{field}: {message}", {"field": field})
         self.field = field
 
 
@@ -176,6 +167,13 @@ def _seconds(name: str, value: object, low: float, high: float) -> None:
         )
 
 
+def check_grace(value: object, name: str = "grace") -> float:
+    """`value` as a stop grace (seconds between SIGTERM and SIGKILL), or
+    SpecError: the one bound every grace (a spec's, a stop's) is held to."""
+    _seconds(name, value, 0, MAX_STOP_GRACE)
+    return float(value)  # type: ignore[arg-type] # checked above
+
+
 def _whole(name: str, value: object, low: int, high: int, of_bytes: str = "") -> None:
     """SpecError unless `value` is None or a whole number from `low` to `high`;
     `of_bytes` (" of bytes") shows them as sizes."""
@@ -202,6 +200,31 @@ def _as_bytes(name: str, value: object) -> bytes:
 def default_env() -> dict[bytes, bytes]:
     """A small clean environment: what a login would give, not corrald's."""
     return {b"PATH": DEFAULT_PATH, b"HOME": b"/", b"LANG": b"C.UTF-8", b"TERM": b"dumb"}
+
+
+def writable_paths(value: object) -> tuple[bytes, ...]:
+    """Writable paths as a job is given them: absolute, normalized (no `..`,
+    no `//`), each once; SpecError naming the one that is wrong. The one
+    reading of them: the policy checks what this returns."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise SpecError("writable", f"must be a list of absolute paths, not {describe(value)}")
+    if len(value) > MAX_WRITABLE:
+        raise SpecError("writable", f"must name at most {MAX_WRITABLE} paths, not {len(value)}")
+    paths: list[bytes] = []
+    for i, item in enumerate(value):
+        path = _as_bytes(f"writable[{i}]", item)
+        if not path.startswith(b"/"):
+            raise SpecError(f"writable[{i}]", f"must be an absolute path, not {quote(path)}")
+        if len(path) > PATH_MAX:
+            raise SpecError(
+                f"writable[{i}]", f"must be at most {PATH_MAX} bytes long, not {len(path)}"
+            )
+        path = os.path.normpath(path)
+        if path.startswith(b"//"):  # normpath keeps POSIX's implementation-defined //
+            path = b"/" + path.lstrip(b"/")
+        if path not in paths:
+            paths.append(path)
+    return tuple(paths)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -245,7 +268,7 @@ class JobSpec:
             )
         if self.max_runtime is not None:
             _seconds("max_runtime", self.max_runtime, MIN_RUNTIME, MAX_RUNTIME)
-        _seconds("stop_grace", self.stop_grace, 0, MAX_STOP_GRACE)
+        check_grace(self.stop_grace, "stop_grace")
         _whole("log_limit", self.log_limit, MIN_LOG_LIMIT, MAX_BYTES, " of bytes")
         _whole("tmp_size", self.tmp_size, MIN_TMP_SIZE, MAX_BYTES, " of bytes")
         if not isinstance(self.limits, Limits):
@@ -266,29 +289,7 @@ class JobSpec:
         )
 
     def _writable(self) -> tuple[bytes, ...]:
-        if isinstance(self.writable, str | bytes) or not isinstance(self.writable, Sequence):
-            raise SpecError(
-                "writable", f"must be a list of absolute paths, not {describe(self.writable)}"
-            )
-        if len(self.writable) > MAX_WRITABLE:
-            raise SpecError(
-                "writable", f"must name at most {MAX_WRITABLE} paths, not {len(self.writable)}"
-            )
-        paths: list[bytes] = []
-        for i, value in enumerate(self.writable):
-            path = _as_bytes(f"writable[{i}]", value)
-            if not path.startswith(b"/"):
-                raise SpecError(f"writable[{i}]", f"must be an absolute path, not {quote(path)}")
-            if len(path) > PATH_MAX:
-                raise SpecError(
-                    f"writable[{i}]", f"must be at most {PATH_MAX} bytes long, not {len(path)}"
-                )
-            path = os.path.normpath(path)
-            if path.startswith(b"//"):  # normpath keeps POSIX's implementation-defined //
-                path = b"/" + path.lstrip(b"/")
-            if path not in paths:
-                paths.append(path)
-        return tuple(paths)
+        return writable_paths(self.writable)
 
     def _env(self) -> dict[bytes, bytes]:
         """The command's environment: default_env() (or nothing, with
@@ -407,256 +408,3 @@ class Status:
         values["state"] = State(values["state"])
         values["usage"] = Usage(**values.get("usage", {}))
         return cls(**values)
-
-
-# -- files --------------------------------------------------------------------------
-
-SPEC_FILE = "spec.msgpack"
-STATUS_FILE = "status.msgpack"
-OUTPUT_FILE = "output.log"
-SOCKET_FILE = "shim.sock"
-RESERVE_FILE = "reserve"
-
-# A full filesystem, or the writer's quota used up: no new blocks to be had.
-FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace `path` with `data` (0600) so readers see the old or the new, never half.
-
-    `durable` also flushes it to disk before the rename (a few ms on a real
-    disk): for records that must survive a power cut, like a job's end. A
-    lost intermediate record (starting, running) costs nothing: the shim
-    that wrote it is gone after a power cut too.
-    """
-    # A name no other writer picks (O_EXCL makes sure): tempfile's would do,
-    # but importing it costs every shim fork (see spawner.py).
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def pack(value: Any) -> bytes:
-    data: bytes = msgpack.packb(value, use_bin_type=True)
-    return data
-
-
-def unpack(data: bytes) -> dict[str, Any]:
-    value = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    if not isinstance(value, dict):
-        raise TypeError(f"expected a map, not {type(value).__name__}")
-    return value
-
-
-# sun_path holds 108 bytes; longer job paths are reached through /proc.
-MAX_SOCKET_PATH = 100
-
-
-@contextlib.contextmanager
-def socket_path(job_dir: Path) -> Iterator[str]:
-    """A path for the job's shim.sock that fits in a unix socket address.
-
-    A deep state directory makes `job_dir/shim.sock` too long to bind or
-    connect; then it is named through an O_PATH descriptor of the
-    directory, /proc/self/fd/N/shim.sock, valid while the block runs.
-    """
-    path = job_dir / SOCKET_FILE
-    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
-        yield str(path)
-        return
-    fd = os.open(job_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{SOCKET_FILE}"
-    finally:
-        os.close(fd)
-
-
-def read_status(job_dir: Path) -> Status | None:
-    """The recorded status, or None if the job has none yet."""
-    try:
-        return Status.from_wire(unpack((job_dir / STATUS_FILE).read_bytes()))
-    except FileNotFoundError:
-        return None
-
-
-def write_status(job_dir: Path, status: Status) -> None:
-    """Record `status`; durably once the job has ended.
-
-    An end is recorded on a full filesystem too, if the status file has the
-    room: written over it in place (see `_overwrite`). Raises OSError when
-    it cannot be recorded.
-    """
-    path, data, durable = job_dir / STATUS_FILE, pack(status.to_wire()), status.state.finished
-    try:
-        write_atomically(path, data, durable=durable)
-    except OSError as exc:
-        if not durable or exc.errno not in FULL_ERRNOS or not _overwrite(path, data):
-            raise
-
-
-def _overwrite(path: Path, data: bytes) -> bool:
-    """Write `data` over the file at `path` in the blocks it has; False if
-    they are too few (or there is no file), so no new block is needed.
-
-    Not atomic: a reader at that moment may find a mix of the two. Only for
-    an end that could not be recorded otherwise; whoever writes an end does
-    so as the job's last act, and corrald reads it once the writer is gone.
-    """
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        if len(data) > os.fstat(fd).st_blocks * 512:
-            return False
-        _write_at(fd, data)
-        os.ftruncate(fd, len(data))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return True
-
-
-def _write_at(fd: int, data: bytes) -> None:
-    """All of `data` at the start of the file."""
-    view, done = memoryview(data), 0
-    while done < len(data):
-        done += os.pwrite(fd, view[done:], done)
-
-
-class Reserve:
-    """Room kept in a job directory, so the job's end is recorded however
-    full its filesystem gets.
-
-    Theory of operation. The shim makes the reserve, a file of a few blocks
-    allocated up front, before the job runs; at the end it puts the final
-    status in the reserve's own blocks (`hold`), which frees the rest for
-    the log's last record, then renames the reserve over status.msgpack
-    (`commit`). Neither step needs a new block: the end is recorded on a
-    full filesystem even when other jobs take every block as soon as it is
-    freed (those then take the room meant for the marker: the status still
-    counts the dropped output). Guaranteed where blocks allocated to a file
-    stay its own until it is truncated (tmpfs, ext4 and XFS, whose
-    conversion of preallocated blocks draws on the filesystem's own
-    reserve); not on copy-on-write filesystems (btrfs, ZFS), which need new
-    blocks for every write. A status larger than the reserve (a very long
-    reason) needs new blocks too; write_status is then the fallback.
-    """
-
-    def __init__(self, job_dir: Path) -> None:
-        """Allocate the room; OSError if it cannot (errno in FULL_ERRNOS: no room)."""
-        self.path = job_dir / RESERVE_FILE
-        self.held = False
-        self.fd: int | None = os.open(
-            self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
-        )
-        try:
-            # Blocks of the filesystem's unit of allocation (a page on tmpfs).
-            size = max(RESERVE_SIZE, RESERVE_BLOCKS * os.fstatvfs(self.fd).f_frsize)
-            os.posix_fallocate(self.fd, 0, min(size, RESERVE_MAX))
-        except BaseException:
-            self.discard()
-            raise
-
-    def hold(self, status: Status) -> bool:
-        """Write `status` into the reserve and free the rest of its room;
-        False (and the reserve is gone) if that needed more room than it had."""
-        if self.fd is None:
-            return False
-        data = pack(status.to_wire())
-        try:
-            _write_at(self.fd, data)
-            os.ftruncate(self.fd, len(data))
-        except OSError:
-            self.discard()
-            return False
-        self.held = True
-        return True
-
-    def commit(self, job_dir: Path) -> bool:
-        """Make the status held the job's status.msgpack, flushed to disk
-        first (it is an end); False (and the reserve is gone) if nothing was
-        held or that failed."""
-        if self.fd is None or not self.held:
-            self.discard()
-            return False
-        try:
-            os.fsync(self.fd)
-            os.replace(self.path, job_dir / STATUS_FILE)
-        except OSError:
-            self.discard()
-            return False
-        os.close(self.fd)
-        self.fd = None
-        return True
-
-    def discard(self) -> None:
-        """Give the room back. Safe to call more than once."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-
-
-def read_spec(job_dir: Path) -> ResolvedSpec:
-    return ResolvedSpec.from_wire(unpack((job_dir / SPEC_FILE).read_bytes()))
-
-
-# -- output.log records ------------------------------------------------------------
-
-STREAM_MARKER, STREAM_STDOUT, STREAM_STDERR = 0, 1, 2
-# A record holds at most one read of a pipe (64 KiB) and its envelope.
-MAX_RECORD = 1 << 20
-FEED_SIZE = 256 << 10
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One record of output.log: `data` is bytes for stdout (1) and stderr (2);
-    for a marker (0), a map such as {"dropped_bytes": N}."""
-
-    stream: int
-    time_ns: int
-    data: bytes | dict[str, Any]
-
-
-class RecordDecoder:
-    """Records out of output.log's bytes, fed in pieces of any size."""
-
-    def __init__(self) -> None:
-        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_RECORD)
-
-    @property
-    def consumed(self) -> int:
-        """Bytes of the records returned so far: where the next record begins,
-        counted from the first byte fed."""
-        position: int = self._unpacker.tell()
-        return position
-
-    def feed(self, data: bytes) -> list[Record]:
-        """The records `data` completes; ValueError if it is not output.log."""
-        records = []
-        view = memoryview(data)
-        for start in range(0, len(view), FEED_SIZE):  # the buffer holds one record or so
-            try:
-                self._unpacker.feed(view[start : start + FEED_SIZE])
-            except msgpack.BufferFull:
-                raise ValueError(f"a record over {MAX_RECORD} bytes") from None
-            for item in self._unpacker:
-                match item:
-                    case [int(stream), int(time_ns), bytes() | dict() as payload]:
-                        records.append(Record(stream, time_ns, payload))
-                    case _:
-                        raise ValueError(f"not an output record: {item!r:.80}")
-        return records

@@ -13,7 +13,7 @@ CLOSE_TIMEOUT = 1.0
 GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-async def close_stream(stream: trio.abc.AsyncResource, timeout: float = CLOSE_TIMEOUT) -> None:
+async def close_stream(stream: trio.abc.AsyncResource, timeout: float = CLOSE_TIMEOUT) -> None:  # noqa: ASYNC109 - bounds a shielded close
     """Close gracefully if the peer lets us within `timeout`, else forcefully.
 
     Shielded: it runs to the end even inside a cancelled scope, so it is

@@ -28,7 +28,7 @@ import trio
 from corral.client.client import Client, connect
 from corral.client.errors import CorralError
 from corral.client.script import run_script
-from corral.job import STREAM_STDERR, STREAM_STDOUT, RecordDecoder
+from corral.records import STREAM_STDERR, STREAM_STDOUT, RecordDecoder
 
 MIB = 1 << 20
 CHUNKS = 4  # MiB of random bytes the job writes, one every JOB_PAUSE

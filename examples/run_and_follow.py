@@ -21,7 +21,7 @@ import trio
 from corral.client.client import Client, connect
 from corral.client.errors import CorralError
 from corral.client.script import run_script
-from corral.job import STREAM_STDERR, STREAM_STDOUT
+from corral.records import STREAM_STDERR, STREAM_STDOUT
 
 # A job that talks on both streams for a second or so, then fails.
 SCRIPT = """

@@ -24,8 +24,8 @@ import trio
 
 from corral import pki
 from corral.address import Address, TCPAddress, UnixAddress
-from corral.job import read_status
 from corral.shim.cgroup import Flavour, detect_flavour, open_cgroup, orphans
+from corral.store import read_status
 from corral.supervisor.server import Server, ServerConfig
 from corral.tls import server_context
 from corral.worker.cgroup_parent import default_parent

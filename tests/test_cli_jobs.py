@@ -13,8 +13,9 @@ import trio
 
 from corral.client.client import connect
 from corral.client.errors import ServerError
-from corral.job import State, read_status
+from corral.job import State
 from corral.protocol import ErrorCode
+from corral.store import read_status
 
 from .conftest import Daemon, identity, running_corrald
 from .test_cli import corral

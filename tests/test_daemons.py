@@ -18,8 +18,9 @@ import trio
 
 from corral.client.client import Client, connect
 from corral.client.errors import ServerError
-from corral.job import State, Status, new_job_id, read_status, write_status
+from corral.job import State, Status, new_job_id
 from corral.shim.cgroup import Cgroup, detect_flavour, open_cgroup, orphans
+from corral.store import read_status, write_status
 from corral.supervisor.main import build_parser
 from corral.worker.cgroup_parent import (
     LEGACY_PARENT,
@@ -314,3 +315,70 @@ def test_the_first_make_run_says_it_is_setting_up_the_venv(tmp_path: Path) -> No
     assert result.stdout.splitlines()[0] == (
         f"setting up {tmp_path}/venv with corral and its dev tools (first run only)"
     )
+
+
+# -- corrald's flags: realistic values accepted, absurd ones refused ------------------
+
+REALISTIC_FLAGS = [
+    ("--handshake-timeout", "30", "handshake_timeout", 30.0),
+    ("--max-connections", "20000", "max_connections", 20000),
+    ("--max-requests", "256", "max_requests", 256),
+    ("--max-connections-per-user", "4096", "max_connections_per_user", 4096),
+    ("--io-timeout", "300", "io_timeout", 300.0),
+    ("--idle-timeout", "86400", "idle_timeout", 86400.0),
+    ("--max-jobs", "5000", "max_jobs", 5000),
+    ("--max-jobs-per-user", "2000", "max_jobs_per_user", 2000),
+    ("--warm", "4", "warm", 4),
+    ("--warm", "0", "warm", 0),
+    ("--keep-finished", "100", "keep_finished", 100),
+    ("--keep-finished", "0", "keep_finished", 0),
+    ("--keep-finished", "100000", "keep_finished", 100000),
+    ("--keep-for", "7d", "keep_for", 7 * 86400.0),
+    ("--keep-log-size", "10G", "keep_log_size", 10 << 30),
+]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "dest", "expected"),
+    REALISTIC_FLAGS,
+    ids=[f"{flag} {value}" for flag, value, _, _ in REALISTIC_FLAGS],
+)
+def test_each_count_size_and_duration_flag_takes_a_realistic_value(
+    flag: str, value: str, dest: str, expected: float
+) -> None:
+    args = build_parser().parse_args([flag, value])
+    assert getattr(args, dest) == expected
+
+
+ABSURD_FLAGS = [
+    ("--handshake-timeout", "0", "must be more than 0 and at most 3600 seconds"),
+    ("--handshake-timeout", "nan", "must be more than 0 and at most 3600 seconds"),
+    ("--handshake-timeout", "soon", "not a number of seconds: 'soon'"),
+    ("--max-connections", "0", "must be between 1 and 1048576"),
+    ("--max-requests", "10000000", "must be between 1 and 100000"),
+    ("--max-connections-per-user", "-1", "must be between 1 and 1048576"),
+    ("--io-timeout", "1e9", "must be more than 0 and at most 86400 seconds"),
+    ("--idle-timeout", "inf", "must be more than 0 and at most 604800 seconds"),
+    ("--max-jobs", "0", "must be between 1 and 100000"),
+    ("--max-jobs", "1e6", "not a whole number: '1e6'"),
+    ("--max-jobs-per-user", "1000000000", "must be between 1 and 100000"),
+    ("--warm", "65", "must be between 0 and 64"),
+    ("--keep-finished", "-1", "must be between 0 and 10000000"),
+    ("--keep-finished", "many", "not a whole number: 'many'"),
+    ("--keep-for", "forever", "not a duration: 'forever'"),
+    ("--keep-log-size", "0", "not a size: '0'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    ABSURD_FLAGS,
+    ids=[f"{flag} {value}" for flag, value, _ in ABSURD_FLAGS],
+)
+def test_an_absurd_flag_value_is_refused_saying_why(
+    flag: str, value: str, words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {words}" in capsys.readouterr().err

@@ -18,18 +18,14 @@ import pytest
 import trio
 import trio.testing
 
-from corral.job import (
-    OUTPUT_FILE,
-    STREAM_MARKER,
-    STREAM_STDOUT,
-    JobSpec,
-    State,
-    read_status,
-)
+from corral.errors import OperationError
+from corral.job import JobSpec, State
 from corral.protocol import ErrorCode
+from corral.records import STREAM_MARKER, STREAM_STDOUT
 from corral.shim import libc
 from corral.shim.cgroup import detect_flavour, orphans
-from corral.worker.manager import JobError, JobManager
+from corral.store import OUTPUT_FILE, read_status
+from corral.worker.manager import JobManager, open_job_manager
 
 from .conftest import TEST_CGROUP_PARENT, until
 
@@ -64,7 +60,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 async def jobs(small_disk: Path) -> AsyncIterator[JobManager]:
     """A JobManager whose state directory is on `small_disk`; afterwards every
     job has ended and no cgroup of ours is left."""
-    async with JobManager(small_disk / "state", cgroup_parent=TEST_CGROUP_PARENT) as manager:
+    async with open_job_manager(small_disk / "state", cgroup_parent=TEST_CGROUP_PARENT) as manager:
         try:
             yield manager
         finally:
@@ -206,7 +202,7 @@ async def test_a_start_on_a_full_disk_fails_saying_so_and_leaves_nothing(
     jobs: JobManager, small_disk: Path
 ) -> None:
     filler = fill(small_disk)
-    with pytest.raises(JobError) as caught:
+    with pytest.raises(OperationError) as caught:
         await jobs.start(JobSpec(argv=["echo", "hello"]))
     assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
     assert FULL in str(caught.value)
@@ -226,7 +222,7 @@ async def test_a_start_without_room_for_the_jobs_output_fails_and_is_recorded(
     # Room for what corrald writes (the spec and the first status, a block
     # each) and nothing more: the shim cannot keep room for the job's end.
     fill(small_disk, leave=2)
-    with pytest.raises(JobError) as caught:
+    with pytest.raises(OperationError) as caught:
         await jobs.start(JobSpec(argv=["echo", "hello"]))
     assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
     assert str(caught.value) == f"no room for the job's output in corrald's state directory: {FULL}"

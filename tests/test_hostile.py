@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from corral.address import TCPAddress
 from corral.client.client import Client, connect
 from corral.client.errors import ServerError
+from corral.errors import OperationError
 from corral.protocol import (
     MAX_FRAME_SIZE,
     NEED_DATA,
@@ -61,7 +62,7 @@ from corral.protocol import (
 from corral.protocol.codec import HEADER, MAX_DEPTH, FrameBuffer, decode_body, encode_frame
 from corral.protocol.messages import from_wire, to_wire
 from corral.supervisor.server import Server, ServerConfig
-from corral.supervisor.session import Handler, OperationError, RequestContext, Session
+from corral.supervisor.session import Handler, RequestContext, Session
 from corral.tls import Identity, client_context, server_context
 from corral.worker.manager import JobManager
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from corral.errors import OperationError
 from corral.job import (
-    OUTPUT_FILE,
     JobSpec,
     Limits,
     ResolvedSpec,
@@ -29,7 +29,8 @@ from corral.job import (
 )
 from corral.protocol import ErrorCode
 from corral.shim.cgroup import detect_flavour, orphans
-from corral.worker.manager import JobError, JobManager
+from corral.store import OUTPUT_FILE
+from corral.worker.manager import JobManager, open_job_manager
 
 from .conftest import TEST_CGROUP_PARENT, identity, running_corrald
 from .test_cli import corral
@@ -49,7 +50,7 @@ async def jobs(tmp_path: Path) -> AsyncIterator[JobManager]:
     """A JobManager (a sandbox built ahead of each start: the jail is built
     before the job is known, as it is in corrald); every job ended and no
     cgroup of ours left afterwards."""
-    async with JobManager(tmp_path / "state", cgroup_parent=TEST_CGROUP_PARENT) as manager:
+    async with open_job_manager(tmp_path / "state", cgroup_parent=TEST_CGROUP_PARENT) as manager:
         try:
             yield manager
         finally:
@@ -167,7 +168,7 @@ async def test_a_writable_path_under_tmp_that_is_missing_or_a_link_is_refused(
     target = in_tmp / name
     if name == "link":
         target.symlink_to("/etc")
-    with pytest.raises(JobError) as caught:
+    with pytest.raises(OperationError) as caught:
         await jobs.start(JobSpec(argv=["true"], writable=[str(target)]))
     assert caught.value.code is ErrorCode.INVALID_ARGUMENT
     expected = words.format(name=f"{in_tmp.name}/{name}")
@@ -247,7 +248,7 @@ def test_cpu_beyond_the_hosts_is_refused_naming_the_hosts_count() -> None:
 async def test_a_start_asking_for_more_cpus_than_the_host_has_changes_nothing(
     jobs: JobManager,
 ) -> None:
-    with pytest.raises(JobError) as caught:
+    with pytest.raises(OperationError) as caught:
         await jobs.start(JobSpec(argv=["true"], limits=Limits(cpu=host_cpus() + 1)))
     assert caught.value.code is ErrorCode.INVALID_ARGUMENT
     assert str(caught.value).startswith("limits.cpu: must be at most ")

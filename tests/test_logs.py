@@ -21,8 +21,9 @@ import trio.testing
 
 from corral.client.client import Client, connect
 from corral.client.errors import ServerError
-from corral.job import STREAM_MARKER, STREAM_STDERR, STREAM_STDOUT, JobSpec, RecordDecoder
+from corral.job import JobSpec
 from corral.protocol import ErrorCode
+from corral.records import STREAM_MARKER, STREAM_STDERR, STREAM_STDOUT, RecordDecoder
 from corral.supervisor.heartbeat import live_tasks
 from corral.worker.manager import JobManager
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.errors import OperationError
 from corral.job import Limits, host_cpus
 from corral.protocol import ErrorCode
 from corral.supervisor.policy import (
@@ -21,7 +22,6 @@ from corral.supervisor.policy import (
     load_policy,
     owner_filter,
 )
-from corral.supervisor.session import OperationError
 from corral.tls import Identity
 
 ADMIN = Identity("root-of-trust", "admin")

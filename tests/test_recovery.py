@@ -18,9 +18,10 @@ import pytest
 import trio
 
 from corral.client.client import Client, connect
-from corral.job import JobSpec, State, read_status, write_status
+from corral.job import JobSpec, State
 from corral.shim.cgroup import detect_flavour, open_cgroup
-from corral.worker.manager import JobManager, Retention
+from corral.store import read_status, write_status
+from corral.worker.manager import JobManager, Retention, open_job_manager
 
 from .conftest import (
     TEST_CGROUP_PARENT,
@@ -199,7 +200,7 @@ def test_the_lock_goes_with_the_corrald_that_held_it(pki_dir: Path, short_dir: P
 @pytest.fixture
 async def retained(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[JobManager]:
     retention: Retention = request.param
-    async with JobManager(
+    async with open_job_manager(
         tmp_path / "state", cgroup_parent=TEST_CGROUP_PARENT, retention=retention
     ) as manager:
         yield manager

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corral.client.units import (
+from corral.job import MAX_BYTES, MAX_RUNTIME, MIN_MEMORY
+from corral.units import (
     QUOTE_LIMIT,
     YEAR,
     describe,
@@ -18,7 +19,6 @@ from corral.client.units import (
     short_number,
     short_size,
 )
-from corral.job import MAX_BYTES, MAX_RUNTIME, MIN_MEMORY
 
 # The bounds and values corral's messages show.
 SIZES = {

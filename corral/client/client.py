@@ -37,7 +37,6 @@ from corral.client.errors import (
 )
 from corral.client.handshake import RECEIVE_SIZE, handshake, identity_context, open_transport
 from corral.client.jobs import JobInfo
-from corral.job import Record, RecordDecoder
 from corral.protocol import (
     NEED_DATA,
     Cancel,
@@ -53,6 +52,7 @@ from corral.protocol import (
     Signal,
     Welcome,
 )
+from corral.records import Record, RecordDecoder
 from corral.streams import CLOSE_TIMEOUT, close_stream
 from corral.tls import Identity
 
@@ -514,7 +514,7 @@ async def connect(
     identity: str | os.PathLike[str] | ssl.SSLContext,
     *,
     server_name: str | None = None,
-    timeout: float = CONNECT_TIMEOUT,
+    timeout: float = CONNECT_TIMEOUT,  # noqa: ASYNC109 - one budget for connect and handshake
     keepalive: float | None = None,
 ) -> AsyncIterator[Client]:
     """Connect and authenticate to corrald; close the connection on exit.

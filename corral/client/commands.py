@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -23,8 +24,7 @@ from corral.client.client import Client, ServerInfo
 from corral.client.errors import ConfigError, ConnectError, ServerError
 from corral.client.follow import Follower, JobOutput, OutputClosed, note
 from corral.client.jobs import JobInfo
-from corral.client.units import format_age, format_size, rfc3339, short_duration, short_size
-from corral.protocol import ErrorCode
+from corral.units import format_age, format_size, rfc3339, short_duration, short_size
 
 EXIT_PIPE = 128 + signal.SIGPIPE  # a reader that went away, as a shell reports it
 
@@ -202,8 +202,9 @@ async def _stop(client: Client, job_id: str, grace: float | None) -> None:
 def _start_failure(exc: ServerError) -> int:
     """A job that could not start, in a shell's words: 127 not found, 126 not runnable."""
     note(f"error: {exc}")
-    if str(exc).startswith("cannot run "):
-        return 127 if exc.code is ErrorCode.INVALID_ARGUMENT else 126
+    # corrald says which step of the start failed, and the errno (details).
+    if exc.details.get("step") == "exec":
+        return 127 if exc.details.get("errno") == errno.ENOENT else 126
     return int(exc.exit_status)
 
 

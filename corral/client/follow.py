@@ -23,9 +23,9 @@ from corral.client.client import Client, connect
 from corral.client.errors import ConnectError, CorralError, ServerError
 from corral.client.jobs import JobInfo
 from corral.client.settings import connect_args
-from corral.client.units import rfc3339
-from corral.job import STREAM_STDERR, STREAM_STDOUT, Record, RecordDecoder
 from corral.protocol import ErrorCode
+from corral.records import STREAM_STDERR, STREAM_STDOUT, Record, RecordDecoder
+from corral.units import rfc3339
 
 # A follower exists to see the whole output: a corrald restarting (an
 # upgrade with --keep-jobs, a crash) should not cut it. A minute covers a

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.client.errors import TLSError
-from corral.client.units import rfc3339
+from corral.units import rfc3339
 
 SHORT_ID = 12
 _CONTROL_ESCAPES = {

@@ -24,7 +24,7 @@ from corral.client.errors import (
 )
 from corral.client.follow import RECONNECT_FOR
 from corral.client.settings import DEFAULT_ADDR
-from corral.client.units import parse_duration, parse_size
+from corral.units import parse_duration, parse_size
 
 EPILOG = f"""\
 environment:

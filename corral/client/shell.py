@@ -58,8 +58,8 @@ from corral.client.client import Client, connect
 from corral.client.errors import EXIT_UNAVAILABLE, EXIT_USAGE, CorralError
 from corral.client.jobs import JobInfo
 from corral.client.parser import build_parser
-from corral.client.units import rfc3339
-from corral.job import STREAM_STDERR, STREAM_STDOUT, Record
+from corral.records import STREAM_STDERR, STREAM_STDOUT, Record
+from corral.units import rfc3339
 
 PROMPT = "corral> "
 HISTORY_ENV = "CORRAL_HISTORY"

@@ -1,7 +1,8 @@
 """The corral wire protocol, sans-IO: bytes in, events out, `send(message) -> bytes`.
 
-Nothing here imports trio, ssl or socket; the supervisor, the client and
-the shim all drive the same `Connection`.
+Nothing here imports trio, ssl or socket; corrald's sessions and the
+client drive the same `Connection`, each with its own role. (corral's own
+processes talk to each other with `corral.ipc`, not this.)
 """
 
 from __future__ import annotations

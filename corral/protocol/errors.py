@@ -20,10 +20,13 @@ class ErrorCode(enum.StrEnum):
 
 
 class ProtocolError(Exception):
-    """Base of every error the protocol layer raises.
+    """Base of every error the protocol layer raises. `code` is what to tell
+    the peer, if anything.
 
-    After a ProtocolError the connection object is broken: every later call
-    raises again. `code` is what to tell the peer, if anything.
+    A RemoteProtocolError (the peer's bytes broke the protocol) leaves the
+    connection broken: every later call raises again. A LocalProtocolError
+    (we tried to send what may not be sent, e.g. a frame too large) refuses
+    that one send and leaves the connection as it was.
     """
 
     def __init__(self, message: str, code: ErrorCode = ErrorCode.INVALID_ARGUMENT) -> None:

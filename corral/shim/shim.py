@@ -2,26 +2,25 @@
 
 The spawner forks the shim into its own session. The shim
 
-1. reads the job's spec and resolves the run-as user;
-2. creates the job's cgroup and writes its limits;
-3. listens on `shim.sock` in the job directory (stop, status);
-4. unshares a PID namespace and forks init, puts init in the cgroup, then
-   releases it (init builds the jail and forks the command);
-5. learns from the exec channel whether the command started, and tells
-   corrald on the report pipe ({"ok": true, ...} or the failure);
-6. relays the command's stdout and stderr into `output.log` as msgpack
-   records `[stream, timestamp_ns, bytes]`, under the log size cap;
-7. when init exits: drains the pipes, reads the command's wait status,
+1. builds the sandbox (`sandbox`): init in a new PID namespace, in the
+   job's cgroup, building its jail (`init`, `mounts`);
+2. reads the job's spec, resolves the run-as user and writes the limits;
+3. sends init the job, opens `output.log` (`output_log`) and listens on
+   `shim.sock` in the job directory (`control`: stop, status);
+4. learns from the exec channel whether the command started, and tells
+   corrald on the report pipe (an `ipc.StartReport`);
+5. relays the command's stdout and stderr into `output.log`, and stops the
+   job when asked or at its max runtime (`deadlines`);
+6. when init exits: drains the pipes, reads the command's wait status,
    OOM kills and usage, removes the cgroup, writes `status.msgpack`
    atomically and exits.
 
-Plain synchronous Python around one poll loop: no threads (impossible after
-`unshare(CLONE_NEWPID)`), no trio, no subprocess.
+Plain synchronous Python around one poll loop (`loop`): no threads
+(impossible after `unshare(CLONE_NEWPID)`), no trio, no subprocess.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import os
@@ -30,105 +29,52 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from corral.job import (
-    FULL_ERRNOS,
-    OUTPUT_FILE,
-    SHORT_ID,
-    SOCKET_FILE,
-    STREAM_MARKER,
-    STREAM_STDERR,
-    STREAM_STDOUT,
-    Reserve,
-    ResolvedSpec,
-    SpecError,
-    State,
-    Status,
-    Usage,
-    pack,
-    read_spec,
-    socket_path,
-    unpack,
-    write_status,
-)
+from corral import ipc
+from corral.job import ResolvedSpec, SpecError, State, Status, Usage
+from corral.protocol.errors import ErrorCode
+from corral.records import STREAM_STDERR, STREAM_STDOUT
 from corral.shim import libc
-from corral.shim.cgroup import Cgroup, CgroupError, Flavour, open_cgroup
-from corral.shim.init import (
-    INIT_SIGNALS,
-    STARTED,
-    WAIT_STATUS,
-    Credentials,
-    InitConfig,
-    JobConfig,
-    run_init,
-)
+from corral.shim.cgroup import CgroupError
+from corral.shim.control import ControlSocket
+from corral.shim.deadlines import Deadlines, Due
+from corral.shim.init import WAIT_STATUS
+from corral.shim.loop import Loop
+from corral.shim.output_log import READ_SIZE, OutputLog, now_ns
+from corral.shim.sandbox import Sandbox, StartFailure, read_all
+from corral.store import FULL_ERRNOS, OUTPUT_FILE, Reserve, read_spec, write_status
 
-READ_SIZE = 64 * 1024
-# Room kept below the log cap for the final "dropped" marker record, error and all.
-MARKER_RESERVE = 128
-# The log's blocks are allocated this far past its end: a call per two full
-# reads of a pipe, and little room held aside by each running job.
-ALLOCATE_AHEAD = 128 * 1024
 # After init exits the kernel kills the rest of the namespace; its pipes
 # close within milliseconds. Anything slower is stuck in the kernel.
 DRAIN_TIMEOUT = 5.0
-CONTROL_MESSAGE = 4096
-MAX_CONTROL_CLIENTS = 32
-MAX_POLL_MS = 3_600_000
 # From the fork of init to the command's exec. Building the jail takes
 # milliseconds; a job stuck longer (a hung mount or NFS cwd) is failed,
 # so `start` always gets an answer, before corrald stops waiting (60 s).
 SETUP_TIMEOUT = 30.0
 
 
-class StartFailure(Exception):
-    """The job could not start: which step, why, and the error code for corrald."""
-
-    def __init__(self, step: str, message: str, code: str = "failed_precondition") -> None:
-        super().__init__(message)
-        self.step = step
-        self.code = code
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
 
 
 def resolve_user(user: str) -> Credentials:
-    """The uid, gid and groups of a user name or numeric uid."""
+    """The uid, gid and groups of a user name or numeric uid; StartFailure
+    (invalid_argument) for a name nobody has."""
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except KeyError:
         if user.isdigit():  # a uid without a passwd entry is still a uid
             return Credentials(int(user), int(user), ())
-        raise StartFailure("user", f"unknown user {user!r}", "invalid_argument") from None
+        message = f"unknown user {user!r}"
+        raise StartFailure("user", message, ErrorCode.INVALID_ARGUMENT) from None
     groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
     return Credentials(entry.pw_uid, entry.pw_gid, groups)
-
-
-def _read_all(fd: int) -> bytes:
-    """Everything a pipe holds until EOF (its writer has exited or closed it)."""
-    chunks = []
-    while chunk := os.read(fd, READ_SIZE):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def unpack_or_none(data: bytes) -> Any:
-    try:
-        return unpack(data)
-    except (ValueError, TypeError):
-        return None
-
-
-def _now() -> int:
-    return time.time_ns()
-
-
-def _allocate_past_end(fd: int, offset: int, length: int) -> None:
-    """Allocate blocks for `length` bytes from `offset`, leaving the file's
-    size (and so what readers see) as it is."""
-    libc.fallocate(fd, libc.FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def _signal_name(number: int) -> str:
@@ -138,213 +84,19 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-class OutputLog:
-    """output.log: append-only msgpack records, capped in size, never torn.
-
-    Theory of operation. Readers follow the log by its size, so no record
-    may be seen in part. Blocks for records are allocated past the end
-    first (FALLOC_FL_KEEP_SIZE leaves the size alone), ALLOCATE_AHEAD at a
-    time or, short of that, just what the next record needs; a write into
-    them cannot run out of room. When even that fails the filesystem is
-    full: that record and every later one are dropped and counted, so the
-    log is a clean prefix of the output, and `close` appends a marker
-    saying how much was dropped and why. Logging does not resume if room
-    comes back during the job, so the log stays that prefix, as the job's
-    reason says ("output from byte N on was dropped"); resuming would need
-    a marker in the middle of the log, where the hole is. A filesystem that
-    cannot allocate ahead gets plain writes, a short one taken back (a
-    reader may then glimpse the torn record before it goes).
-    """
-
-    def __init__(self, path: Path, limit: int) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self.size = os.fstat(self.fd).st_size
-        self.allocated = self.size  # blocks are allocated up to here
-        self.can_allocate = True
-        self.limit = limit
-        self.relayed = 0  # bytes of output, kept or not
-        self.dropped = 0
-        self.error: str | None = None  # why logging stopped
-        self.error_at = 0  # the byte of output it stopped at
-
-    def append(self, stream: int, data: bytes) -> None:
-        """Log one read of the job's output, or count it as dropped."""
-        offset = self.relayed
-        self.relayed += len(data)
-        if self.error is None:
-            record = pack([stream, _now(), data])
-            # Over the cap, this record goes; a smaller one may still fit.
-            if self.size + len(record) <= self.limit - MARKER_RESERVE:
-                self.error = self._write(record)
-                if self.error is None:
-                    return
-                self.error_at = offset
-        self.dropped += len(data)
-
-    def loss(self) -> str | None:
-        """What output was dropped and why, in a few words; None if none was."""
-        if self.error is not None:
-            return f"output from byte {self.error_at} on was dropped: {self.error}"
-        if self.dropped:
-            return (
-                f"{self.dropped} bytes of output were dropped: "
-                f"the log reached its size cap of {self.limit} bytes"
-            )
-        return None
-
-    def close(self) -> None:
-        """Append a marker of what was dropped, if anything, and give back
-        the blocks allocated ahead. The marker has its room under the cap;
-        on a full filesystem, it needs the room the job's reserve gave back
-        (another writer may take that first: then there is no marker, and
-        the job's status alone counts what was dropped)."""
-        if self.dropped:
-            marker: dict[str, Any] = {"dropped_bytes": self.dropped}
-            if self.error:
-                marker["error"] = self.error
-            record = pack([STREAM_MARKER, _now(), marker])
-            if self.size + len(record) <= self.limit:
-                self._write(record)
-        if self.allocated > self.size:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, self.size)  # the same size, and no blocks past it
-        os.close(self.fd)
-
-    def _write(self, record: bytes) -> str | None:
-        """Append a whole record; on failure, why (the log is left as it was)."""
-        try:
-            self._allocate(len(record))
-            written = os.write(self.fd, record)
-        except OSError as exc:
-            return exc.strerror or str(exc)
-        if written == len(record):
-            self.size += written
-            return None
-        with contextlib.suppress(OSError):
-            os.ftruncate(self.fd, self.size)
-        self.allocated = self.size
-        return "short write"
-
-    def _allocate(self, length: int) -> None:
-        """Blocks for `length` more bytes past the end; OSError if there are none."""
-        end = self.size + length
-        if not self.can_allocate or end <= self.allocated:
-            return
-        ahead = max(end, min(self.size + ALLOCATE_AHEAD, self.limit))
-        try:
-            _allocate_past_end(self.fd, self.size, ahead - self.size)
-        except OSError as exc:
-            if exc.errno not in FULL_ERRNOS:  # EOPNOTSUPP and the like
-                self.can_allocate = False  # plain writes, whose errors tell
-                return
-            if ahead == end:
-                raise
-            _allocate_past_end(self.fd, self.size, length)
-            ahead = end
-        self.allocated = ahead
-
-
-class Sandbox:
-    """init in its own namespaces and in the job's cgroup, before the job is known.
-
-    The spawner builds one ahead of the next start (a warm sandbox), so a
-    start only fills the job in; a cold start builds one at once. init
-    builds its jail while the cgroup is made and joined (on cgroup v1 a
-    join can wait for an RCU grace period). Building never raises: a
-    failure is kept, and becomes the job's.
-    """
-
-    def __init__(self, job_id: str, request: dict[str, Any], inherited: Iterable[int]) -> None:
-        self.job_id = job_id
-        self.cgroup: Cgroup | None = None
-        self.init_pid: int | None = None
-        self.pidfd: int | None = None
-        self.failure: StartFailure | None = None
-        self.init_report = b""  # what init said before it was abandoned
-        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(5)]
-        (self.out_r, out_w), (self.err_r, err_w), (job_r, self.job_w) = pipes[:3]
-        (self.exec_r, exec_w), (self.result_r, result_w) = pipes[3:]
-        config = InitConfig(
-            hostname=job_id[:SHORT_ID],
-            job_fd=job_r,
-            exec_fd=exec_w,
-            result_fd=result_w,
-            stdout_fd=out_w,
-            stderr_fd=err_w,
-        )
-        try:
-            self._fork_init(
-                config,
-                ours=[self.out_r, self.err_r, self.job_w, self.exec_r, self.result_r, *inherited],
-            )
-            self.cgroup = _open_cgroup(request, job_id)
-            try:
-                self.cgroup.create()
-                assert self.init_pid is not None
-                self.cgroup.add(self.init_pid)
-            except CgroupError as exc:
-                raise StartFailure("cgroup", str(exc), "internal") from None
-        except StartFailure as failure:
-            self.failure = failure
-            self._abandon()
-        finally:
-            for fd in (out_w, err_w, job_r, exec_w, result_w):
-                os.close(fd)
-
-    def _fork_init(self, config: InitConfig, ours: list[int]) -> None:
-        """Fork init as PID 1 of a new PID namespace."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, INIT_SIGNALS)
-        try:
-            libc.unshare(libc.CLONE_NEWPID)
-        except OSError as exc:
-            message = f"unshare(CLONE_NEWPID): {exc.strerror}"
-            raise StartFailure("namespaces", message, "internal") from None
-        pid = os.fork()
-        if pid == 0:
-            # init holds only what InitConfig names: a report pipe or claim
-            # socket held here would keep someone waiting for an EOF.
-            for fd in ours:
-                os.close(fd)
-            run_init(config)
-        self.init_pid = pid
-        self.pidfd = os.pidfd_open(pid)
-
-    def _abandon(self) -> None:
-        """Kill init after a failed build, keeping what it said: if it failed
-        first (and the join failed because of it), its report says more."""
-        if self.pidfd is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        self.init_report = _read_all(self.exec_r)
-
-    def discard(self) -> NoReturn:
-        """Nobody claimed this sandbox: take it down and exit."""
-        self._abandon()
-        if self.init_pid is not None:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.init_pid, 0)
-        if self.cgroup is not None:
-            with contextlib.suppress(CgroupError):
-                self.cgroup.remove()
-        os._exit(0)
-
-
-def _open_cgroup(request: dict[str, Any], job_id: str) -> Cgroup:
+def _init_word(data: bytes) -> ipc.InitWord | None:
+    """init's word in `data`; None if `data` holds none (yet)."""
     try:
-        return open_cgroup(
-            Flavour(request["flavour"]),
-            job_id,
-            root=Path(request["cgroup_root"]),
-            parent=request["cgroup_parent"],
-        )
-    except CgroupError as exc:
-        raise StartFailure("cgroup", str(exc), "internal") from None
+        return ipc.decode(data, (ipc.Started, ipc.InitFailure))
+    except ipc.IPCError:
+        return None
 
 
 class Shim:
+    """One job's life, from the filled-in sandbox to the final status."""
+
     def __init__(
-        self, sandbox: Sandbox, job_dir: Path, request: dict[str, Any], report_fd: int
+        self, sandbox: Sandbox, job_dir: Path, request: ipc.Prepare | ipc.Start, report_fd: int
     ) -> None:
         self.job_dir = job_dir
         self.request = request
@@ -360,21 +112,16 @@ class Shim:
         self.pidfd = sandbox.pidfd
         self.result_r = sandbox.result_r
         self.status = Status(state=State.STARTING, shim_pid=os.getpid(), pid=self.init_pid)
-        self.stop_requested: tuple[str, float] | None = None  # (by, grace)
-        self.kill_at: float | None = None
-        self.term_at = 0.0
+        self.deadlines = Deadlines()
         self.killed = False
-        self.deadline: float | None = None
-        self.setup_deadline: float | None = None
         self.exec_r: int | None = None
         self.start_failure: StartFailure | None = None
         self.job_out = b""  # the JobConfig, until init has all of it
-        self.handlers: dict[int, Callable[[int], None]] = {}
+        self.loop = Loop()
         self.pipes: set[int] = set()  # the command's stdout and stderr, until EOF
         self.log: OutputLog | None = None
         self.reserve: Reserve | None = None
-        self.poll = select.poll()
-        self.clients: set[socket.socket] = set()
+        self.control: ControlSocket | None = None
 
     # -- setup -------------------------------------------------------------------
 
@@ -389,36 +136,36 @@ class Shim:
         credentials = resolve_user(self.spec.user)
         assert self.cgroup is not None
         try:
-            devices = [(int(major), int(minor)) for major, minor in self.request["devices"]]
-            self.cgroup.apply(self.spec.limits, devices)
+            self.cgroup.apply(self.spec.limits, list(self.request.devices))
         except CgroupError as exc:
-            raise StartFailure("cgroup", str(exc), "internal") from None
-        self.setup_deadline = time.monotonic() + SETUP_TIMEOUT
-        job = JobConfig(
+            raise StartFailure("cgroup", str(exc), ErrorCode.INTERNAL) from None
+        self.deadlines.setup_began(time.monotonic(), SETUP_TIMEOUT)
+        job = ipc.JobConfig(
             argv=self.spec.argv,
-            env=self.spec.env,
+            env=tuple(self.spec.env.items()),
             cwd=self.spec.cwd,
-            credentials=credentials,
+            uid=credentials.uid,
+            gid=credentials.gid,
+            groups=credentials.groups,
             tmp_size=self.spec.tmp_size,
             writable=self.spec.writable,
         )
         # init goes on with the job while the rest is set up here: output
         # is relayed only once the poll loop runs, after the log is open.
-        self.job_out = job.encode()
+        self.job_out = job.frame()
         os.set_blocking(self.sandbox.job_w, False)
         self._send_job(self.sandbox.job_w)
         if self.job_out:
-            self._watch(self.sandbox.job_w, self._send_job, select.POLLOUT)
+            self.loop.watch(self.sandbox.job_w, self._send_job, select.POLLOUT)
         self._open_log()
-        self.listener = self._listen()
+        self.control = ControlSocket(self.job_dir, self.loop, self._answer)
         self.pipes = {self.sandbox.out_r, self.sandbox.err_r}
-        self._watch(self.sandbox.out_r, lambda fd: self._relay(fd, STREAM_STDOUT))
-        self._watch(self.sandbox.err_r, lambda fd: self._relay(fd, STREAM_STDERR))
+        self.loop.watch(self.sandbox.out_r, lambda fd: self._relay(fd, STREAM_STDOUT))
+        self.loop.watch(self.sandbox.err_r, lambda fd: self._relay(fd, STREAM_STDERR))
         self.exec_r = self.sandbox.exec_r
-        self._watch(self.exec_r, self._exec_channel)
-        self._watch(self.listener.fileno(), self._accept)
+        self.loop.watch(self.exec_r, self._exec_channel)
         assert self.pidfd is not None
-        self._watch(self.pidfd, self._init_exited)
+        self.loop.watch(self.pidfd, self._init_exited)
         # Who holds the job, on disk while init finishes: a corrald that
         # restarts now finds this shim rather than a job it thinks lost.
         self._record()
@@ -434,7 +181,7 @@ class Shim:
             if exc.errno not in FULL_ERRNOS:
                 raise
             message = f"no room for the job's output in corrald's state directory: {exc.strerror}"
-            raise StartFailure("output", message, "resource_exhausted") from None
+            raise StartFailure("output", message, ErrorCode.RESOURCE_EXHAUSTED) from None
 
     def _record(self) -> None:
         """Write a status that is not the end. On a full filesystem it is
@@ -459,38 +206,26 @@ class Shim:
             written = len(self.job_out)
         self.job_out = self.job_out[written:]
         if not self.job_out:
-            self._unwatch(fd)
+            self.loop.unwatch(fd)
 
     def _started(self) -> None:
         """The command has exec'd: tell corrald first (it is waiting), then disk."""
-        self.setup_deadline = None
-        self.status = replace(self.status, state=State.RUNNING, started_at=_now(), reason="running")
-        self._report({"ok": True, "status": self.status.to_wire()})
+        self.status = replace(
+            self.status, state=State.RUNNING, started_at=now_ns(), reason="running"
+        )
+        self._report(ipc.StartReport.running(self.status))
         self._record()
-        if self.spec.max_runtime is not None:
-            self.deadline = time.monotonic() + self.spec.max_runtime
-
-    def _listen(self) -> socket.socket:
-        path = self.job_dir / SOCKET_FILE
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        with socket_path(self.job_dir) as address:
-            listener.bind(address)
-        os.chmod(path, 0o600)
-        listener.listen(MAX_CONTROL_CLIENTS)
-        listener.setblocking(False)
-        return listener
+        self.deadlines.running(time.monotonic(), self.spec.max_runtime)
 
     def _exec_channel(self, fd: int) -> None:
-        """init's one word: STARTED, or the step that failed (then init exits)."""
+        """init's one word: Started, or the step that failed (then init exits)."""
         data = os.read(fd, READ_SIZE)
-        if data and unpack_or_none(data) is None:  # a long message, read mid-write
-            data += _read_all(fd)
-        self._unwatch(fd)
+        if data and _init_word(data) is None:  # a long message, read mid-write
+            data += read_all(fd)
+        self.loop.unwatch(fd)
         os.close(fd)
         self.exec_r = None
-        if data and unpack_or_none(data) == STARTED:
+        if isinstance(_init_word(data), ipc.Started):
             self._started()
         else:
             self.start_failure = self.start_failure or self._exec_failure(data)
@@ -500,11 +235,10 @@ class Shim:
         """The failure init reported, as the caller of start should read it."""
         if not data:
             return None
-        try:
-            failure = unpack(data)
-            step, number, message = failure["step"], failure["errno"], failure["message"]
-        except (ValueError, TypeError, KeyError):
-            return StartFailure("init", "init reported an unreadable failure", "internal")
+        failure = _init_word(data)
+        if not isinstance(failure, ipc.InitFailure):
+            return StartFailure("init", "init reported an unreadable failure", ErrorCode.INTERNAL)
+        step, message = failure.step, failure.message
         program = self.spec.argv[0].decode(errors="replace")
         if step == "exec":
             text = f"cannot run {program!r}: {message}"
@@ -518,56 +252,33 @@ class Shim:
             text = f"cannot become user {self.spec.user!r}: {message}"
         else:
             text = f"cannot set up the job ({step}): {message}"
-        missing = number in {errno.ENOENT, errno.ENOTDIR}
+        missing = failure.errno in {errno.ENOENT, errno.ENOTDIR}
         # A writable path through a symbolic link: the caller should name its target.
-        linked = step == "writable" and number == errno.ELOOP
+        linked = step == "writable" and failure.errno == errno.ELOOP
         caller_error = (step in {"exec", "cwd", "writable"} and missing) or linked
-        return StartFailure(
-            step, text, "invalid_argument" if caller_error else "failed_precondition"
-        )
+        code = ErrorCode.INVALID_ARGUMENT if caller_error else ErrorCode.FAILED_PRECONDITION
+        return StartFailure(step, text, code, failure.errno)
 
     # -- the loop ------------------------------------------------------------------
 
-    def _watch(self, fd: int, handler: Callable[[int], None], events: int = select.POLLIN) -> None:
-        self.handlers[fd] = handler
-        self.poll.register(fd, events)
-
-    def _unwatch(self, fd: int) -> None:
-        if self.handlers.pop(fd, None) is not None:
-            self.poll.unregister(fd)
-
     def run(self) -> NoReturn:
+        """Serve the job until init exits (then the shim does, in _finish)."""
         while self.pidfd is not None:
-            timeout = self._next_timeout()
-            for fd, _ in self.poll.poll(timeout):
-                handler = self.handlers.get(fd)
-                if handler is not None:
-                    handler(fd)
-            self._check_timers()
+            self.loop.run_once(self.deadlines.timeout_ms(time.monotonic()))
+            for due in self.deadlines.due(time.monotonic()):
+                if due is Due.SETUP_EXPIRED:
+                    self.start_failure = StartFailure(
+                        "setup",
+                        f"the job did not start within {SETUP_TIMEOUT:g} s",
+                        ErrorCode.UNAVAILABLE,
+                    )
+                    self._kill()
+                elif due is Due.RUNTIME_EXPIRED:
+                    runtime = self.spec.max_runtime or 0
+                    self._stop(f"max runtime {runtime:g} s", self.spec.stop_grace)
+                elif due is Due.KILL:
+                    self._kill()
         raise AssertionError("unreachable")
-
-    def _next_timeout(self) -> int | None:
-        times = [t for t in (self.deadline, self.kill_at, self.setup_deadline) if t is not None]
-        if not times:
-            return None
-        # poll() takes an int of ms: wake at least hourly for far deadlines.
-        return min(MAX_POLL_MS, max(0, int((min(times) - time.monotonic()) * 1000) + 1))
-
-    def _check_timers(self) -> None:
-        now = time.monotonic()
-        if self.setup_deadline is not None and now >= self.setup_deadline:
-            self.setup_deadline = None
-            self.start_failure = StartFailure(
-                "setup", f"the job did not start within {SETUP_TIMEOUT:g} s", "unavailable"
-            )
-            self._kill()
-        if self.deadline is not None and now >= self.deadline:
-            self.deadline = None
-            runtime = self.spec.max_runtime or 0
-            self._stop(f"max runtime {runtime:g} s", self.spec.stop_grace)
-        if self.kill_at is not None and now >= self.kill_at:
-            self.kill_at = None
-            self._kill()
 
     def _relay(self, fd: int, stream: int) -> None:
         assert self.log is not None
@@ -575,30 +286,19 @@ class Shim:
         if data:
             self.log.append(stream, data)
         else:  # EOF (POLLHUP alone also lands here)
-            self._unwatch(fd)
+            self.loop.unwatch(fd)
             self.pipes.discard(fd)
             os.close(fd)
 
     # -- stop ------------------------------------------------------------------------
 
     def _stop(self, by: str, grace: float) -> None:
-        now = time.monotonic()
-        if self.stop_requested is not None:
-            # Stopping twice is safe; a shorter grace brings the kill closer,
-            # and the reason then tells the grace the job really had.
-            if self.kill_at is not None and now + grace < self.kill_at:
-                self.kill_at = now + grace
-                first_by, _ = self.stop_requested
-                self.stop_requested = (first_by, round(self.kill_at - self.term_at, 3))
-            return
-        self.stop_requested = (by, grace)
-        if grace <= 0:
+        action = self.deadlines.request_stop(by, grace, time.monotonic())
+        if action is Due.KILL:
             self._kill()
-            return
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self.pidfd, signal.SIGTERM)  # type: ignore[arg-type]
-        self.term_at = now
-        self.kill_at = now + grace
+        elif action is Due.TERM and self.pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGTERM)
 
     def _kill(self) -> None:
         """Every process of the job dies: SIGKILL to init takes its whole PID
@@ -611,54 +311,15 @@ class Shim:
 
     # -- control socket --------------------------------------------------------------
 
-    def _accept(self, fd: int) -> None:
-        try:
-            client, _ = self.listener.accept()
-        except BlockingIOError:
-            return
-        if len(self.clients) >= MAX_CONTROL_CLIENTS:
-            client.close()
-            return
-        client.setblocking(False)
-        self.clients.add(client)
-        self._watch(client.fileno(), lambda _fd: self._serve(client))
-
-    def _serve(self, client: socket.socket) -> None:
-        try:
-            message = client.recv(CONTROL_MESSAGE)
-        except BlockingIOError:
-            return
-        except OSError:
-            message = b""
-        if not message:
-            self._drop(client)
-            return
-        try:
-            reply = self._answer(unpack(message))
-        except (ValueError, TypeError, KeyError) as exc:
-            reply = {"ok": False, "error": f"bad request: {exc}"}
-        try:
-            client.send(pack(reply))
-        except OSError:
-            self._drop(client)
-
-    def _drop(self, client: socket.socket) -> None:
-        self._unwatch(client.fileno())
-        self.clients.discard(client)
-        client.close()
-
-    def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
-        op = request["op"]
-        if op == "status":
-            return {"ok": True, "status": self._live_status().to_wire()}
-        if op == "stop":
-            grace = float(request.get("grace", self.spec.stop_grace))
-            if not grace >= 0:
-                return {"ok": False, "error": "grace must be zero or more seconds"}
-            by = str(request.get("by", "")) or "request"
-            self._stop(by, grace)
-            return {"ok": True}
-        return {"ok": False, "error": f"unknown operation {op!r}"}
+    def _answer(self, request: ipc.ControlRequest) -> ipc.ControlReply:
+        """corrald's request, served: the status now, or a stop under way."""
+        if isinstance(request, ipc.StatusRequest):
+            return ipc.StatusReply(status=self._live_status())
+        grace = self.spec.stop_grace if request.grace is None else request.grace
+        if not grace >= 0:  # NaN too
+            return ipc.Refusal(message="grace must be zero or more seconds")
+        self._stop(request.by or "request", grace)
+        return ipc.Stopping()
 
     def _live_status(self) -> Status:
         usage = Usage()
@@ -678,7 +339,7 @@ class Shim:
     def _init_exited(self, fd: int) -> None:
         assert self.init_pid is not None
         _, init_status = os.waitpid(self.init_pid, 0)
-        self._unwatch(fd)
+        self.loop.unwatch(fd)
         os.close(fd)
         self.pidfd = None
         if self.exec_r is not None:  # init's word may still be in the pipe
@@ -692,14 +353,14 @@ class Shim:
 
     def _setup_ended(self, init_status: int) -> StartFailure:
         """init ended before the command started, without saying why."""
-        if self.stop_requested is not None:
-            message = f"stopped by {self.stop_requested[0]} before the command started"
-            return StartFailure("setup", message, "failed_precondition")
+        if (stop := self.deadlines.stop) is not None:
+            message = f"stopped by {stop.by} before the command started"
+            return StartFailure("setup", message, ErrorCode.FAILED_PRECONDITION)
         if os.WIFSIGNALED(init_status):
             how = f"killed by {_signal_name(os.WTERMSIG(init_status))}"
         else:
             how = f"exited with code {os.waitstatus_to_exitcode(init_status)}"
-        return StartFailure("init", f"init {how} before the command started", "internal")
+        return StartFailure("init", f"init {how} before the command started", ErrorCode.INTERNAL)
 
     def _read_result(self) -> int | None:
         with contextlib.suppress(OSError):
@@ -712,9 +373,7 @@ class Shim:
         """Relay what the pipes still hold, until EOF or DRAIN_TIMEOUT."""
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while self.pipes and time.monotonic() < deadline:
-            for fd, _ in self.poll.poll(100):
-                if fd in self.pipes:
-                    self.handlers[fd](fd)
+            self.loop.run_once(100, only=self.pipes)
 
     def _finish(self, command_status: int | None, init_status: int) -> NoReturn:
         assert self.cgroup is not None
@@ -734,17 +393,17 @@ class Shim:
             # init ended without the command's status: it was killed (stop,
             # OOM); the command died with it.
             exit_code, signal_name = None, "SIGKILL"
-        state = State.STOPPED if self.stop_requested else State.EXITED
+        stop = self.deadlines.stop
         self.status = replace(
             self.status,
-            state=state,
+            state=State.STOPPED if stop else State.EXITED,
             exit_code=exit_code,
             signal=signal_name,
             oom_killed=oom,
-            finished_at=_now(),
+            finished_at=now_ns(),
             usage=usage,
             reason=self._reason(exit_code, signal_name, oom),
-            stopped_by=self.stop_requested[0] if self.stop_requested else None,
+            stopped_by=stop.by if stop else None,
         )
         self._end()
 
@@ -755,12 +414,15 @@ class Shim:
                 how += ": out of memory"
         else:
             how = f"exited with code {exit_code}"
-        if self.stop_requested is None:
+        stop = self.deadlines.stop
+        if stop is None:
             return how
-        by, grace = self.stop_requested
-        stopped = f"stopped: {by} reached" if by.startswith("max runtime") else f"stopped by {by}"
+        if stop.by.startswith("max runtime"):
+            stopped = f"stopped: {stop.by} reached"
+        else:
+            stopped = f"stopped by {stop.by}"
         if self.killed:
-            return f"{stopped}; {how} after {grace:g} s grace"
+            return f"{stopped}; {how} after {stop.grace:g} s grace"
         return f"{stopped}; {how}"
 
     def _end_failed(self, failure: StartFailure) -> NoReturn:
@@ -775,11 +437,9 @@ class Shim:
             state=State.FAILED,
             reason=str(failure),
             failed_step=failure.step,
-            finished_at=_now(),
+            finished_at=now_ns(),
         )
-        self._report(
-            {"ok": False, "step": failure.step, "code": failure.code, "message": str(failure)}
-        )
+        self._report(failure.report())
         self._end()
 
     def _end(self) -> NoReturn:
@@ -798,27 +458,22 @@ class Shim:
             self.reserve.hold(self.status)
         if self.log is not None:
             self.log.close()
-        with contextlib.suppress(FileNotFoundError):
-            (self.job_dir / SOCKET_FILE).unlink()
+        if self.control is not None:
+            self.control.remove()
         if self.reserve is None or not self.reserve.commit(self.job_dir):
             write_status(self.job_dir, self.status)
         if self.report_fd is not None:
             # The caller of start hears of a failure only after it is on disk.
-            self._report(
-                {
-                    "ok": False,
-                    "step": self.status.failed_step or "init",
-                    "code": "internal",
-                    "message": self.status.reason,
-                }
-            )
+            step = self.status.failed_step or "init"
+            self._report(ipc.StartReport.failed(ErrorCode.INTERNAL, self.status.reason, step))
         os._exit(0)
 
-    def _report(self, message: dict[str, Any]) -> None:
+    def _report(self, report: ipc.StartReport) -> None:
+        """Tell corrald, once, how the start went; then the report pipe closes."""
         if self.report_fd is None:
             return
         with contextlib.suppress(OSError):
-            os.write(self.report_fd, pack(message))
+            os.write(self.report_fd, report.encode())
         os.close(self.report_fd)
         self.report_fd = None
 
@@ -833,70 +488,65 @@ def log_stderr_to(job_dir: Path) -> None:
 
 
 def run_shim(
-    request: dict[str, Any], report_fd: int | None, claim: socket.socket | None
+    request: ipc.Prepare | ipc.Start,
+    report_fd: int | None,
+    claim: socket.socket | None,
+    spawner_pid: int | None = None,
 ) -> NoReturn:
     """Body of the shim process. Never returns.
 
-    Cold (`report_fd`, no `claim`): build the sandbox and start the job in
-    `request` at once. Warm (`claim`): build the sandbox for the job id in
-    `request`, then wait for the spawner to hand over the job directory and
-    report descriptor; EOF instead means nobody will, and the sandbox goes.
-    A warm shim dies with the spawner until it is claimed.
+    Cold (a Start, its `report_fd`, no `claim`): build the sandbox and start
+    the job at once. Warm (a Prepare, `claim`): build the sandbox for the
+    job id, then wait for the spawner (`spawner_pid`) to hand over the job
+    directory and report descriptor; EOF instead means nobody will, and the
+    sandbox goes. A warm shim dies with the spawner until it is claimed.
     """
-    libc.set_name("corral-shim")
-    job_id = str(request["id"])
+    libc.set_name(ipc.SHIM_COMM)
     inherited = [report_fd] if report_fd is not None else []
     if claim is not None:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != request["spawner_pid"]:
+        if os.getppid() != spawner_pid:
             os._exit(0)  # the spawner died before the death signal was set
         inherited.append(claim.fileno())
-    sandbox = Sandbox(job_id, request, inherited)
+    sandbox = Sandbox(request, inherited)
     if claim is not None:
         job_dir, report_fd = _wait_for_claim(claim, sandbox)
         libc.prctl(libc.PR_SET_PDEATHSIG, 0)  # the job outlives the spawner
         log_stderr_to(job_dir)
+    elif isinstance(request, ipc.Start):
+        job_dir = Path(request.job_dir)
     else:
-        job_dir = Path(request["job_dir"])
+        raise ValueError("a cold shim needs a Start")
     assert report_fd is not None
     try:
         shim = Shim(sandbox, job_dir, request, report_fd)
     except (OSError, ValueError, TypeError, KeyError, SpecError) as exc:
+        message = f"cannot read the job's spec: {exc}"
+        report = ipc.StartReport.failed(ErrorCode.INTERNAL, message, "spec")
         with contextlib.suppress(OSError):
-            os.write(
-                report_fd,
-                pack(
-                    {
-                        "ok": False,
-                        "step": "spec",
-                        "code": "internal",
-                        "message": f"cannot read the job's spec: {exc}",
-                    }
-                ),
-            )
+            os.write(report_fd, report.encode())
         sandbox.discard()
     try:
         shim.start()
     except StartFailure as failure:
         shim._end_failed(failure)
     except Exception as exc:
-        shim._end_failed(StartFailure("shim", f"{type(exc).__name__}: {exc}", "internal"))
+        shim._end_failed(StartFailure("shim", f"{type(exc).__name__}: {exc}", ErrorCode.INTERNAL))
     shim.run()
 
 
 def _wait_for_claim(claim: socket.socket, sandbox: Sandbox) -> tuple[Path, int]:
-    """The job directory and report descriptor the spawner hands over."""
-    fds = array.array("i")
+    """The job directory and report descriptor the spawner hands over; if
+    none comes (EOF: nobody will claim this sandbox), discard it and exit."""
     try:
-        message, ancillary, _, _ = claim.recvmsg(
-            CONTROL_MESSAGE, socket.CMSG_SPACE(fds.itemsize), socket.MSG_CMSG_CLOEXEC
-        )
-    except OSError:
-        message, ancillary = b"", []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+        received = ipc.receive_message(claim, (ipc.Claim,))
+    except (OSError, ipc.IPCError):
+        received = None
     claim.close()
-    if not message or len(fds) != 1:
+    if received is None:
         sandbox.discard()
-    return Path(unpack(message)["job_dir"]), fds[0]
+    message, fds = received
+    if len(fds) != 1:
+        ipc.close_all(fds)
+        sandbox.discard()
+    return Path(message.job_dir), fds[0]

@@ -3,13 +3,14 @@
 corrald starts it (`python -m corral.shim.spawner FD`) before trio runs,
 as a fresh interpreter that imports only what a shim needs, so every shim
 forked from it is small and no shim is ever forked from a threaded trio
-process. They talk over a SOCK_SEQPACKET socketpair, one message each way:
+process. They talk over a SOCK_SEQPACKET socketpair, one message each way
+(the `spawner` channel of corral.ipc):
 
-    corrald -> spawner   {"op": "prepare", "id": ..., "flavour": ..., ...}
-    spawner -> corrald   {"pid": shim_pid}                or  {"error": "..."}
+    corrald -> spawner   ipc.Prepare
+    spawner -> corrald   ipc.Spawned(pid)                  or  ipc.Refused(message)
 
-    corrald -> spawner   {"op": "start", "id": ..., "job_dir": ..., ...} + SCM_RIGHTS [report_fd]
-    spawner -> corrald   {"pid": shim_pid} + SCM_RIGHTS [pidfd]    or  {"error": "..."}
+    corrald -> spawner   ipc.Start + SCM_RIGHTS [report_fd]
+    spawner -> corrald   ipc.Spawned(pid) + SCM_RIGHTS [pidfd]  or  ipc.Refused(message)
 
 `prepare` forks a warm shim: it builds the sandbox for job id `id` (init
 in its namespaces and cgroup, the jail up) and waits. A `start` for that id
@@ -28,7 +29,6 @@ its warm sandboxes down and exits; running shims live on.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import pwd
@@ -40,33 +40,14 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from corral.job import is_job_id, pack, unpack
+from corral import ipc
+from corral.job import is_job_id
 from corral.shim.shim import run_shim
 
-MAX_MESSAGE = 64 * 1024
-MAX_FDS = 4
 # How long a closing spawner waits for its warm shims to take their sandboxes down.
 CLOSE_TIMEOUT = 10.0
-
-
-def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    """One message and the fds that came with it; (None, []) at EOF."""
-    fds = array.array("i")
-    message, ancillary, flags, _ = sock.recvmsg(
-        MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC
-    )
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
-    if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-        for fd in fds:
-            os.close(fd)
-        raise OSError("spawner message or its descriptors were truncated")
-    if not message:
-        return None, list(fds)
-    return unpack(message), list(fds)
 
 
 def _detach() -> None:
@@ -91,15 +72,17 @@ class Spawner:
         self.control = control
         self.warm: dict[str, Warm] = {}
 
-    def prepare(self, request: dict[str, Any]) -> int:
-        """Fork a warm shim for job `request["id"]`; return its pid."""
+    def prepare(self, request: ipc.Prepare) -> int:
+        """Fork a warm shim for job `request.id`; return its pid."""
         job_id = _job_id(request)
         if job_id in self.warm:
             raise ValueError(f"job {job_id} already has a sandbox")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        request = {**request, "spawner_pid": os.getpid()}
+        spawner_pid = os.getpid()
         try:
-            pid, pidfd = self._fork(lambda: run_shim(request, None, theirs), also_close=ours)
+            pid, pidfd = self._fork(
+                lambda: run_shim(request, None, theirs, spawner_pid), also_close=ours
+            )
         except BaseException:
             ours.close()
             raise
@@ -108,18 +91,14 @@ class Spawner:
         self.warm[job_id] = Warm(pid, pidfd, ours)
         return pid
 
-    def start(self, request: dict[str, Any], report_fd: int) -> tuple[int, int]:
-        """Start job `request["id"]` in its warm sandbox, or a cold one; return
+    def start(self, request: ipc.Start, report_fd: int) -> tuple[int, int]:
+        """Start job `request.id` in its warm sandbox, or a cold one; return
         the shim's pid and a pidfd for it."""
         job_id = _job_id(request)
         warm = self.warm.pop(job_id, None)
         if warm is not None:
-            claim = {"job_dir": str(request["job_dir"])}
             try:
-                warm.claim.sendmsg(
-                    [pack(claim)],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [report_fd]))],
-                )
+                ipc.send_message(warm.claim, ipc.Claim(job_dir=request.job_dir), [report_fd])
             except OSError:  # the warm shim is gone (killed): start cold
                 os.close(warm.pidfd)
             else:
@@ -175,11 +154,10 @@ class Spawner:
         self.warm.clear()
 
 
-def _job_id(request: dict[str, Any]) -> str:
-    job_id = request["id"]
-    if not (isinstance(job_id, str) and is_job_id(job_id)):
-        raise ValueError(f"invalid job id {job_id!r}")
-    return job_id
+def _job_id(request: ipc.Prepare | ipc.Start) -> str:
+    if not is_job_id(request.id):
+        raise ValueError(f"invalid job id {request.id!r}")
+    return request.id
 
 
 def _reap(signum: int, frame: object) -> None:
@@ -214,33 +192,41 @@ def _serve_requests(control: socket.socket, spawner: Spawner) -> None:
     """Answer corrald's requests until it hangs up."""
     while True:
         try:
-            request, fds = receive(control)
-        except OSError as exc:
-            control.send(pack({"error": str(exc)}))
+            received = ipc.receive_message(control, (ipc.Prepare, ipc.Start))
+        except (OSError, ipc.IPCError) as exc:  # its descriptors are closed
+            ipc.send_message(control, ipc.Refused(message=f"bad request: {exc}"))
             continue
-        if request is None:
+        if received is None:
             return
+        request, fds = received
         try:
-            op = request.get("op")
-            if op == "prepare" and not fds:
-                control.send(pack({"pid": spawner.prepare(request)}))
-                continue
-            if op != "start" or len(fds) != 1:
-                control.send(pack({"error": f"bad request {op!r} with {len(fds)} descriptors"}))
-                continue
-            pid, pidfd = spawner.start(request, fds[0])
-        except (OSError, KeyError, TypeError, ValueError) as exc:
-            control.send(pack({"error": f"cannot start a shim: {exc}"}))
-        else:
-            control.sendmsg(
-                [pack({"pid": pid})],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd]))],
-            )
-            os.close(pidfd)
+            _serve(control, spawner, request, fds)
         finally:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            ipc.close_all(fds)
+
+
+def _serve(
+    control: socket.socket, spawner: Spawner, request: ipc.SpawnerRequest, fds: list[int]
+) -> None:
+    """Answer one request: a warm shim for a Prepare, a started one (and its
+    pidfd) for a Start with the report pipe's end, or why not."""
+    wanted = 0 if isinstance(request, ipc.Prepare) else 1
+    if len(fds) != wanted:
+        message = f"bad request {request.TAG!r} with {len(fds)} descriptors"
+        ipc.send_message(control, ipc.Refused(message=message))
+        return
+    try:
+        if isinstance(request, ipc.Prepare):
+            ipc.send_message(control, ipc.Spawned(pid=spawner.prepare(request)))
+            return
+        pid, pidfd = spawner.start(request, fds[0])
+    except (OSError, ValueError) as exc:
+        ipc.send_message(control, ipc.Refused(message=f"cannot start a shim: {exc}"))
+        return
+    try:
+        ipc.send_message(control, ipc.Spawned(pid=pid), [pidfd])
+    finally:
+        os.close(pidfd)
 
 
 def main() -> NoReturn:

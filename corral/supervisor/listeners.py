@@ -35,6 +35,21 @@ async def open_tcp(address: TCPAddress) -> list[trio.SocketListener]:
         raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
 
 
+def _clear_the_way(path: Path) -> None:
+    """Make the socket's directory (0700), and remove a stale socket file
+    there; ListenError for a live one, or a file that is not a socket."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ListenError(f"cannot listen on unix:{path}: a file that is not a socket is there")
+    if _probe_live(path):
+        raise ListenError(f"cannot listen on unix:{path}: another server is accepting there")
+    path.unlink(missing_ok=True)
+
+
 def _probe_live(path: Path) -> bool:
     """True if something accepts connections on the unix socket at `path`."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -58,17 +73,7 @@ async def open_unix_listener(path: Path) -> trio.SocketListener:
     0700 if missing: the file itself takes the umask's mode, so its directory
     is what guards it (TLS still authenticates every peer).
     """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(info.st_mode):
-            raise ListenError(f"cannot listen on unix:{path}: a file that is not a socket is there")
-        if await trio.to_thread.run_sync(_probe_live, path):
-            raise ListenError(f"cannot listen on unix:{path}: another server is accepting there")
-        path.unlink(missing_ok=True)
+    await trio.to_thread.run_sync(_clear_the_way, path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(os.fspath(path))

@@ -29,9 +29,10 @@ import trio
 import corral
 from corral import pki
 from corral.address import Address, AddressError, TCPAddress, UnixAddress, parse_address
-from corral.client.units import parse_duration, parse_size
+from corral.errors import OperationError
 from corral.pidlock import LockHeld, take_lock
 from corral.shim.cgroup import CgroupError, Flavour, check_component, check_host, detect_flavour
+from corral.streams import CLOSE_TIMEOUT
 from corral.supervisor.listeners import ListenError
 from corral.supervisor.policy import PolicyError, load_policy
 from corral.supervisor.server import (
@@ -44,6 +45,7 @@ from corral.supervisor.server import (
 )
 from corral.supervisor.session import IDLE_TIMEOUT, IO_TIMEOUT
 from corral.tls import TLSConfigError, server_context
+from corral.units import parse_duration, parse_size
 from corral.worker.cgroup_parent import (
     ParentClaim,
     ParentError,
@@ -56,9 +58,9 @@ from corral.worker.manager import (
     MAX_JOBS,
     MAX_JOBS_PER_OWNER,
     Admission,
-    JobError,
     JobManager,
     Retention,
+    open_job_manager,
 )
 from corral.worker.spawner import Spawner, SpawnerError
 
@@ -85,6 +87,20 @@ examples:
 
 # Each warm sandbox is an idle shim and init (about 2 MiB) and a cgroup.
 MAX_WARM = 64
+# The bounds of the count flags: far beyond any host's reach, so that only
+# a typo is refused. A connection is an fd (RLIMIT_NOFILE tops out near
+# 2**20); requests in flight are tasks of one peer; a job is a shim and an
+# init (~15 MiB): a hundred thousand is over a terabyte; a finished job is
+# a directory, kept by the million.
+MAX_CONNECTIONS_FLAG = 1 << 20
+MAX_REQUESTS_FLAG = 100_000
+MAX_JOBS_FLAG = 100_000
+MAX_KEEP_FINISHED = 10_000_000
+# The bounds of the timeout flags: a handshake is done in a second; a
+# frame that takes a day is not coming; a week idle is long enough.
+MAX_HANDSHAKE_TIMEOUT = 3600.0
+MAX_IO_TIMEOUT = 86400.0
+MAX_IDLE_TIMEOUT = 7 * 86400.0
 # Who stopped the jobs corrald stops as it shuts down, as their reason says.
 SHUTDOWN_BY = "corrald shutting down"
 LOCK_FILE = "corrald.lock"
@@ -98,28 +114,37 @@ class StartupError(Exception):
         self.status = status
 
 
-def _positive(kind: type[int] | type[float]) -> type:
-    def parse(text: str) -> int | float:
+def _count(low: int, high: int) -> Callable[[str], int]:
+    """A flag's whole number, refused outside [low, high] with a message
+    that names the bounds."""
+
+    def parse(text: str) -> int:
         try:
-            value = kind(text)
+            value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}: {text!r}")
         return value
 
-    parse.__name__ = kind.__name__
-    return parse  # type: ignore[return-value]
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 0 <= value <= MAX_WARM:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_WARM}: {text!r}")
-    return value
+def _seconds(high: float) -> Callable[[str], float]:
+    """A flag's number of seconds, more than 0 and at most `high`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not 0 < value <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(
+                f"must be more than 0 and at most {high:g} seconds: {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def _cgroup_parent(text: str) -> str:
@@ -197,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--handshake-timeout",
-        type=_positive(float),
+        type=_seconds(MAX_HANDSHAKE_TIMEOUT),
         default=HANDSHAKE_TIMEOUT,
         metavar="SECONDS",
         help="drop peers that have not finished TLS and hello by then "
@@ -205,28 +230,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-connections",
-        type=_positive(int),
+        type=_count(1, MAX_CONNECTIONS_FLAG),
         default=MAX_CONNECTIONS,
         metavar="N",
         help=f"connections served at once; more are refused (default {MAX_CONNECTIONS})",
     )
     parser.add_argument(
         "--max-requests",
-        type=_positive(int),
+        type=_count(1, MAX_REQUESTS_FLAG),
         default=MAX_REQUESTS_PER_CONNECTION,
         metavar="N",
         help=f"requests in flight per connection (default {MAX_REQUESTS_PER_CONNECTION})",
     )
     parser.add_argument(
         "--max-connections-per-user",
-        type=_positive(int),
+        type=_count(1, MAX_CONNECTIONS_FLAG),
         default=MAX_CONNECTIONS_PER_USER,
         metavar="N",
         help=f"connections one identity may have at once (default {MAX_CONNECTIONS_PER_USER})",
     )
     parser.add_argument(
         "--io-timeout",
-        type=_positive(float),
+        type=_seconds(MAX_IO_TIMEOUT),
         default=IO_TIMEOUT,
         metavar="SECONDS",
         help="drop a peer that takes longer to send a whole frame, or to take a reply "
@@ -234,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--idle-timeout",
-        type=_positive(float),
+        type=_seconds(MAX_IDLE_TIMEOUT),
         default=IDLE_TIMEOUT,
         metavar="SECONDS",
         help="close a session with no request in flight that sends nothing for this long "
@@ -242,14 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-jobs",
-        type=_positive(int),
+        type=_count(1, MAX_JOBS_FLAG),
         default=MAX_JOBS,
         metavar="N",
         help=f"jobs starting or running at once; more starts are refused (default {MAX_JOBS})",
     )
     parser.add_argument(
         "--max-jobs-per-user",
-        type=_positive(int),
+        type=_count(1, MAX_JOBS_FLAG),
         default=MAX_JOBS_PER_OWNER,
         metavar="N",
         help=f"the same, for each user's own jobs (default {MAX_JOBS_PER_OWNER})",
@@ -264,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--warm",
-        type=_count,
+        type=_count(0, MAX_WARM),
         default=1,
         metavar="N",
         help="sandboxes kept built ahead of the next starts, for fast starts (default 1; "
@@ -322,7 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
         "these bounds: the oldest finished jobs first, never a running one.",
     )
     retention.add_argument(
-        "--keep-finished", type=_count, metavar="N", help="keep at most N finished jobs"
+        "--keep-finished",
+        type=_count(0, MAX_KEEP_FINISHED),
+        metavar="N",
+        help="keep at most N finished jobs",
     )
     retention.add_argument(
         "--keep-for",
@@ -406,7 +434,8 @@ def _prepare_pki(pki_dir: Path, *, create: bool, server_names: Sequence[str]) ->
         )
 
 
-def _require_cgroups() -> None:
+def _require_cgroups() -> Flavour:
+    """The host's cgroup flavour; StartupError if jobs cannot run on it."""
     flavour = detect_flavour()
     if flavour is Flavour.NONE:
         raise StartupError(
@@ -416,6 +445,7 @@ def _require_cgroups() -> None:
         check_host(flavour)
     except CgroupError as exc:
         raise StartupError(str(exc)) from None
+    return flavour
 
 
 def _raise_fd_limit() -> None:
@@ -465,6 +495,7 @@ async def serve(
     pki_dir: Path,
     *,
     cgroup_parent: str,
+    flavour: Flavour | None = None,
     warm: int = 1,
     keep_jobs: bool = False,
     retention: Retention | None = None,
@@ -484,34 +515,34 @@ async def serve(
     carry the final status, then say goodbye. A further signal exits at once.
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        try:  # nothing is touched until it is entered
-            jobs = JobManager(
-                config.state_dir,
-                spawner=spawner,
-                cgroup_parent=cgroup_parent,
-                warm=warm,
-                retention=retention,
-                admission=admission,
-            )
-        except JobError as exc:
-            return str(exc)
-        server = Server(config, context, jobs)
+        server = Server(config, context)
         try:
             await server.open_listeners()
         except ListenError as exc:
             return str(exc)
         try:
+            opening = open_job_manager(
+                config.state_dir,
+                spawner=spawner,
+                flavour=flavour,
+                cgroup_parent=cgroup_parent,
+                warm=warm,
+                retention=retention,
+                admission=admission,
+            )
             async with contextlib.AsyncExitStack() as stack:
                 try:
-                    await stack.enter_async_context(jobs)
-                except JobError as exc:
+                    jobs = await stack.enter_async_context(opening)
+                except OperationError as exc:
                     return str(exc)
+                server.serve_jobs(jobs)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(_serve_then_stop, server, nursery.cancel_scope)
                     print(banner(server, pki_dir), flush=True)
                     await _shut_down(server, jobs, signals, keep_jobs, nursery.cancel_scope)
         finally:
-            with trio.CancelScope(shield=True):
+            # Closing a listener does not block; the deadline only says so.
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT):
                 await server.close_listeners()  # if serving never began
     return None
 
@@ -626,7 +657,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             io_timeout=args.io_timeout,
             idle_timeout=args.idle_timeout,
         )
-        _require_cgroups()
+        flavour = _require_cgroups()
         # Before trio starts any thread: shims are forked from the spawner.
         try:
             spawner = Spawner.start()
@@ -636,6 +667,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             serving = functools.partial(
                 serve,
                 cgroup_parent=parent,
+                flavour=flavour,
                 warm=args.warm,
                 keep_jobs=args.keep_jobs,
                 retention=Retention(
@@ -651,7 +683,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         finally:
             spawner.close()  # its warm sandboxes are gone when it returns
         if failure is None:  # it served: the parent is ours to tidy, if nothing is left in it
-            remove_if_empty(detect_flavour(), parent, CGROUP_ROOT)
+            remove_if_empty(flavour, parent, CGROUP_ROOT)
     except StartupError as exc:
         sys.stderr.write(f"corrald: error: {exc}\n")
         return exc.status

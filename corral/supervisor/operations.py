@@ -11,17 +11,18 @@ exactly like a job that does not exist.
 from __future__ import annotations
 
 import bisect
-import math
 from typing import Any
 
 import trio
 
-from corral.client.units import describe, short_duration
-from corral.job import MAX_STOP_GRACE, OUTPUT_FILE, JobSpec, Limits, SpecError, Status, pack
+from corral.errors import OperationError
+from corral.job import JobSpec, Limits, Status, check_grace
 from corral.protocol import ErrorCode
+from corral.store import OUTPUT_FILE, pack
 from corral.supervisor.policy import Policy, authorize, owner_filter
-from corral.supervisor.session import Handler, OperationError, RequestContext, StreamEnd
-from corral.worker.manager import Job, JobError, JobManager
+from corral.supervisor.session import Handler, RequestContext, StreamEnd
+from corral.units import describe
+from corral.worker.manager import Job, JobManager
 from corral.worker.output import CHUNK, misplaced_offset
 
 DEFAULT_GRACE = 10.0
@@ -99,73 +100,56 @@ class JobOperations:
             raise OperationError(
                 ErrorCode.INVALID_ARGUMENT, "id: a job id or id prefix is required"
             )
-        try:
-            return self.manager.resolve(job_id, owner=owner)
-        except JobError as exc:
-            raise OperationError(exc.code, str(exc)) from None
+        return self.manager.resolve(job_id, owner=owner)
 
     async def start(self, context: RequestContext) -> dict[str, Any]:
         args = context.request.args
         identity = context.identity
         authorize(identity, "start")
-        try:
-            terms = self.policy.start_terms(
-                identity,
-                user=_arg(args, "user", str),
-                limits=Limits.from_wire(_arg(args, "limits", dict, {})),
-                max_runtime=_arg(args, "max_runtime", (int, float)),
-            )
-            writable = _arg(args, "writable", list, [])
-            self.policy.check_writable(identity, writable)
-            spec = JobSpec(
-                argv=_arg(args, "argv", list, []),
-                env=_arg(args, "env", dict),
-                cwd=_arg(args, "cwd", (str, bytes), "/"),
-                env_clear=_arg(args, "env_clear", bool, False),
-                writable=writable,
-                user=terms.user,
-                limits=terms.limits,
-                max_runtime=terms.max_runtime,
-                owner=identity.name,
-            )
-            job = await self.manager.start(spec)
-        except SpecError as exc:
-            raise OperationError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-        except JobError as exc:
-            # A start that failed after its job was recorded names the job:
-            # its row (state failed, and why) is there to see and to remove.
-            failed = getattr(exc, "job_id", None)
-            raise OperationError(exc.code, str(exc), {"job": failed} if failed else None) from None
+        # Errors (SpecError, the policy's, the manager's) are OperationErrors
+        # with their code and details: the session answers with them as they
+        # are. A start that failed after its job was recorded names the job.
+        terms = self.policy.start_terms(
+            identity,
+            user=_arg(args, "user", str),
+            limits=Limits.from_wire(_arg(args, "limits", dict, {})),
+            max_runtime=_arg(args, "max_runtime", (int, float)),
+        )
+        writable = _arg(args, "writable", list, [])
+        self.policy.check_writable(identity, writable)
+        spec = JobSpec(
+            argv=_arg(args, "argv", list, []),
+            env=_arg(args, "env", dict),
+            cwd=_arg(args, "cwd", (str, bytes), "/"),
+            env_clear=_arg(args, "env_clear", bool, False),
+            writable=writable,
+            user=terms.user,
+            limits=terms.limits,
+            max_runtime=terms.max_runtime,
+            owner=identity.name,
+        )
+        job = await self.manager.start(spec)
         return {"id": job.id, "job": job_record(job)}
 
     async def stop(self, context: RequestContext) -> dict[str, Any]:
         args = context.request.args
         job = self._visible(context)
-        grace = _arg(args, "grace", (int, float), DEFAULT_GRACE)
-        if not (math.isfinite(grace) and 0 <= grace <= MAX_STOP_GRACE):
-            raise OperationError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"grace: must be between 0s and {short_duration(MAX_STOP_GRACE)}, "
-                f"not {short_duration(grace)}",
-            )
+        grace = check_grace(args.get("grace", DEFAULT_GRACE))  # before anything else
         # Stopping a job that has ended is done already, as `docker stop`
         # has it: the reply says so, with how it ended.
         if job.done.is_set():
             return {"job": job_record(job), "already_ended": True}
         try:
             status = await self.manager.stop(job.id, grace, by=context.identity.name)
-        except JobError as exc:
+        except OperationError:
             if job.done.is_set():  # it ended on its own meanwhile
                 return {"job": job_record(job), "already_ended": True}
-            raise OperationError(exc.code, str(exc)) from None
+            raise
         return {"job": job_record(job, status), "already_ended": False}
 
     async def status(self, context: RequestContext) -> dict[str, Any]:
         job = self._visible(context)
-        try:
-            _, status = await self.manager.status(job.id)
-        except JobError as exc:
-            raise OperationError(exc.code, str(exc)) from None
+        _, status = await self.manager.status(job.id)
         return {"job": job_record(job, status)}
 
     async def wait(self, context: RequestContext) -> dict[str, Any]:
@@ -204,10 +188,7 @@ class JobOperations:
 
     async def remove(self, context: RequestContext) -> dict[str, Any]:
         job = self._visible(context)
-        try:
-            await self.manager.remove(job.id)
-        except JobError as exc:
-            raise OperationError(exc.code, str(exc)) from None
+        await self.manager.remove(job.id)
         return {"id": job.id}
 
     async def logs(self, context: RequestContext) -> StreamEnd:
@@ -237,7 +218,7 @@ class JobOperations:
         else:
             try:
                 _, status = await self.manager.status(job.id)
-            except JobError:
+            except OperationError:
                 status = job.status
         return StreamEnd({"offset": end, "job": job_record(job, status)})
 

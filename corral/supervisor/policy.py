@@ -37,7 +37,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from corral.client.units import (
+from corral.errors import OperationError
+from corral.job import (
+    DEFAULT_USER,
+    MAX_RUNTIME,
+    MIN_RUNTIME,
+    Limits,
+    SpecError,
+    host_cpus,
+    writable_paths,
+)
+from corral.pki import ROLES
+from corral.protocol import ErrorCode
+from corral.tls import Identity
+from corral.units import (
     describe,
     parse_duration,
     parse_size,
@@ -46,11 +59,6 @@ from corral.client.units import (
     short_number,
     short_size,
 )
-from corral.job import DEFAULT_USER, MAX_RUNTIME, MIN_RUNTIME, Limits, SpecError, host_cpus
-from corral.pki import ROLES
-from corral.protocol import ErrorCode
-from corral.supervisor.session import OperationError
-from corral.tls import Identity
 
 ADMIN, USER = "admin", "user"
 
@@ -158,14 +166,12 @@ class Policy:
             "writable": list(self.writable.get(role, ())),
         }
 
-    def check_writable(self, identity: Identity, paths: Sequence[str | bytes]) -> None:
-        """permission_denied for a writable path outside the role's places."""
+    def check_writable(self, identity: Identity, paths: object) -> None:
+        """permission_denied for a writable path outside the role's places
+        (invalid_argument, from the spec's own reading, for one that is no path)."""
         allowed = self.writable.get(identity.role, ())
-        for value in paths:
-            if not isinstance(value, str | bytes):
-                continue  # the spec's validation says what is wrong with it
-            text = value if isinstance(value, str) else value.decode("utf-8", "surrogateescape")
-            path = posixpath.normpath(text)
+        for value in writable_paths(paths):  # invalid_argument before permission
+            path = value.decode("utf-8", "surrogateescape")
             if not any(_within(path, place) for place in allowed):
                 places = ", ".join(allowed) if allowed else "none"
                 raise OperationError(

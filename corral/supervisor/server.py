@@ -135,7 +135,6 @@ class Server:
     ) -> None:
         self.config = config
         self._ssl_context = ssl_context
-        self.cgroup: Flavour = detect_flavour(config.mountinfo)
         self._sessions: set[Session] = set()
         self._connecting = 0  # waiting for or in the TLS handshake, or being refused
         self._handshaking = trio.Semaphore(config.max_handshakes)
@@ -147,15 +146,30 @@ class Server:
         self._goodbye = trio.Event()  # set once sessions have been told goodbye
         self._listeners: list[trio.SocketListener] | None = None
         self.addresses: list[Address] = []
-        self.jobs = jobs
+        self.jobs: JobManager | None = None
         self.heartbeat = Heartbeat()
         self._requests = 0  # being served, on every session
         self._no_requests = trio.Event()
         self._no_requests.set()
-        operations: dict[str, Handler] = {"info": self._info, "ping": self._ping}
+        self._operations: dict[str, Handler] = {}
+        self._add_operations({"info": self._info, "ping": self._ping})
         if jobs is not None:
-            operations.update(JobOperations(jobs, config.policy).handlers())
-        self._operations = {op: self._counted(handler) for op, handler in operations.items()}
+            self.serve_jobs(jobs)
+
+    def serve_jobs(self, jobs: JobManager) -> None:
+        """Answer the job operations with `jobs` (a running manager), from
+        now on; before `serve()`, so that no session sees them come."""
+        self.jobs = jobs
+        self._add_operations(JobOperations(jobs, self.config.policy).handlers())
+
+    def _add_operations(self, operations: dict[str, Handler]) -> None:
+        self._operations.update({op: self._counted(handler) for op, handler in operations.items()})
+
+    @property
+    def cgroup(self) -> Flavour:
+        """The cgroup flavour jobs run under: the manager's; without one (a
+        server for tests, running no jobs), the host's."""
+        return self.jobs.flavour if self.jobs is not None else detect_flavour(self.config.mountinfo)
 
     # -- observation ---------------------------------------------------------
 

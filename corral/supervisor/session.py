@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from corral.errors import OperationError
 from corral.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -76,17 +77,6 @@ IO_TIMEOUT = 60.0
 # A session with no request in flight that receives nothing for this long
 # is closed (a client that wants to sit idle longer sends a ping).
 IDLE_TIMEOUT = 600.0
-
-
-class OperationError(Exception):
-    """An operation failed in a way the client should hear about."""
-
-    def __init__(
-        self, code: ErrorCode, message: str, details: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.details = details or {}
 
 
 class _PeerNotReading(Exception):

@@ -26,9 +26,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from corral.job import read_status, write_atomically
 from corral.pidlock import LockHeld, take_lock
 from corral.shim.cgroup import CgroupError, Flavour, check_component, open_cgroup
+from corral.store import read_status, write_atomically
 
 PARENT_FILE = "cgroup-parent"
 # What every corrald used before parents were derived and recorded.

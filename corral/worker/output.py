@@ -32,8 +32,9 @@ from pathlib import Path
 import msgpack
 import trio
 
-from corral.job import MAX_RECORD, OUTPUT_FILE
+from corral.records import MAX_RECORD
 from corral.shim import libc
+from corral.store import OUTPUT_FILE
 
 log = logging.getLogger(__name__)
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import array
 import contextlib
-import os
 import socket
 import subprocess
 import sys
-from typing import Any
 
 import trio
 
-from corral.job import pack, unpack
+from corral import ipc
 
+# A reply is a pid or a sentence: small.
 MAX_REPLY = 4096
 
 
@@ -66,61 +64,65 @@ class Spawner:
     def pid(self) -> int:
         return self.process.pid
 
-    async def prepare(self, request: dict[str, Any]) -> int:
-        """Have a sandbox built for job `request["id"]` ahead of its start;
-        return the warm shim's pid."""
-        message, _, _ = await self._exchange({**request, "op": "prepare"}, None)
-        if not message:
-            raise SpawnerError("the spawner is gone (it closed its socket)")
-        reply = unpack(message)
-        if "error" in reply:
-            raise SpawnerError(str(reply["error"]))
-        return int(reply["pid"])
+    async def prepare(self, request: ipc.Prepare) -> int:
+        """Have a sandbox built for job `request.id` ahead of its start;
+        return the warm shim's pid. SpawnerError if the spawner refused or is gone."""
+        reply, fds = await self._exchange(request, None)
+        ipc.close_all(fds)  # a Prepare is answered with none
+        return reply.pid
 
-    async def spawn(self, request: dict[str, Any], report_fd: int) -> tuple[int, int]:
+    async def spawn(self, request: ipc.Start, report_fd: int) -> tuple[int, int]:
         """Ask for a shim (in the job's warm sandbox if there is one); return
-        its pid and a pidfd (ours to close)."""
-        message, ancillary, flags = await self._exchange({**request, "op": "start"}, report_fd)
-        received = array.array("i")
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                received.frombytes(data[: len(data) - (len(data) % received.itemsize)])
-        if not message:
-            raise SpawnerError("the spawner is gone (it closed its socket)")
-        reply = unpack(message)
-        if "error" in reply or len(received) != 1 or flags & socket.MSG_CTRUNC:
-            for fd in received:
-                os.close(fd)
-            raise SpawnerError(str(reply.get("error", "the spawner sent no pidfd")))
-        return int(reply["pid"]), received[0]
+        its pid and a pidfd (ours to close). SpawnerError if the spawner
+        refused, sent no pidfd, or is gone."""
+        reply, fds = await self._exchange(request, report_fd)
+        if len(fds) != 1:
+            ipc.close_all(fds)
+            raise SpawnerError("the spawner sent no pidfd")
+        return reply.pid, fds[0]
 
     async def _exchange(
-        self, request: dict[str, Any], fd: int | None
-    ) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
+        self, request: ipc.SpawnerRequest, fd: int | None
+    ) -> tuple[ipc.Spawned, list[int]]:
+        """Send `request` (with `fd`), return the Spawned reply and the
+        descriptors that came with it (ours to close)."""
         if self._trio_sock is None:
             self._sock.setblocking(False)
             self._trio_sock = trio.socket.from_stdlib_socket(self._sock)
             self._lock = trio.Lock()
         assert self._lock is not None
-        fds = array.array("i", [] if fd is None else [fd])
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fd is not None else []
+        fds = [] if fd is None else [fd]
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, ipc.fd_array(fds))] if fds else []
         # One request, one reply, never torn apart: a cancel between them
         # would leave this reply for the next caller, who would then watch
         # another job's shim. The spawner answers in milliseconds.
         async with self._lock:
             try:
                 with trio.CancelScope(shield=True):
-                    await self._trio_sock.sendmsg([pack(request)], ancillary)
-                    message, received, flags, _ = await self._trio_sock.recvmsg(
-                        MAX_REPLY,
-                        socket.CMSG_SPACE(array.array("i").itemsize),
-                        socket.MSG_CMSG_CLOEXEC,
+                    await self._trio_sock.sendmsg([request.encode()], ancillary)
+                    data, received, flags, _ = await self._trio_sock.recvmsg(
+                        MAX_REPLY, ipc.ancillary_space(1), socket.MSG_CMSG_CLOEXEC
                     )
             except OSError as exc:
                 raise SpawnerError(f"the spawner is gone: {exc.strerror or exc}") from exc
             except trio.ClosedResourceError:  # it died, and its supervisor closed our end
                 raise SpawnerError("the spawner is gone") from None
-        return message, received, flags
+        try:
+            got = ipc.ancillary_fds(received, flags)
+        except ipc.IPCError as exc:
+            raise SpawnerError(f"the spawner's reply was cut short: {exc}") from None
+        if not data:
+            ipc.close_all(got)
+            raise SpawnerError("the spawner is gone (it closed its socket)")
+        try:
+            reply = ipc.decode(data, (ipc.Spawned, ipc.Refused))
+        except ipc.IPCError as exc:
+            ipc.close_all(got)
+            raise SpawnerError(f"the spawner answered nonsense: {exc}") from None
+        if isinstance(reply, ipc.Refused):
+            ipc.close_all(got)
+            raise SpawnerError(reply.message)
+        return reply, got
 
     def close(self) -> None:
         """Close our end (the spawner exits at EOF) and reap it."""

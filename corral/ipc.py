@@ -1,0 +1,659 @@
+"""The messages between corral's own processes: corrald, the spawner, the
+shims and init.
+
+Every message is a frozen, keyword-only dataclass that travels as one
+msgpack map; its key "t" names its type. "t" and "version" are the
+envelope every version keeps, so a peer can always tell what it was sent
+and by whom. The channels, and who speaks first:
+
+    spawner  corrald -> spawner   Prepare | Start (+ the report pipe's write end)
+             spawner -> corrald   Spawned (+ the shim's pidfd, for Start) | Refused
+    claim    spawner -> warm shim Claim (+ the report pipe's write end)
+    job      shim -> init         JobConfig (JOB_HEADER length, then the map)
+    exec     init -> shim         Started | InitFailure
+    report   shim -> corrald      StartReport
+    control  corrald -> shim      Hello, then StatusRequest | StopRequest
+             shim -> corrald      Hello, then StatusReply | Stopping | Refusal
+
+The first message of each channel carries `version`. A receiver refuses a
+version it does not know (VersionError) before it reads anything else, so
+a message is never misread. Shims outlive corrald (`--keep-jobs`), so the
+control channel opens with a Hello each way: a newer corrald learns which
+version the shim speaks before it asks the shim to do anything.
+
+Pure: bytes in, messages out, plus the descriptor-passing helpers the
+synchronous ends use. Imports no trio: the shim and init import it.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar, overload
+
+import msgpack
+
+from corral.job import Status
+from corral.protocol.errors import ErrorCode
+from corral.store import pack
+
+# The process name a shim takes (prctl PR_SET_NAME): a restarted corrald
+# finds shims by it, so the shim and the manager must spell it alike.
+SHIM_COMM = "corral-shim"
+
+# Bumped whenever a message changes shape or meaning. 1: the first
+# versioned set (the unversioned dicts before it count as 0).
+IPC_VERSION = 1
+# The versions of a shim's control channel this corrald can talk to. A
+# shim started by an older corrald keeps running under a newer one.
+SHIM_VERSIONS = frozenset({IPC_VERSION})
+# A shim from before versioned messages answers a Hello with an untagged map.
+UNVERSIONED = 0
+
+# The largest message on any channel: a JobConfig with a long argv and env
+# (the spec caps them well below this), or a status with usage.
+MAX_MESSAGE = 1 << 20
+# Control-channel messages are small; a shim answers one per datagram.
+MAX_CONTROL_MESSAGE = 1 << 16
+# Each message passes at most this many descriptors (one, today).
+MAX_FDS = 4
+# The job channel is a pipe: the map is preceded by its length.
+JOB_HEADER = struct.Struct("=I")
+
+
+class IPCError(Exception):
+    """A message could not be read: malformed, of an unknown type, or not
+    one the receiver expected there."""
+
+
+class VersionError(IPCError):
+    """The peer speaks a version of these messages we do not know."""
+
+    def __init__(self, tag: str, version: int) -> None:
+        super().__init__(f"'{tag}' message of version {version}; this side speaks {IPC_VERSION}")
+        self.tag = tag
+        self.version = version
+
+
+_T = TypeVar("_T")
+
+
+def _get(wire: dict[str, Any], name: str, kind: type[_T], tag: str) -> _T:
+    """Field `name` of `wire`, which must be a `kind`; IPCError otherwise."""
+    try:
+        value = wire[name]
+    except KeyError:
+        raise IPCError(f"'{tag}' message lacks field '{name}'") from None
+    # bool is an int subclass: a peer sending true for a pid is wrong.
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise IPCError(
+            f"field '{name}' of '{tag}' must be {kind.__name__}, not {type(value).__name__}"
+        )
+    return value
+
+
+def _optional(wire: dict[str, Any], name: str, kind: type[_T], tag: str) -> _T | None:
+    return None if wire.get(name) is None else _get(wire, name, kind, tag)
+
+
+def _number(wire: dict[str, Any], name: str, tag: str) -> float:
+    value: object = wire.get(name)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise IPCError(f"field '{name}' of '{tag}' must be a number")
+    return float(value)
+
+
+def _count(wire: dict[str, Any], name: str, tag: str) -> int:
+    value = _get(wire, name, int, tag)
+    if value < 0:
+        raise IPCError(f"field '{name}' of '{tag}' must not be negative")
+    return value
+
+
+def _list(wire: dict[str, Any], name: str, kind: type[_T], tag: str) -> tuple[_T, ...]:
+    items = _get(wire, name, list, tag)
+    if not all(isinstance(item, kind) and not isinstance(item, bool) for item in items):
+        raise IPCError(f"field '{name}' of '{tag}' must be a list of {kind.__name__}")
+    return tuple(items)
+
+
+def _version(wire: dict[str, Any], tag: str) -> int:
+    """The message's version, checked before any other field is read."""
+    version = _count(wire, "version", tag)
+    if version != IPC_VERSION:
+        raise VersionError(tag, version)
+    return version
+
+
+def _code(wire: dict[str, Any], tag: str) -> ErrorCode | None:
+    text = _optional(wire, "code", str, tag)
+    if text is None:
+        return None
+    try:
+        return ErrorCode(text)
+    except ValueError:
+        raise IPCError(f"unknown error code {text[:40]!r} in '{tag}'") from None
+
+
+def _status(wire: dict[str, Any], tag: str) -> Status:
+    value = _get(wire, "status", dict, tag)
+    try:
+        return Status.from_wire(value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IPCError(f"'{tag}' message carries an unreadable status: {exc!r}") from None
+
+
+class _Message:
+    """What every message has: its tag, and its map on the wire."""
+
+    __slots__ = ()
+    TAG: ClassVar[str]
+
+    def to_wire(self) -> dict[str, Any]:
+        """The map that stands for this message on the wire."""
+        wire: dict[str, Any] = {"t": self.TAG}
+        name: str
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if isinstance(value, Status):
+                value = value.to_wire()
+            elif isinstance(value, ErrorCode):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = [list(item) if isinstance(item, tuple) else item for item in value]
+            wire[name] = value
+        return wire
+
+    def encode(self) -> bytes:
+        """The message as bytes, ready to send."""
+        return pack(self.to_wire())
+
+
+# -- corrald <-> spawner ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Prepare(_Message):
+    """corrald -> spawner: build a sandbox for job `id` ahead of its start."""
+
+    TAG: ClassVar[str] = "prepare"
+    version: int = IPC_VERSION
+    id: str
+    flavour: str  # the cgroup flavour's name (corral.shim.cgroup.Flavour)
+    cgroup_root: str
+    cgroup_parent: str
+    devices: tuple[tuple[int, int], ...] = ()  # (major, minor) of the disks IO limits apply to
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Prepare:
+        """The message `wire` stands for; IPCError if it is not one."""
+        return cls(**_sandbox_fields(wire, cls.TAG))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Start(_Message):
+    """corrald -> spawner, with the report pipe's write end: start job `id`,
+    in its warm sandbox if one was prepared, else in a new one."""
+
+    TAG: ClassVar[str] = "start"
+    version: int = IPC_VERSION
+    id: str
+    flavour: str
+    cgroup_root: str
+    cgroup_parent: str
+    devices: tuple[tuple[int, int], ...] = ()
+    job_dir: str
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Start:
+        """The message `wire` stands for; IPCError if it is not one."""
+        fields = _sandbox_fields(wire, cls.TAG)
+        return cls(**fields, job_dir=_get(wire, "job_dir", str, cls.TAG))
+
+
+def _sandbox_fields(wire: dict[str, Any], tag: str) -> dict[str, Any]:
+    version = _version(wire, tag)
+    devices = []
+    for device in _get(wire, "devices", list, tag):
+        if not (
+            isinstance(device, list)
+            and len(device) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in device)
+        ):
+            raise IPCError(f"field 'devices' of '{tag}' must be a list of [major, minor]")
+        devices.append((device[0], device[1]))
+    return {
+        "version": version,
+        "id": _get(wire, "id", str, tag),
+        "flavour": _get(wire, "flavour", str, tag),
+        "cgroup_root": _get(wire, "cgroup_root", str, tag),
+        "cgroup_parent": _get(wire, "cgroup_parent", str, tag),
+        "devices": tuple(devices),
+    }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Spawned(_Message):
+    """spawner -> corrald: the shim's pid (and, answering Start, its pidfd)."""
+
+    TAG: ClassVar[str] = "spawned"
+    pid: int
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Spawned:
+        """The message `wire` stands for; IPCError if it is not one."""
+        return cls(pid=_count(wire, "pid", cls.TAG))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Refused(_Message):
+    """spawner -> corrald: no shim, and why."""
+
+    TAG: ClassVar[str] = "refused"
+    message: str
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Refused:
+        """The message `wire` stands for; IPCError if it is not one."""
+        return cls(message=_get(wire, "message", str, cls.TAG))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Claim(_Message):
+    """spawner -> warm shim, with the report pipe's write end: your job's directory."""
+
+    TAG: ClassVar[str] = "claim"
+    version: int = IPC_VERSION
+    job_dir: str
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Claim:
+        """The message `wire` stands for; IPCError if it is not one."""
+        return cls(version=_version(wire, cls.TAG), job_dir=_get(wire, "job_dir", str, cls.TAG))
+
+
+# -- shim <-> init ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JobConfig(_Message):
+    """shim -> init: the job, once init is in the job's cgroup with its limits set."""
+
+    TAG: ClassVar[str] = "job"
+    version: int = IPC_VERSION
+    argv: tuple[bytes, ...]
+    env: tuple[tuple[bytes, bytes], ...]  # pairs: a map's keys would have to be str
+    cwd: bytes
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    tmp_size: int
+    writable: tuple[bytes, ...] = ()
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> JobConfig:
+        """The message `wire` stands for; IPCError if it is not one."""
+        tag = cls.TAG
+        version = _version(wire, tag)
+        env = _get(wire, "env", list, tag)
+        if not all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, bytes) for x in pair)
+            for pair in env
+        ):
+            raise IPCError(f"field 'env' of '{tag}' must be a list of [name, value] bytes")
+        return cls(
+            version=version,
+            argv=_list(wire, "argv", bytes, tag),
+            env=tuple((name, value) for name, value in env),
+            cwd=_get(wire, "cwd", bytes, tag),
+            uid=_count(wire, "uid", tag),
+            gid=_count(wire, "gid", tag),
+            groups=_list(wire, "groups", int, tag),
+            tmp_size=_count(wire, "tmp_size", tag),
+            writable=_list(wire, "writable", bytes, tag),
+        )
+
+    def frame(self) -> bytes:
+        """The message as the job pipe carries it: its length, then the map."""
+        body = self.encode()
+        return JOB_HEADER.pack(len(body)) + body
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Started(_Message):
+    """init -> shim on the exec channel: the command has exec'd."""
+
+    TAG: ClassVar[str] = "started"
+    version: int = IPC_VERSION
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Started:
+        """The message `wire` stands for; IPCError if it is not one."""
+        return cls(version=_version(wire, cls.TAG))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InitFailure(_Message):
+    """init -> shim on the exec channel: setup step `step` failed (then init exits)."""
+
+    TAG: ClassVar[str] = "init_failure"
+    version: int = IPC_VERSION
+    step: str  # "namespaces", "mounts", "user", "cwd", "exec", "writable", ...
+    errno: int  # 0 when the failure was no system call's
+    message: str
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> InitFailure:
+        """The message `wire` stands for; IPCError if it is not one."""
+        return cls(
+            version=_version(wire, cls.TAG),
+            step=_get(wire, "step", str, cls.TAG),
+            errno=_count(wire, "errno", cls.TAG),
+            message=_get(wire, "message", str, cls.TAG),
+        )
+
+    @classmethod
+    def of(cls, step: str, error: OSError | str) -> InitFailure:
+        """The failure of `step` because of `error` (an OSError keeps its errno)."""
+        if isinstance(error, OSError):
+            return cls(step=step, errno=error.errno or 0, message=error.strerror or str(error))
+        return cls(step=step, errno=0, message=error)
+
+
+# -- shim -> corrald: the start report -----------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StartReport(_Message):
+    """shim -> corrald on the report pipe, once: the command is running
+    (`ok`, with its status), or why the job could not start (`code`,
+    `message`, and the failing `step` and `errno` as init reported them)."""
+
+    TAG: ClassVar[str] = "start_report"
+    version: int = IPC_VERSION
+    ok: bool
+    status: Status | None = None
+    code: ErrorCode | None = None
+    message: str = ""
+    step: str | None = None
+    errno: int = 0
+
+    @classmethod
+    def running(cls, status: Status) -> StartReport:
+        """The report of a job whose command is running with `status`."""
+        return cls(ok=True, status=status)
+
+    @classmethod
+    def failed(
+        cls, code: ErrorCode, message: str, step: str | None = None, errno: int = 0
+    ) -> StartReport:
+        """The report of a job that could not start."""
+        return cls(ok=False, code=code, message=message, step=step, errno=errno)
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> StartReport:
+        """The message `wire` stands for; IPCError if it is not one."""
+        tag = cls.TAG
+        version = _version(wire, tag)
+        ok = _get(wire, "ok", bool, tag)
+        if ok:
+            return cls(version=version, ok=True, status=_status(wire, tag))
+        code = _code(wire, tag)
+        if code is None:
+            raise IPCError(f"a failed '{tag}' lacks field 'code'")
+        return cls(
+            version=version,
+            ok=False,
+            code=code,
+            message=_get(wire, "message", str, tag),
+            step=_optional(wire, "step", str, tag),
+            errno=_count(wire, "errno", tag) if "errno" in wire else 0,
+        )
+
+
+# -- corrald <-> shim: the control socket --------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hello(_Message):
+    """Both ways, first on each control connection: the version the sender speaks.
+
+    corrald sends its own; the shim answers with its own, whatever it was
+    sent, so the newer side decides whether they can talk."""
+
+    TAG: ClassVar[str] = "hello"
+    version: int = IPC_VERSION
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Hello:
+        """The message `wire` stands for (any version); IPCError if it is not one."""
+        return cls(version=_count(wire, "version", cls.TAG))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StatusRequest(_Message):
+    """corrald -> shim: the job's status, with live usage."""
+
+    TAG: ClassVar[str] = "status"
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> StatusRequest:
+        """The message `wire` stands for."""
+        return cls()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StopRequest(_Message):
+    """corrald -> shim: SIGTERM the job, SIGKILL it after `grace` seconds
+    (None: the job's own stop grace). `by` says who asked, for its reason."""
+
+    TAG: ClassVar[str] = "stop"
+    grace: float | None = None
+    by: str = ""
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> StopRequest:
+        """The message `wire` stands for; IPCError if it is not one."""
+        grace = None if wire.get("grace") is None else _number(wire, "grace", cls.TAG)
+        return cls(grace=grace, by=_get(wire, "by", str, cls.TAG) if "by" in wire else "")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StatusReply(_Message):
+    """shim -> corrald: the job's status now."""
+
+    TAG: ClassVar[str] = "status_reply"
+    status: Status
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> StatusReply:
+        """The message `wire` stands for; IPCError if it is not one."""
+        return cls(status=_status(wire, cls.TAG))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Stopping(_Message):
+    """shim -> corrald: the stop is under way (the job's end is on disk later)."""
+
+    TAG: ClassVar[str] = "stopping"
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Stopping:
+        """The message `wire` stands for."""
+        return cls()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Refusal(_Message):
+    """shim -> corrald: the request was not done, and why."""
+
+    TAG: ClassVar[str] = "refusal"
+    message: str
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Refusal:
+        """The message `wire` stands for; IPCError if it is not one."""
+        return cls(message=_get(wire, "message", str, cls.TAG))
+
+
+SpawnerRequest = Prepare | Start
+SpawnerReply = Spawned | Refused
+InitWord = Started | InitFailure
+ControlRequest = StatusRequest | StopRequest
+ControlReply = StatusReply | Stopping | Refusal
+Message = (
+    Prepare | Start | Spawned | Refused | Claim | JobConfig | Started | InitFailure
+    | StartReport | Hello | StatusRequest | StopRequest | StatusReply | Stopping | Refusal
+)  # fmt: skip
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.TAG: cls
+    for cls in (
+        Prepare, Start, Spawned, Refused, Claim, JobConfig, Started, InitFailure,
+        StartReport, Hello, StatusRequest, StopRequest, StatusReply, Stopping, Refusal,
+    )
+}  # fmt: skip
+
+_A = TypeVar("_A", bound=_Message)
+_B = TypeVar("_B", bound=_Message)
+_C = TypeVar("_C", bound=_Message)
+
+
+def _from_wire(wire: object, expected: tuple[type[_Message], ...]) -> Message:
+    """The message the decoded map `wire` stands for, which must be one of
+    `expected`; IPCError (VersionError for a version we do not know) if not."""
+    if not isinstance(wire, dict):
+        raise IPCError(f"a message must be a map, not {type(wire).__name__}")
+    tag = wire.get("t")
+    if not isinstance(tag, str):
+        raise IPCError("message lacks a string type field 't'")
+    cls = MESSAGES.get(tag)
+    if cls is None:
+        raise IPCError(f"unknown message type {tag[:40]!r}")
+    if cls not in expected:
+        wanted = " or ".join(repr(kind.TAG) for kind in expected)
+        raise IPCError(f"expected a {wanted} message, not {tag!r}")
+    return cls.from_wire(wire)
+
+
+def _unpack(data: bytes) -> object:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise IPCError(f"unreadable message: {exc}") from None
+
+
+# One overload per number of expected types, so the caller gets their union.
+@overload
+def decode(data: bytes, expected: tuple[type[_A]]) -> _A: ...
+@overload
+def decode(data: bytes, expected: tuple[type[_A], type[_B]]) -> _A | _B: ...
+@overload
+def decode(data: bytes, expected: tuple[type[_A], type[_B], type[_C]]) -> _A | _B | _C: ...
+def decode(data: bytes, expected: tuple[type[_Message], ...]) -> _Message:
+    """The message in `data` (one msgpack map), one of `expected`; IPCError
+    (VersionError for a version we do not know) if it is not one."""
+    return _from_wire(_unpack(data), expected)
+
+
+def hello_version(data: bytes) -> int:
+    """The version a shim answered corrald's Hello with; UNVERSIONED for a
+    shim from before versions (it answers with an untagged map). IPCError
+    if the answer is neither."""
+    wire = _unpack(data)
+    if isinstance(wire, dict) and "t" not in wire and "ok" in wire:
+        return UNVERSIONED
+    hello = _from_wire(wire, (Hello,))
+    assert isinstance(hello, Hello)
+    return hello.version
+
+
+# -- descriptors -------------------------------------------------------------------------
+
+
+def ancillary_fds(
+    ancillary: Iterable[tuple[int, int, bytes]], flags: int, expected: int | None = None
+) -> list[int]:
+    """The descriptors in `ancillary` (what recvmsg returned), ours to close.
+
+    IPCError (after closing what did arrive) if the kernel cut the
+    ancillary data short (MSG_CTRUNC: it dropped descriptors silently) or
+    the message itself (MSG_TRUNC), or if `expected` is given and a
+    different number came."""
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+    problem = None
+    if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        problem = "a message or its descriptors were truncated"
+    elif expected is not None and len(fds) != expected:
+        problem = f"expected {expected} descriptors with the message, got {len(fds)}"
+    if problem is not None:
+        close_all(fds)
+        raise IPCError(problem)
+    return list(fds)
+
+
+def close_all(fds: Iterable[int]) -> None:
+    """Close every descriptor in `fds`, whatever fails."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def ancillary_space(count: int = MAX_FDS) -> int:
+    """The ancillary buffer for `count` descriptors (CMSG_SPACE: its padding too)."""
+    return socket.CMSG_SPACE(count * array.array("i").itemsize)
+
+
+def send_message(sock: socket.socket, message: Message, fds: Sequence[int] = ()) -> None:
+    """Send `message` as one datagram, with `fds` passed along (SCM_RIGHTS).
+
+    Raises OSError as sendmsg does (EPIPE, ECONNRESET: the peer is gone)."""
+    if fds:
+        socket.send_fds(sock, [message.encode()], list(fds))
+    else:
+        sock.send(message.encode())
+
+
+@overload
+def receive_message(
+    sock: socket.socket, expected: tuple[type[_A]], max_size: int = MAX_MESSAGE
+) -> tuple[_A, list[int]] | None: ...
+@overload
+def receive_message(
+    sock: socket.socket, expected: tuple[type[_A], type[_B]], max_size: int = MAX_MESSAGE
+) -> tuple[_A | _B, list[int]] | None: ...
+def receive_message(
+    sock: socket.socket, expected: tuple[type[_Message], ...], max_size: int = MAX_MESSAGE
+) -> tuple[_Message, list[int]] | None:
+    """The next message on `sock`, one of `expected`, and the descriptors
+    that came with it (close-on-exec, ours to close); None at EOF.
+
+    Raises IPCError for a malformed, unexpected or truncated message (its
+    descriptors closed), OSError as recvmsg does. Not socket.recv_fds:
+    in Python 3.11 it drops its flags, and MSG_CMSG_CLOEXEC matters in a
+    process that forks (a passed descriptor must not leak into a shim).
+    """
+    data, ancillary, flags, _ = sock.recvmsg(max_size, ancillary_space(), socket.MSG_CMSG_CLOEXEC)
+    fds = ancillary_fds(ancillary, flags)
+    if not data:
+        close_all(fds)
+        return None
+    try:
+        return _from_wire(_unpack(data), expected), fds
+    except IPCError:
+        close_all(fds)
+        raise
+
+
+def fd_array(fds: Sequence[int]) -> array.array[int]:
+    """`fds` as SCM_RIGHTS ancillary data wants them (for sendmsg's callers
+    that cannot use send_message: corrald's trio sockets)."""
+    return array.array("i", fds)

@@ -1,0 +1,148 @@
+"""The sandbox: init in its own namespaces and in the job's cgroup, before
+the job is known, and the failure of a start."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NoReturn
+
+from corral import ipc
+from corral.job import SHORT_ID
+from corral.protocol.errors import ErrorCode
+from corral.shim import libc
+from corral.shim.cgroup import Cgroup, CgroupError, Flavour, open_cgroup
+from corral.shim.init import INIT_SIGNALS, InitConfig, run_init
+
+# One read of init's word on the exec channel (a failure's message is short).
+EXEC_READ = 64 * 1024
+
+
+class StartFailure(Exception):
+    """The job could not start: which step, why, the error code for corrald,
+    and the errno init reported (0 if none)."""
+
+    def __init__(
+        self,
+        step: str,
+        message: str,
+        code: ErrorCode = ErrorCode.FAILED_PRECONDITION,
+        errno: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.code = code
+        self.errno = errno
+
+    def report(self) -> ipc.StartReport:
+        """The start report that tells corrald of this failure."""
+        return ipc.StartReport.failed(self.code, str(self), self.step, self.errno)
+
+
+def read_all(fd: int) -> bytes:
+    """Everything a pipe holds until EOF (its writer has exited or closed it)."""
+    chunks = []
+    while chunk := os.read(fd, EXEC_READ):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Sandbox:
+    """init in its own namespaces and in the job's cgroup, before the job is known.
+
+    The spawner builds one ahead of the next start (a warm sandbox), so a
+    start only fills the job in; a cold start builds one at once. init
+    builds its jail while the cgroup is made and joined (on cgroup v1 a
+    join can wait for an RCU grace period). Building never raises: a
+    failure is kept, and becomes the job's.
+    """
+
+    def __init__(self, request: ipc.Prepare | ipc.Start, inherited: Iterable[int]) -> None:
+        self.job_id = request.id
+        self.cgroup: Cgroup | None = None
+        self.init_pid: int | None = None
+        self.pidfd: int | None = None
+        self.failure: StartFailure | None = None
+        self.init_report = b""  # what init said before it was abandoned
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(5)]
+        (self.out_r, out_w), (self.err_r, err_w), (job_r, self.job_w) = pipes[:3]
+        (self.exec_r, exec_w), (self.result_r, result_w) = pipes[3:]
+        config = InitConfig(
+            hostname=self.job_id[:SHORT_ID],
+            job_fd=job_r,
+            exec_fd=exec_w,
+            result_fd=result_w,
+            stdout_fd=out_w,
+            stderr_fd=err_w,
+        )
+        try:
+            self._fork_init(
+                config,
+                ours=[self.out_r, self.err_r, self.job_w, self.exec_r, self.result_r, *inherited],
+            )
+            self.cgroup = _open_cgroup(request)
+            try:
+                self.cgroup.create()
+                assert self.init_pid is not None
+                self.cgroup.add(self.init_pid)
+            except CgroupError as exc:
+                raise StartFailure("cgroup", str(exc), ErrorCode.INTERNAL) from None
+        except StartFailure as failure:
+            self.failure = failure
+            self._abandon()
+        finally:
+            for fd in (out_w, err_w, job_r, exec_w, result_w):
+                os.close(fd)
+
+    def _fork_init(self, config: InitConfig, ours: list[int]) -> None:
+        """Fork init as PID 1 of a new PID namespace."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, INIT_SIGNALS)
+        try:
+            libc.unshare(libc.CLONE_NEWPID)
+        except OSError as exc:
+            message = f"unshare(CLONE_NEWPID): {exc.strerror}"
+            raise StartFailure("namespaces", message, ErrorCode.INTERNAL) from None
+        pid = os.fork()
+        if pid == 0:
+            # init holds only what InitConfig names: a report pipe or claim
+            # socket held here would keep someone waiting for an EOF.
+            for fd in ours:
+                os.close(fd)
+            run_init(config)
+        self.init_pid = pid
+        self.pidfd = os.pidfd_open(pid)
+
+    def _abandon(self) -> None:
+        """Kill init after a failed build, keeping what it said: if it failed
+        first (and the join failed because of it), its report says more."""
+        if self.pidfd is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        self.init_report = read_all(self.exec_r)
+
+    def discard(self) -> NoReturn:
+        """Nobody claimed this sandbox: take it down and exit."""
+        self._abandon()
+        if self.init_pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.init_pid, 0)
+        if self.cgroup is not None:
+            with contextlib.suppress(CgroupError):
+                self.cgroup.remove()
+        os._exit(0)
+
+
+def _open_cgroup(request: ipc.Prepare | ipc.Start) -> Cgroup:
+    try:
+        return open_cgroup(
+            Flavour(request.flavour),
+            request.id,
+            root=Path(request.cgroup_root),
+            parent=request.cgroup_parent,
+        )
+    except (CgroupError, ValueError) as exc:  # ValueError: a flavour we do not know
+        raise StartFailure("cgroup", str(exc), ErrorCode.INTERNAL) from None

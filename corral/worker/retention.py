@@ -1,0 +1,105 @@
+"""Retention: which finished jobs to remove, and the task that removes them.
+
+Beyond a bound the oldest finished jobs go first; running ones never. The
+task applies the bounds at start, whenever a job ends (`notify`), and at
+the moment the oldest finished job passes the age bound: a deadline, not
+a poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from corral.errors import OperationError
+from corral.store import OUTPUT_FILE
+from corral.worker.index import Job, JobIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How many finished jobs to keep: None means no bound of that kind.
+    Beyond a bound the oldest finished jobs are removed; running ones never."""
+
+    count: int | None = None  # finished jobs kept
+    age: float | None = None  # seconds since a job finished
+    log_bytes: int | None = None  # total output.log size of finished jobs
+
+    @property
+    def bounded(self) -> bool:
+        return (self.count, self.age, self.log_bytes) != (None, None, None)
+
+
+def _log_size(job: Job) -> int:
+    try:
+        return (job.directory / OUTPUT_FILE).stat().st_size
+    except OSError:
+        return 0
+
+
+def beyond(bounds: Retention, finished: list[Job], now_ns: int) -> list[Job]:
+    """The jobs of `finished` (oldest first) that the bounds say to remove,
+    each once, oldest first."""
+    doomed: list[Job] = []
+    if bounds.age is not None:
+        oldest_kept = now_ns - int(bounds.age * 1e9)
+        doomed += [job for job in finished if job.ended_at <= oldest_kept]
+    if bounds.count is not None:
+        doomed += finished[: max(0, len(finished) - bounds.count)]
+    if bounds.log_bytes is not None:
+        sizes = [(job, _log_size(job)) for job in finished]
+        total = sum(size for _, size in sizes)
+        for job, size in sizes:
+            if total <= bounds.log_bytes:
+                break
+            doomed.append(job)
+            total -= size
+    return list(dict.fromkeys(doomed))
+
+
+class Retainer:
+    """Keeps one manager's finished jobs within `bounds`."""
+
+    def __init__(self, bounds: Retention, index: JobIndex) -> None:
+        self.bounds = bounds
+        self._index = index
+        self._changed = trio.Event()  # a job ended: the next expiry may be sooner
+
+    def notify(self) -> None:
+        """A job has ended: look again."""
+        self._changed.set()
+
+    async def run(self, remove: Callable[[str], Awaitable[None]]) -> None:
+        """Remove finished jobs beyond the bounds with `remove(job_id)`,
+        until cancelled. A job that cannot be removed is logged and kept."""
+        if not self.bounds.bounded:
+            return
+        while True:
+            self._changed = trio.Event()
+            finished = self._index.finished_oldest_first()
+            for job in beyond(self.bounds, finished, time.time_ns()):
+                log.info("removing job %s: beyond the retention bounds", job.short_id)
+                try:
+                    await remove(job.id)
+                except (OperationError, OSError) as exc:
+                    log.warning("cannot remove job %s: %s", job.short_id, exc)
+            with trio.move_on_at(self._next_expiry()):
+                await self._changed.wait()
+
+    def _next_expiry(self) -> float:
+        """The trio time at which the oldest finished job outlives the age bound."""
+        finished = self._index.finished_oldest_first()
+        if self.bounds.age is None or not finished:
+            return math.inf
+        expires_ns = finished[0].ended_at + int(self.bounds.age * 1e9)
+        return trio.current_time() + max(0.0, (expires_ns - time.time_ns()) / 1e9)
+
+
+__all__ = ["Retainer", "Retention", "beyond"]
