@@ -21,18 +21,13 @@ a message is never misread. Shims outlive corrald (`--keep-jobs`), so the
 control channel opens with a Hello each way: a newer corrald learns which
 version the shim speaks before it asks the shim to do anything.
 
-Pure: bytes in, messages out, plus the descriptor-passing helpers the
-synchronous ends use. Imports no trio: the shim and init import it.
+Pure: bytes in, messages out (the descriptors that travel with some of
+them: `corral.ipc_fds`). Imports no trio: the shim and init import it.
 """
 
 from __future__ import annotations
 
-import array
-import contextlib
-import os
-import socket
 import struct
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, overload
 
@@ -519,6 +514,9 @@ MESSAGES: dict[str, type[Message]] = {
     )
 }  # fmt: skip
 
+# The base every message class derives from, for other modules' type variables.
+MessageBase = _Message
+
 _A = TypeVar("_A", bound=_Message)
 _B = TypeVar("_B", bound=_Message)
 _C = TypeVar("_C", bound=_Message)
@@ -561,6 +559,11 @@ def decode(data: bytes, expected: tuple[type[_Message], ...]) -> _Message:
     return _from_wire(_unpack(data), expected)
 
 
+def decode_any(data: bytes, expected: tuple[type[MessageBase], ...]) -> Message:
+    """`decode` for callers that pass their own tuple of expected types."""
+    return _from_wire(_unpack(data), expected)
+
+
 def hello_version(data: bytes) -> int:
     """The version a shim answered corrald's Hello with; UNVERSIONED for a
     shim from before versions (it answers with an untagged map). IPCError
@@ -571,89 +574,3 @@ def hello_version(data: bytes) -> int:
     hello = _from_wire(wire, (Hello,))
     assert isinstance(hello, Hello)
     return hello.version
-
-
-# -- descriptors -------------------------------------------------------------------------
-
-
-def ancillary_fds(
-    ancillary: Iterable[tuple[int, int, bytes]], flags: int, expected: int | None = None
-) -> list[int]:
-    """The descriptors in `ancillary` (what recvmsg returned), ours to close.
-
-    IPCError (after closing what did arrive) if the kernel cut the
-    ancillary data short (MSG_CTRUNC: it dropped descriptors silently) or
-    the message itself (MSG_TRUNC), or if `expected` is given and a
-    different number came."""
-    fds = array.array("i")
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
-    problem = None
-    if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-        problem = "a message or its descriptors were truncated"
-    elif expected is not None and len(fds) != expected:
-        problem = f"expected {expected} descriptors with the message, got {len(fds)}"
-    if problem is not None:
-        close_all(fds)
-        raise IPCError(problem)
-    return list(fds)
-
-
-def close_all(fds: Iterable[int]) -> None:
-    """Close every descriptor in `fds`, whatever fails."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def ancillary_space(count: int = MAX_FDS) -> int:
-    """The ancillary buffer for `count` descriptors (CMSG_SPACE: its padding too)."""
-    return socket.CMSG_SPACE(count * array.array("i").itemsize)
-
-
-def send_message(sock: socket.socket, message: Message, fds: Sequence[int] = ()) -> None:
-    """Send `message` as one datagram, with `fds` passed along (SCM_RIGHTS).
-
-    Raises OSError as sendmsg does (EPIPE, ECONNRESET: the peer is gone)."""
-    if fds:
-        socket.send_fds(sock, [message.encode()], list(fds))
-    else:
-        sock.send(message.encode())
-
-
-@overload
-def receive_message(
-    sock: socket.socket, expected: tuple[type[_A]], max_size: int = MAX_MESSAGE
-) -> tuple[_A, list[int]] | None: ...
-@overload
-def receive_message(
-    sock: socket.socket, expected: tuple[type[_A], type[_B]], max_size: int = MAX_MESSAGE
-) -> tuple[_A | _B, list[int]] | None: ...
-def receive_message(
-    sock: socket.socket, expected: tuple[type[_Message], ...], max_size: int = MAX_MESSAGE
-) -> tuple[_Message, list[int]] | None:
-    """The next message on `sock`, one of `expected`, and the descriptors
-    that came with it (close-on-exec, ours to close); None at EOF.
-
-    Raises IPCError for a malformed, unexpected or truncated message (its
-    descriptors closed), OSError as recvmsg does. Not socket.recv_fds:
-    in Python 3.11 it drops its flags, and MSG_CMSG_CLOEXEC matters in a
-    process that forks (a passed descriptor must not leak into a shim).
-    """
-    data, ancillary, flags, _ = sock.recvmsg(max_size, ancillary_space(), socket.MSG_CMSG_CLOEXEC)
-    fds = ancillary_fds(ancillary, flags)
-    if not data:
-        close_all(fds)
-        return None
-    try:
-        return _from_wire(_unpack(data), expected), fds
-    except IPCError:
-        close_all(fds)
-        raise
-
-
-def fd_array(fds: Sequence[int]) -> array.array[int]:
-    """`fds` as SCM_RIGHTS ancillary data wants them (for sendmsg's callers
-    that cannot use send_message: corrald's trio sockets)."""
-    return array.array("i", fds)

@@ -21,7 +21,7 @@ from corral.client.errors import ServerError
 from corral.job import State, Status, new_job_id
 from corral.shim.cgroup import Cgroup, detect_flavour, open_cgroup, orphans
 from corral.store import read_status, write_status
-from corral.supervisor.main import build_parser
+from corral.supervisor.flags import build_parser
 from corral.worker.cgroup_parent import (
     LEGACY_PARENT,
     ParentError,

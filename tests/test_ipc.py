@@ -18,7 +18,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corral import ipc
+from corral import ipc, ipc_fds
 from corral.errors import OperationError
 from corral.job import State, Status, Usage
 from corral.protocol.errors import ErrorCode
@@ -188,8 +188,8 @@ def test_a_descriptor_passes_with_its_message_close_on_exec(
     left, right = seqpacket
     read_end, write_end = os.pipe()
     try:
-        ipc.send_message(left, ipc.Claim(job_dir="/jobs/x"), [write_end])
-        received = ipc.receive_message(right, (ipc.Claim,))
+        ipc_fds.send_message(left, ipc.Claim(job_dir="/jobs/x"), [write_end])
+        received = ipc_fds.receive_message(right, (ipc.Claim,))
         assert received is not None
         message, fds = received
         assert message == ipc.Claim(job_dir="/jobs/x")
@@ -210,12 +210,12 @@ def test_descriptors_beyond_the_ancillary_buffer_are_refused_not_dropped(
     many = [os.open("/dev/null", os.O_RDONLY) for _ in range(ipc.MAX_FDS * 4)]
     before = len(os.listdir("/proc/self/fd"))
     try:
-        ipc.send_message(left, ipc.Spawned(pid=1), many)
+        ipc_fds.send_message(left, ipc.Spawned(pid=1), many)
         with pytest.raises(ipc.IPCError, match="truncated"):
-            ipc.receive_message(right, (ipc.Spawned,))
+            ipc_fds.receive_message(right, (ipc.Spawned,))
         assert len(os.listdir("/proc/self/fd")) == before  # what did arrive was closed
     finally:
-        ipc.close_all(many)
+        ipc_fds.close_all(many)
 
 
 def test_a_malformed_message_closes_the_descriptors_that_came_with_it(
@@ -227,7 +227,7 @@ def test_a_malformed_message_closes_the_descriptors_that_came_with_it(
     try:
         socket.send_fds(left, [pack({"t": "claim", "version": 1})], [fd])
         with pytest.raises(ipc.IPCError, match="job_dir"):
-            ipc.receive_message(right, (ipc.Claim,))
+            ipc_fds.receive_message(right, (ipc.Claim,))
         assert len(os.listdir("/proc/self/fd")) == before
     finally:
         os.close(fd)
@@ -236,7 +236,7 @@ def test_a_malformed_message_closes_the_descriptors_that_came_with_it(
 def test_eof_is_none(seqpacket: tuple[socket.socket, socket.socket]) -> None:
     left, right = seqpacket
     left.shutdown(socket.SHUT_WR)
-    assert ipc.receive_message(right, (ipc.Claim,)) is None
+    assert ipc_fds.receive_message(right, (ipc.Claim,)) is None
 
 
 # -- the shim's clock -------------------------------------------------------------------

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import readline
 import shlex
 import signal
@@ -48,12 +47,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
 import trio
 
+from corral.client import line_editing
 from corral.client.client import Client, connect
 from corral.client.errors import EXIT_UNAVAILABLE, EXIT_USAGE, CorralError
 from corral.client.jobs import JobInfo
@@ -62,9 +61,6 @@ from corral.records import STREAM_STDERR, STREAM_STDOUT, Record
 from corral.units import rfc3339
 
 PROMPT = "corral> "
-HISTORY_ENV = "CORRAL_HISTORY"
-HISTORY_FILE = "~/.corral_history"
-HISTORY_LENGTH = 1000  # enough to search back through; small enough to load at once
 # A Tab that waits longer on corrald completes nothing rather than hang the terminal.
 COMPLETION_TIMEOUT = 2.0
 # How often the ending session repeats its SIGINT until input() has returned.
@@ -539,56 +535,6 @@ def _commands(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
     return []
 
 
-class _Completer:
-    """Tab: command names for the first word, our jobs' short ids after it."""
-
-    def __init__(self, session: _Session, names: list[str]) -> None:
-        self._session = session
-        self._names = sorted(names)
-        self._matches: list[str] = []
-
-    def complete(self, text: str, state: int) -> str | None:
-        if state == 0:
-            self._matches = self._candidates(text)
-        return self._matches[state] if state < len(self._matches) else None
-
-    def _candidates(self, text: str) -> list[str]:
-        before = readline.get_line_buffer()[: readline.get_begidx()].split()
-        if before in ([], ["help"]):
-            words = self._names
-        elif text.startswith("-"):
-            return []
-        else:
-            words = self._session.job_ids()
-        return [word + " " for word in words if word.startswith(text)]
-
-
-def _history_path() -> Path:
-    return Path(os.environ.get(HISTORY_ENV) or HISTORY_FILE).expanduser()
-
-
-def _set_up_readline(history: Path, completer: _Completer) -> None:
-    readline.set_history_length(HISTORY_LENGTH)
-    readline.set_completer(completer.complete)
-    readline.set_completer_delims(" \t\n")
-    readline.parse_and_bind("tab: complete")
-    try:
-        readline.read_history_file(history)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        sys.stderr.write(f"corral: cannot read history {history}: {exc.strerror}\n")
-
-
-def _save_history(path: Path) -> None:
-    try:
-        # Lines may carry secrets (--env TOKEN=...): the file is ours alone, as bash's.
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-        readline.write_history_file(path)
-    except OSError as exc:
-        sys.stderr.write(f"corral: cannot write history {path}: {exc.strerror}\n")
-
-
 def _loop(session: _Session, prompt: str) -> None:
     """Read lines and run them until exit, Ctrl+D or the end of the session."""
     while True:
@@ -625,16 +571,18 @@ def run_shell(args: argparse.Namespace, connect_args: dict[str, Any]) -> int:
         session.start()
         if session.failure is not None:
             raise session.failure
-        history = _history_path() if interactive else None
+        history = line_editing.history_path() if interactive else None
         if history is not None:
             names = [name for name, _ in _commands(build_parser()) if name != "shell"]
-            _set_up_readline(history, _Completer(session, [*names, *BUILTINS]))
+            line_editing.set_up(
+                history, line_editing.Completer(session.job_ids, [*names, *BUILTINS])
+            )
         try:
             _loop(session, prompt)
         finally:
             session.close()
             if history is not None:
-                _save_history(history)
+                line_editing.save_history(history)
     finally:
         signal.signal(signal.SIGINT, previous)
     if session.lost:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
-from corral import ipc
+from corral import ipc, ipc_fds
 from corral.job import ResolvedSpec, SpecError, State, Status, Usage
 from corral.protocol.errors import ErrorCode
 from corral.records import STREAM_STDERR, STREAM_STDOUT
@@ -539,7 +539,7 @@ def _wait_for_claim(claim: socket.socket, sandbox: Sandbox) -> tuple[Path, int]:
     """The job directory and report descriptor the spawner hands over; if
     none comes (EOF: nobody will claim this sandbox), discard it and exit."""
     try:
-        received = ipc.receive_message(claim, (ipc.Claim,))
+        received = ipc_fds.receive_message(claim, (ipc.Claim,))
     except (OSError, ipc.IPCError):
         received = None
     claim.close()
@@ -547,6 +547,6 @@ def _wait_for_claim(claim: socket.socket, sandbox: Sandbox) -> tuple[Path, int]:
         sandbox.discard()
     message, fds = received
     if len(fds) != 1:
-        ipc.close_all(fds)
+        ipc_fds.close_all(fds)
         sandbox.discard()
     return Path(message.job_dir), fds[0]

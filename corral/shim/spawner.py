@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from corral import ipc
+from corral import ipc, ipc_fds
 from corral.job import is_job_id
 from corral.shim.shim import run_shim
 
@@ -98,7 +98,7 @@ class Spawner:
         warm = self.warm.pop(job_id, None)
         if warm is not None:
             try:
-                ipc.send_message(warm.claim, ipc.Claim(job_dir=request.job_dir), [report_fd])
+                ipc_fds.send_message(warm.claim, ipc.Claim(job_dir=request.job_dir), [report_fd])
             except OSError:  # the warm shim is gone (killed): start cold
                 os.close(warm.pidfd)
             else:
@@ -192,9 +192,9 @@ def _serve_requests(control: socket.socket, spawner: Spawner) -> None:
     """Answer corrald's requests until it hangs up."""
     while True:
         try:
-            received = ipc.receive_message(control, (ipc.Prepare, ipc.Start))
+            received = ipc_fds.receive_message(control, (ipc.Prepare, ipc.Start))
         except (OSError, ipc.IPCError) as exc:  # its descriptors are closed
-            ipc.send_message(control, ipc.Refused(message=f"bad request: {exc}"))
+            ipc_fds.send_message(control, ipc.Refused(message=f"bad request: {exc}"))
             continue
         if received is None:
             return
@@ -202,7 +202,7 @@ def _serve_requests(control: socket.socket, spawner: Spawner) -> None:
         try:
             _serve(control, spawner, request, fds)
         finally:
-            ipc.close_all(fds)
+            ipc_fds.close_all(fds)
 
 
 def _serve(
@@ -213,18 +213,18 @@ def _serve(
     wanted = 0 if isinstance(request, ipc.Prepare) else 1
     if len(fds) != wanted:
         message = f"bad request {request.TAG!r} with {len(fds)} descriptors"
-        ipc.send_message(control, ipc.Refused(message=message))
+        ipc_fds.send_message(control, ipc.Refused(message=message))
         return
     try:
         if isinstance(request, ipc.Prepare):
-            ipc.send_message(control, ipc.Spawned(pid=spawner.prepare(request)))
+            ipc_fds.send_message(control, ipc.Spawned(pid=spawner.prepare(request)))
             return
         pid, pidfd = spawner.start(request, fds[0])
     except (OSError, ValueError) as exc:
-        ipc.send_message(control, ipc.Refused(message=f"cannot start a shim: {exc}"))
+        ipc_fds.send_message(control, ipc.Refused(message=f"cannot start a shim: {exc}"))
         return
     try:
-        ipc.send_message(control, ipc.Spawned(pid=pid), [pidfd])
+        ipc_fds.send_message(control, ipc.Spawned(pid=pid), [pidfd])
     finally:
         os.close(pidfd)
 

@@ -12,7 +12,6 @@ has touched no cgroup and no job. It serves until SIGINT or SIGTERM; see
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import logging
@@ -21,31 +20,30 @@ import shutil
 import signal
 import ssl
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import trio
 
 import corral
 from corral import pki
-from corral.address import Address, AddressError, TCPAddress, UnixAddress, parse_address
+from corral.address import Address, TCPAddress, UnixAddress, parse_address
 from corral.errors import OperationError
 from corral.pidlock import LockHeld, take_lock
-from corral.shim.cgroup import CgroupError, Flavour, check_component, check_host, detect_flavour
+from corral.shim.cgroup import CgroupError, Flavour, check_host, detect_flavour
 from corral.streams import CLOSE_TIMEOUT
+from corral.supervisor.flags import (
+    DEFAULT_TCP,
+    SOCKET_NAME,
+    build_parser,
+)
 from corral.supervisor.listeners import ListenError
 from corral.supervisor.policy import PolicyError, load_policy
 from corral.supervisor.server import (
-    HANDSHAKE_TIMEOUT,
-    MAX_CONNECTIONS,
-    MAX_CONNECTIONS_PER_USER,
-    MAX_REQUESTS_PER_CONNECTION,
     Server,
     ServerConfig,
 )
-from corral.supervisor.session import IDLE_TIMEOUT, IO_TIMEOUT
 from corral.tls import TLSConfigError, server_context
-from corral.units import parse_duration, parse_size
 from corral.worker.cgroup_parent import (
     ParentClaim,
     ParentError,
@@ -55,8 +53,6 @@ from corral.worker.cgroup_parent import (
 )
 from corral.worker.manager import (
     CGROUP_ROOT,
-    MAX_JOBS,
-    MAX_JOBS_PER_OWNER,
     Admission,
     JobManager,
     Retention,
@@ -66,41 +62,9 @@ from corral.worker.spawner import Spawner, SpawnerError
 
 log = logging.getLogger("corrald")
 
-DEFAULT_STATE_DIR = Path("/var/lib/corral")
-DEFAULT_TCP = "127.0.0.1:7443"
-SOCKET_NAME = "corrald.sock"
-
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: flags, state directory or PKI unusable
 EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: cannot listen
 
-EPILOG = f"""\
-With no --listen, corrald listens on {DEFAULT_TCP} and on unix:STATE/{SOCKET_NAME}.
-
-examples:
-  corrald --state-dir var --init-pki
-  corrald --state-dir /var/lib/corral --pki /etc/corral/pki \\
-          --listen 0.0.0.0:7443 --listen unix:/run/corrald.sock
-  corrald --state-dir var --default memory=512M --user-cap memory=2G \
-          --user-cap cpu=1 --user-cap max_runtime=1h
-"""
-
-
-# Each warm sandbox is an idle shim and init (about 2 MiB) and a cgroup.
-MAX_WARM = 64
-# The bounds of the count flags: far beyond any host's reach, so that only
-# a typo is refused. A connection is an fd (RLIMIT_NOFILE tops out near
-# 2**20); requests in flight are tasks of one peer; a job is a shim and an
-# init (~15 MiB): a hundred thousand is over a terabyte; a finished job is
-# a directory, kept by the million.
-MAX_CONNECTIONS_FLAG = 1 << 20
-MAX_REQUESTS_FLAG = 100_000
-MAX_JOBS_FLAG = 100_000
-MAX_KEEP_FINISHED = 10_000_000
-# The bounds of the timeout flags: a handshake is done in a second; a
-# frame that takes a day is not coming; a week idle is long enough.
-MAX_HANDSHAKE_TIMEOUT = 3600.0
-MAX_IO_TIMEOUT = 86400.0
-MAX_IDLE_TIMEOUT = 7 * 86400.0
 # Who stopped the jobs corrald stops as it shuts down, as their reason says.
 SHUTDOWN_BY = "corrald shutting down"
 LOCK_FILE = "corrald.lock"
@@ -112,271 +76,6 @@ class StartupError(Exception):
     def __init__(self, message: str, status: int = EXIT_CONFIG) -> None:
         super().__init__(message)
         self.status = status
-
-
-def _count(low: int, high: int) -> Callable[[str], int]:
-    """A flag's whole number, refused outside [low, high] with a message
-    that names the bounds."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}: {text!r}")
-        return value
-
-    return parse
-
-
-def _seconds(high: float) -> Callable[[str], float]:
-    """A flag's number of seconds, more than 0 and at most `high`."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-        if not 0 < value <= high:  # NaN fails too
-            raise argparse.ArgumentTypeError(
-                f"must be more than 0 and at most {high:g} seconds: {text!r}"
-            )
-        return value
-
-    return parse
-
-
-def _cgroup_parent(text: str) -> str:
-    try:
-        check_component("parent", text)
-    except CgroupError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def _parsed(parse: Callable[[str], float]) -> Callable[[str], float]:
-    def checked(text: str) -> float:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return checked
-
-
-def _setting(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name or not value:
-        raise argparse.ArgumentTypeError(f"expected LIMIT=VALUE (e.g. memory=2G), not {text!r}")
-    return name, value
-
-
-def _address(text: str) -> Address:
-    try:
-        return parse_address(text)
-    except AddressError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="corrald",
-        description="The corral daemon: runs isolated, limited jobs for clients over mutual TLS.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"corrald {corral.__version__}")
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=DEFAULT_STATE_DIR,
-        metavar="DIR",
-        help=f"where jobs live (default {DEFAULT_STATE_DIR})",
-    )
-    parser.add_argument(
-        "--pki",
-        type=Path,
-        metavar="DIR",
-        help="directory with ca.crt, server.crt and server.key (default STATE/pki)",
-    )
-    parser.add_argument(
-        "--init-pki",
-        action="store_true",
-        help="create a development PKI in the --pki directory if it has none",
-    )
-    parser.add_argument(
-        "--server-name",
-        action="append",
-        default=[],
-        metavar="NAME",
-        dest="server_names",
-        help="extra name for the server certificate --init-pki creates (repeatable)",
-    )
-    parser.add_argument(
-        "--listen",
-        action="append",
-        type=_address,
-        metavar="ADDR",
-        help="HOST:PORT, [IPV6]:PORT or unix:PATH to listen on (repeatable)",
-    )
-    parser.add_argument(
-        "--handshake-timeout",
-        type=_seconds(MAX_HANDSHAKE_TIMEOUT),
-        default=HANDSHAKE_TIMEOUT,
-        metavar="SECONDS",
-        help="drop peers that have not finished TLS and hello by then "
-        f"(default {HANDSHAKE_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=_count(1, MAX_CONNECTIONS_FLAG),
-        default=MAX_CONNECTIONS,
-        metavar="N",
-        help=f"connections served at once; more are refused (default {MAX_CONNECTIONS})",
-    )
-    parser.add_argument(
-        "--max-requests",
-        type=_count(1, MAX_REQUESTS_FLAG),
-        default=MAX_REQUESTS_PER_CONNECTION,
-        metavar="N",
-        help=f"requests in flight per connection (default {MAX_REQUESTS_PER_CONNECTION})",
-    )
-    parser.add_argument(
-        "--max-connections-per-user",
-        type=_count(1, MAX_CONNECTIONS_FLAG),
-        default=MAX_CONNECTIONS_PER_USER,
-        metavar="N",
-        help=f"connections one identity may have at once (default {MAX_CONNECTIONS_PER_USER})",
-    )
-    parser.add_argument(
-        "--io-timeout",
-        type=_seconds(MAX_IO_TIMEOUT),
-        default=IO_TIMEOUT,
-        metavar="SECONDS",
-        help="drop a peer that takes longer to send a whole frame, or to take a reply "
-        f"(default {IO_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--idle-timeout",
-        type=_seconds(MAX_IDLE_TIMEOUT),
-        default=IDLE_TIMEOUT,
-        metavar="SECONDS",
-        help="close a session with no request in flight that sends nothing for this long "
-        f"(default {IDLE_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--max-jobs",
-        type=_count(1, MAX_JOBS_FLAG),
-        default=MAX_JOBS,
-        metavar="N",
-        help=f"jobs starting or running at once; more starts are refused (default {MAX_JOBS})",
-    )
-    parser.add_argument(
-        "--max-jobs-per-user",
-        type=_count(1, MAX_JOBS_FLAG),
-        default=MAX_JOBS_PER_OWNER,
-        metavar="N",
-        help=f"the same, for each user's own jobs (default {MAX_JOBS_PER_OWNER})",
-    )
-    parser.add_argument(
-        "--cgroup-parent",
-        type=_cgroup_parent,
-        metavar="NAME",
-        help="cgroup under which jobs get theirs (default: the one the state directory "
-        "recorded on an earlier run, else corral-HASH, HASH being 8 hex digits of a hash "
-        "of the state directory's path); corrald claims it: two may not share one",
-    )
-    parser.add_argument(
-        "--warm",
-        type=_count(0, MAX_WARM),
-        default=1,
-        metavar="N",
-        help="sandboxes kept built ahead of the next starts, for fast starts (default 1; "
-        "0: every start builds its own)",
-    )
-    policy = parser.add_argument_group(
-        "job policy",
-        "Limits: cpu (cores), memory, io_read_bps, io_write_bps (bytes, K/M/G), "
-        "io_read_iops, io_write_iops, pids, max_runtime (30s, 5m, 1h). "
-        "These flags override --config.",
-    )
-    policy.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help="a TOML file with default_user, [defaults] and [caps.user] / [caps.admin] "
-        "(see docs/DESIGN.md)",
-    )
-    policy.add_argument(
-        "--default-user",
-        metavar="USER",
-        help="the user jobs run as unless an admin chooses (default nobody)",
-    )
-    policy.add_argument(
-        "--default",
-        action="append",
-        type=_setting,
-        default=[],
-        metavar="LIMIT=VALUE",
-        dest="defaults",
-        help="a limit every job gets unless its start sets one (repeatable)",
-    )
-    for role in pki.ROLES:
-        policy.add_argument(
-            f"--{role}-writable",
-            action="append",
-            default=[],
-            metavar="PATH",
-            dest=f"{role}_writable",
-            help=f"a {role}'s jobs may be given writable paths at or under PATH (repeatable; "
-            + ("default /)" if role == "admin" else "default none)"),
-        )
-        policy.add_argument(
-            f"--{role}-cap",
-            action="append",
-            type=_setting,
-            default=[],
-            metavar="LIMIT=VALUE",
-            dest=f"{role}_caps",
-            help=f"the most a {role}'s job may ask for (repeatable)",
-        )
-    retention = parser.add_argument_group(
-        "retention",
-        "Finished jobs (their status and output) are kept until removed, or beyond "
-        "these bounds: the oldest finished jobs first, never a running one.",
-    )
-    retention.add_argument(
-        "--keep-finished",
-        type=_count(0, MAX_KEEP_FINISHED),
-        metavar="N",
-        help="keep at most N finished jobs",
-    )
-    retention.add_argument(
-        "--keep-for",
-        type=_parsed(parse_duration),
-        metavar="DURATION",
-        help="remove finished jobs this long after they ended (e.g. 7d, 12h)",
-    )
-    retention.add_argument(
-        "--keep-log-size",
-        type=_parsed(parse_size),
-        metavar="SIZE",
-        help="keep finished jobs' output.log files to this much in total (e.g. 10G)",
-    )
-    parser.add_argument(
-        "--keep-jobs",
-        action="store_true",
-        help="on shutdown, leave running jobs running for the next corrald (an upgrade); "
-        "by default they are stopped, each with its grace",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="how much to log to stderr (default info)",
-    )
-    return parser
 
 
 def _prepare_state_dir(state_dir: Path) -> Path:

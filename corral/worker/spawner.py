@@ -9,7 +9,7 @@ import sys
 
 import trio
 
-from corral import ipc
+from corral import ipc, ipc_fds
 
 # A reply is a pid or a sentence: small.
 MAX_REPLY = 4096
@@ -68,7 +68,7 @@ class Spawner:
         """Have a sandbox built for job `request.id` ahead of its start;
         return the warm shim's pid. SpawnerError if the spawner refused or is gone."""
         reply, fds = await self._exchange(request, None)
-        ipc.close_all(fds)  # a Prepare is answered with none
+        ipc_fds.close_all(fds)  # a Prepare is answered with none
         return reply.pid
 
     async def spawn(self, request: ipc.Start, report_fd: int) -> tuple[int, int]:
@@ -77,7 +77,7 @@ class Spawner:
         refused, sent no pidfd, or is gone."""
         reply, fds = await self._exchange(request, report_fd)
         if len(fds) != 1:
-            ipc.close_all(fds)
+            ipc_fds.close_all(fds)
             raise SpawnerError("the spawner sent no pidfd")
         return reply.pid, fds[0]
 
@@ -92,7 +92,7 @@ class Spawner:
             self._lock = trio.Lock()
         assert self._lock is not None
         fds = [] if fd is None else [fd]
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, ipc.fd_array(fds))] if fds else []
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, ipc_fds.fd_array(fds))] if fds else []
         # One request, one reply, never torn apart: a cancel between them
         # would leave this reply for the next caller, who would then watch
         # another job's shim. The spawner answers in milliseconds.
@@ -101,26 +101,26 @@ class Spawner:
                 with trio.CancelScope(shield=True):
                     await self._trio_sock.sendmsg([request.encode()], ancillary)
                     data, received, flags, _ = await self._trio_sock.recvmsg(
-                        MAX_REPLY, ipc.ancillary_space(1), socket.MSG_CMSG_CLOEXEC
+                        MAX_REPLY, ipc_fds.ancillary_space(1), socket.MSG_CMSG_CLOEXEC
                     )
             except OSError as exc:
                 raise SpawnerError(f"the spawner is gone: {exc.strerror or exc}") from exc
             except trio.ClosedResourceError:  # it died, and its supervisor closed our end
                 raise SpawnerError("the spawner is gone") from None
         try:
-            got = ipc.ancillary_fds(received, flags)
+            got = ipc_fds.ancillary_fds(received, flags)
         except ipc.IPCError as exc:
             raise SpawnerError(f"the spawner's reply was cut short: {exc}") from None
         if not data:
-            ipc.close_all(got)
+            ipc_fds.close_all(got)
             raise SpawnerError("the spawner is gone (it closed its socket)")
         try:
             reply = ipc.decode(data, (ipc.Spawned, ipc.Refused))
         except ipc.IPCError as exc:
-            ipc.close_all(got)
+            ipc_fds.close_all(got)
             raise SpawnerError(f"the spawner answered nonsense: {exc}") from None
         if isinstance(reply, ipc.Refused):
-            ipc.close_all(got)
+            ipc_fds.close_all(got)
             raise SpawnerError(reply.message)
         return reply, got
 
