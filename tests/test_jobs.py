@@ -32,6 +32,7 @@ from corral.shim import libc
 from corral.shim.cgroup import CgroupError, Flavour, detect_flavour, open_cgroup, orphans
 from corral.store import OUTPUT_FILE
 from corral.supervisor.heartbeat import live_tasks
+from corral.worker import spawner_pool
 from corral.worker.manager import Admission, Job, JobManager, open_job_manager
 from corral.worker.sandboxes import SandboxRecords
 
@@ -700,6 +701,10 @@ async def test_a_cancelled_start_leaves_the_next_job_alone(jobs: JobManager) -> 
 
 # -- warm sandboxes -------------------------------------------------------------------
 
+# A sandbox is built in milliseconds here; a fresh spawner's first one takes
+# seconds in the cgroup v2 VM (software emulation, 15-40x slower).
+SANDBOX_READY = 60.0
+
 
 def sandbox_init(job_id: str) -> int | None:
     """The pid of the init waiting in the sandbox built for `job_id`, once it is in its cgroup."""
@@ -717,7 +722,7 @@ def parent_of(pid: int) -> int:
 @pytest.mark.cgroup
 async def test_a_start_takes_the_sandbox_built_ahead_for_it(tmp_path: Path) -> None:
     async with open_job_manager(tmp_path / "state", cgroup_parent=PARENT, warm=1) as jobs:
-        await until(lambda: jobs.warm_ids and sandbox_init(jobs.warm_ids[0]))
+        await until(lambda: jobs.warm_ids and sandbox_init(jobs.warm_ids[0]), SANDBOX_READY)
         ahead = jobs.warm_ids[0]
         init = sandbox_init(ahead)
         assert SandboxRecords(jobs.state_dir).recorded() == [ahead]  # recorded: ours to sweep
@@ -725,7 +730,7 @@ async def test_a_start_takes_the_sandbox_built_ahead_for_it(tmp_path: Path) -> N
         assert (job.id, job.status.pid) == (ahead, init)
         assert ahead not in SandboxRecords(jobs.state_dir).recorded()  # a job's now
         # The next one is being built already, for another id.
-        await until(lambda: jobs.warm_ids and jobs.warm_ids[0] != ahead)
+        await until(lambda: jobs.warm_ids and jobs.warm_ids[0] != ahead, SANDBOX_READY)
         await jobs.stop(job.id, grace=0)
     assert orphans(FLAVOUR, parent=PARENT) == [], "a sandbox outlived its manager"
 
@@ -733,7 +738,7 @@ async def test_a_start_takes_the_sandbox_built_ahead_for_it(tmp_path: Path) -> N
 @pytest.mark.cgroup
 async def test_a_dead_warm_shim_means_a_cold_start_with_the_same_id(tmp_path: Path) -> None:
     async with open_job_manager(tmp_path / "state", cgroup_parent=PARENT, warm=1) as jobs:
-        await until(lambda: jobs.warm_ids and sandbox_init(jobs.warm_ids[0]))
+        await until(lambda: jobs.warm_ids and sandbox_init(jobs.warm_ids[0]), SANDBOX_READY)
         ahead = jobs.warm_ids[0]
         init = sandbox_init(ahead)
         assert init is not None
@@ -895,7 +900,7 @@ async def test_jobs_adopted_at_a_restart_count_against_the_caps(tmp_path: Path) 
 async def test_a_dead_spawner_is_replaced_and_running_jobs_never_notice(tmp_path: Path) -> None:
     async with open_job_manager(tmp_path / "state", cgroup_parent=PARENT, warm=1) as jobs:
         runner = await jobs.start(JobSpec(argv=["sh", "-c", "echo before; exec sleep 1000"]))
-        await until(lambda: jobs.warm_ids and sandbox_init(jobs.warm_ids[0]))
+        await until(lambda: jobs.warm_ids and sandbox_init(jobs.warm_ids[0]), SANDBOX_READY)
         ahead = jobs.warm_ids[0]
         first = jobs.spawner_pid
         assert first is not None
@@ -909,9 +914,29 @@ async def test_a_dead_spawner_is_replaced_and_running_jobs_never_notice(tmp_path
         assert (await jobs.status(runner.id))[1].state is State.RUNNING
         job = await jobs.start(JobSpec(argv=["sh", "-c", "exit 5"]))
         assert (await jobs.wait(job.id)).exit_code == 5
-        await until(lambda: jobs.warm_ids and jobs.warm_ids[0] != ahead)
+        await until(lambda: jobs.warm_ids and jobs.warm_ids[0] != ahead, SANDBOX_READY)
         assert output(runner.directory) == b"before\n"
         assert (await jobs.stop(runner.id, grace=0)).signal == "SIGKILL"
+    assert orphans(FLAVOUR, parent=PARENT) == []
+
+
+async def test_a_hung_spawner_fails_the_start_within_its_deadline_and_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spawner_pool, "SPAWN_TIMEOUT", 0.5)
+    async with open_job_manager(tmp_path / "state", cgroup_parent=PARENT, warm=0) as jobs:
+        hung = jobs.spawner_pid
+        assert hung is not None
+        os.kill(hung, signal.SIGSTOP)  # alive, and answering nobody
+        with trio.fail_after(20), pytest.raises(OperationError) as caught:
+            await jobs.start(JobSpec(argv=["true"]))
+        assert caught.value.code is ErrorCode.UNAVAILABLE
+        assert "did not answer in 0.5 s" in str(caught.value)
+        failed = jobs.resolve(caught.value.details["job"])
+        assert failed.status.state is State.FAILED
+        await until(lambda: jobs.spawner_pid not in (None, hung))  # killed, replaced
+        job = await jobs.start(JobSpec(argv=["sh", "-c", "exit 4"]))
+        assert (await jobs.wait(job.id)).exit_code == 4
     assert orphans(FLAVOUR, parent=PARENT) == []
 
 

@@ -47,9 +47,10 @@ SPAWNER_STEADY = 10.0
 SPAWNER_BACKOFF = 0.05
 SPAWNER_BACKOFF_MAX = 30.0
 # The spawner answers in milliseconds (a fork); a queue of a thousand
-# starts behind one lock still clears in seconds. This only catches a
-# spawner that hangs.
-SPAWN_TIMEOUT = 10.0
+# starts behind one lock still clears in seconds, and a fresh spawner's
+# first answer (its interpreter starting) takes seconds on a slow or
+# emulated host. This only catches a spawner that hangs.
+SPAWN_TIMEOUT = 30.0
 
 T = TypeVar("T")
 
@@ -266,21 +267,25 @@ class SpawnerPool:
             )
             spawner.process.kill()  # a no-op once it has been reaped
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(kill_when_late)
-                try:
-                    result = await exchange()
-                finally:
-                    nursery.cancel_scope.cancel()
-        except SpawnerError as exc:
-            if killed:
-                raise SpawnTimeout(
-                    f"the spawner did not answer in {SPAWN_TIMEOUT:g} s; "
-                    "it was killed, and a new one is starting"
-                ) from exc
-            raise
-        return result
+        # The failure is caught inside the nursery: raised out of it, it
+        # would come wrapped in an exception group.
+        failure: SpawnerError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_when_late)
+            try:
+                result = await exchange()
+            except SpawnerError as exc:
+                failure = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if failure is None:
+            return result
+        if killed:
+            raise SpawnTimeout(
+                f"the spawner did not answer in {SPAWN_TIMEOUT:g} s; "
+                "it was killed, and a new one is starting"
+            ) from failure
+        raise failure
 
 
 __all__ = ["SPAWN_TIMEOUT", "SpawnTimeout", "SpawnerPool"]
