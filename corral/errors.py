@@ -1,5 +1,6 @@
-"""The one error an operation fails with: a code from the wire's vocabulary,
-a sentence a person can act on, and details a program can act on.
+"""The error codes of the wire, and the one error an operation fails with:
+a code from the wire's vocabulary, a sentence a person can act on, and
+details a program can act on.
 
 Raised wherever the failure is known (a spec's validation, the policy, the
 job manager) and turned into the wire's `Error` once, by the session that
@@ -8,10 +9,23 @@ answers the request: nothing in between re-wraps it.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from typing import Any
 
-from corral.protocol.errors import ErrorCode
+
+class ErrorCode(enum.StrEnum):
+    """Stable error codes, in gRPC's vocabulary, that a peer may act on."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    PERMISSION_DENIED = "permission_denied"
+    FAILED_PRECONDITION = "failed_precondition"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    UNAVAILABLE = "unavailable"
+    UNIMPLEMENTED = "unimplemented"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
 
 
 class OperationError(Exception):

@@ -33,8 +33,8 @@ from typing import Any, ClassVar, TypeVar, overload
 
 import msgpack
 
+from corral.errors import ErrorCode
 from corral.job import Status
-from corral.protocol.errors import ErrorCode
 from corral.store import pack
 
 # The process name a shim takes (prctl PR_SET_NAME): a restarted corrald

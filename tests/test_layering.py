@@ -29,7 +29,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "corral.ipc_fds": ("trio", "corral.supervisor", "corral.worker", "corral.client"),
 }  # fmt: skip
 # Modules that may import nothing but the standard library.
-STANDARD_LIBRARY_ONLY = ("corral.units", "corral.pidlock")
+STANDARD_LIBRARY_ONLY = ("corral.units", "corral.pidlock", "corral.errors")
 
 
 def module_name(path: Path) -> str:

@@ -1,22 +1,12 @@
-"""The protocol's error types and the error codes carried on the wire."""
+"""The protocol's error types, and the error codes carried on the wire
+(defined in `corral.errors`, so that corral's processes share them without
+importing the protocol)."""
 
 from __future__ import annotations
 
-import enum
+from corral.errors import ErrorCode
 
-
-class ErrorCode(enum.StrEnum):
-    """Stable error codes, in gRPC's vocabulary, that a peer may act on."""
-
-    INVALID_ARGUMENT = "invalid_argument"
-    NOT_FOUND = "not_found"
-    PERMISSION_DENIED = "permission_denied"
-    FAILED_PRECONDITION = "failed_precondition"
-    RESOURCE_EXHAUSTED = "resource_exhausted"
-    UNAVAILABLE = "unavailable"
-    UNIMPLEMENTED = "unimplemented"
-    CANCELLED = "cancelled"
-    INTERNAL = "internal"
+__all__ = ["ErrorCode", "LocalProtocolError", "ProtocolError", "RemoteProtocolError", "shorten"]
 
 
 class ProtocolError(Exception):

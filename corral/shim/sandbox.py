@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from corral import ipc
+from corral.errors import ErrorCode
 from corral.job import SHORT_ID
-from corral.protocol.errors import ErrorCode
 from corral.shim import libc
 from corral.shim.cgroup import Cgroup, CgroupError, Flavour, open_cgroup
 from corral.shim.init import INIT_SIGNALS, InitConfig, run_init

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from corral import ipc, ipc_fds
+from corral.errors import ErrorCode
 from corral.job import ResolvedSpec, SpecError, State, Status, Usage
-from corral.protocol.errors import ErrorCode
 from corral.records import STREAM_STDERR, STREAM_STDOUT
 from corral.shim import libc
 from corral.shim.cgroup import CgroupError
