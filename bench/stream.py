@@ -100,6 +100,9 @@ def corrald(max_connections: int) -> Iterator[Daemon]:
         daemon = subprocess.Popen(
             [*CORRALD, "--state-dir", str(state), "--init-pki", "--listen", "127.0.0.1:0",
              "--log-level", "warning", "--max-connections", str(max_connections),
+             # Every follower is the bench's one identity: the per-user cap
+             # (256 by default) would refuse the idle-follower run.
+             "--max-connections-per-user", str(max_connections),
              "--cgroup-parent", PARENT],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
