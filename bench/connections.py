@@ -106,7 +106,9 @@ def main() -> None:
         state = Path(directory)
         daemon = subprocess.Popen(
             [*CORRALD, "--state-dir", str(state), "--init-pki", "--listen", "127.0.0.1:0",
-             "--log-level", "warning", "--max-connections", str(args.connections + 16)],
+             "--log-level", "warning", "--max-connections", str(args.connections + 16),
+             # All of them are the bench's one identity (the cap is 256 by default).
+             "--max-connections-per-user", str(args.connections + 16)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
