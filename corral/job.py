@@ -42,6 +42,7 @@ MIN_PIDS = 2  # init counts (it is in the job's cgroup), and the command
 MAX_PIDS = 4_194_304  # the kernel's pid_max ceiling
 MAX_RUNTIME = 10 * 365 * 86400.0
 MIN_RUNTIME = 0.001  # 1 ms: shorter is no runtime at all
+DEFAULT_STOP_GRACE = 10.0  # seconds from SIGTERM to SIGKILL unless a stop says otherwise
 MAX_STOP_GRACE = 3600.0  # seconds; an hour to shut down is already generous
 # A job's record (argv and writable paths with the rest) goes whole in one
 # wire frame of 1 MiB; a start request carries argv and env together.
@@ -241,7 +242,7 @@ class JobSpec:
     limits: Limits = field(default_factory=Limits)
     max_runtime: float | None = None  # seconds; then it is stopped
     owner: str = ""
-    stop_grace: float = 10.0  # seconds between SIGTERM and SIGKILL at max runtime
+    stop_grace: float = DEFAULT_STOP_GRACE  # between SIGTERM and SIGKILL at max runtime
     log_limit: int = DEFAULT_LOG_LIMIT  # bytes of output.log
     tmp_size: int = DEFAULT_TMP_SIZE  # bytes of the private /tmp
     # Host paths the job may write (file permissions still apply); the rest

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from corral.errors import OperationError
-from corral.job import JobSpec, Limits, Status, check_grace
+from corral.job import DEFAULT_STOP_GRACE, JobSpec, Limits, Status, check_grace
 from corral.protocol import ErrorCode
 from corral.store import OUTPUT_FILE, pack
 from corral.supervisor.policy import Policy, authorize, owner_filter
@@ -24,9 +24,6 @@ from corral.supervisor.session import Handler, RequestContext, StreamEnd
 from corral.units import describe
 from corral.worker.manager import Job, JobManager
 from corral.worker.output import CHUNK, misplaced_offset
-
-DEFAULT_GRACE = 10.0
-
 
 # Bytes of job records in one `list` reply; with the largest record a spec
 # allows (see corral.job) added on, it is still well within a frame.
@@ -134,7 +131,7 @@ class JobOperations:
     async def stop(self, context: RequestContext) -> dict[str, Any]:
         args = context.request.args
         job = self._visible(context)
-        grace = check_grace(args.get("grace", DEFAULT_GRACE))  # before anything else
+        grace = check_grace(args.get("grace", DEFAULT_STOP_GRACE))  # before anything else
         # Stopping a job that has ended is done already, as `docker stop`
         # has it: the reply says so, with how it ended.
         if job.done.is_set():

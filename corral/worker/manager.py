@@ -44,6 +44,7 @@ import trio
 from corral import ipc
 from corral.errors import OperationError
 from corral.job import (
+    DEFAULT_STOP_GRACE,
     JobSpec,
     Limits,
     State,
@@ -417,7 +418,7 @@ class JobManager:
 
     # -- its end -----------------------------------------------------------------------
 
-    async def stop(self, job_id: str, grace: float = 10.0, *, by: str = "") -> Status:
+    async def stop(self, job_id: str, grace: float = DEFAULT_STOP_GRACE, *, by: str = "") -> Status:
         """Stop the job: SIGTERM, then after `grace` seconds SIGKILL to all of it.
 
         Returns the final status once the job has ended. Stopping a job that
