@@ -42,11 +42,15 @@ from corral.store import pack
 SHIM_COMM = "corral-shim"
 
 # Bumped whenever a message changes shape or meaning. 1: the first
-# versioned set (the unversioned dicts before it count as 0).
-IPC_VERSION = 1
+# versioned set (the unversioned dicts before it count as 0). 2: input
+# (JobConfig's stdin and terminal, the input channel, attach and resize:
+# corral.ipc_input).
+IPC_VERSION = 2
 # The versions of a shim's control channel this corrald can talk to. A
-# shim started by an older corrald keeps running under a newer one.
-SHIM_VERSIONS = frozenset({IPC_VERSION})
+# shim started by an older corrald keeps running under a newer one: a
+# version 1 shim answers status and stop as version 2 asks them (its jobs
+# take no input, so nothing else is asked of it).
+SHIM_VERSIONS = frozenset({1, IPC_VERSION})
 # A shim from before versioned messages answers a Hello with an untagged map.
 UNVERSIONED = 0
 
@@ -117,6 +121,14 @@ def _list(wire: dict[str, Any], name: str, kind: type[_T], tag: str) -> tuple[_T
     return tuple(items)
 
 
+def _size(wire: dict[str, Any], name: str, tag: str) -> tuple[int, int]:
+    """A terminal size, [columns, rows], each at least 1."""
+    value = _list(wire, name, int, tag)
+    if len(value) != 2 or min(value) < 1:
+        raise IPCError(f"field '{name}' of '{tag}' must be [columns, rows]")
+    return value[0], value[1]
+
+
 def _version(wire: dict[str, Any], tag: str) -> int:
     """The message's version, checked before any other field is read."""
     version = _count(wire, "version", tag)
@@ -167,6 +179,11 @@ class _Message:
     def encode(self) -> bytes:
         """The message as bytes, ready to send."""
         return pack(self.to_wire())
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> _Message:
+        """The message `wire` stands for; IPCError if it is not one."""
+        raise NotImplementedError
 
 
 # -- corrald <-> spawner ---------------------------------------------------------------
@@ -289,6 +306,11 @@ class JobConfig(_Message):
     groups: tuple[int, ...]
     tmp_size: int
     writable: tuple[bytes, ...] = ()
+    # The job's input (see corral.job.JobSpec): a pipe for stdin, or a
+    # terminal of `tty_size` (columns, rows); init sends the shim its end.
+    stdin: bool = False
+    tty: bool = False
+    tty_size: tuple[int, int] = (80, 24)
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> JobConfig:
@@ -311,6 +333,9 @@ class JobConfig(_Message):
             groups=_list(wire, "groups", int, tag),
             tmp_size=_count(wire, "tmp_size", tag),
             writable=_list(wire, "writable", bytes, tag),
+            stdin=_get(wire, "stdin", bool, tag),
+            tty=_get(wire, "tty", bool, tag),
+            tty_size=_size(wire, "tty_size", tag),
         )
 
     def frame(self) -> bytes:
@@ -522,7 +547,7 @@ _B = TypeVar("_B", bound=_Message)
 _C = TypeVar("_C", bound=_Message)
 
 
-def _from_wire(wire: object, expected: tuple[type[_Message], ...]) -> Message:
+def _from_wire(wire: object, expected: tuple[type[_Message], ...]) -> _Message:
     """The message the decoded map `wire` stands for, which must be one of
     `expected`; IPCError (VersionError for a version we do not know) if not."""
     if not isinstance(wire, dict):
@@ -530,7 +555,9 @@ def _from_wire(wire: object, expected: tuple[type[_Message], ...]) -> Message:
     tag = wire.get("t")
     if not isinstance(tag, str):
         raise IPCError("message lacks a string type field 't'")
-    cls = MESSAGES.get(tag)
+    # By the expected types first: corral.ipc_input's are not in MESSAGES.
+    cls: type[_Message] | None = next((kind for kind in expected if tag == kind.TAG), None)
+    cls = cls or MESSAGES.get(tag)
     if cls is None:
         raise IPCError(f"unknown message type {tag[:40]!r}")
     if cls not in expected:
@@ -559,7 +586,7 @@ def decode(data: bytes, expected: tuple[type[_Message], ...]) -> _Message:
     return _from_wire(_unpack(data), expected)
 
 
-def decode_any(data: bytes, expected: tuple[type[MessageBase], ...]) -> Message:
+def decode_any(data: bytes, expected: tuple[type[MessageBase], ...]) -> MessageBase:
     """`decode` for callers that pass their own tuple of expected types."""
     return _from_wire(_unpack(data), expected)
 

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import TypeVar, overload
 
-from corral.ipc import MAX_FDS, MAX_MESSAGE, IPCError, Message, MessageBase, decode_any
+from corral.ipc import MAX_FDS, MAX_MESSAGE, IPCError, MessageBase, decode_any
 
 _A = TypeVar("_A", bound=MessageBase)
 _B = TypeVar("_B", bound=MessageBase)
@@ -57,12 +57,15 @@ def ancillary_space(count: int = MAX_FDS) -> int:
     return socket.CMSG_SPACE(count * array.array("i").itemsize)
 
 
-def send_message(sock: socket.socket, message: Message, fds: Sequence[int] = ()) -> None:
+def send_message(sock: socket.socket, message: MessageBase, fds: Sequence[int] = ()) -> None:
     """Send `message` as one datagram, with `fds` passed along (SCM_RIGHTS).
 
-    Raises OSError as sendmsg does (EPIPE, ECONNRESET: the peer is gone)."""
+    Raises OSError as sendmsg does (EPIPE, ECONNRESET: the peer is gone).
+    Not socket.send_fds: it imports a module as it runs, and init calls
+    this inside the jail, where nothing may be imported (GOTCHAS)."""
     if fds:
-        socket.send_fds(sock, [message.encode()], list(fds))
+        rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_array(fds))
+        sock.sendmsg([message.encode()], [rights])
     else:
         sock.send(message.encode())
 

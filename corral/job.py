@@ -54,6 +54,11 @@ MIN_TMP_SIZE = 1 << 20  # the private /tmp: room for a few files, not a typo in 
 DEFAULT_LOG_LIMIT = 1 << 30  # 1 GiB of output.log per job
 DEFAULT_TMP_SIZE = 64 << 20  # the job's private /tmp
 MAX_WRITABLE = 64  # paths a job may be given to write (each a bind mount)
+# A terminal's size, columns by rows: what a job gets when its client has no
+# terminal to measure, and the most either side may be (a winsize field is
+# 16 bits; 4096 is beyond any screen and still catches a typo or garbage).
+DEFAULT_TTY_SIZE = (80, 24)
+MAX_TTY_SIDE = 4096
 
 
 class SpecError(OperationError, ValueError):
@@ -203,6 +208,24 @@ def default_env() -> dict[bytes, bytes]:
     return {b"PATH": DEFAULT_PATH, b"HOME": b"/", b"LANG": b"C.UTF-8", b"TERM": b"dumb"}
 
 
+def check_tty_size(value: object, name: str = "tty_size") -> tuple[int, int]:
+    """A terminal size as [columns, rows], each 1..MAX_TTY_SIDE; SpecError if not."""
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str | bytes)
+        or len(value) != 2
+        or not all(isinstance(side, int) and not isinstance(side, bool) for side in value)
+    ):
+        raise SpecError(name, f"must be [columns, rows], not {describe(value)}")
+    columns, rows = value
+    if not (1 <= columns <= MAX_TTY_SIDE and 1 <= rows <= MAX_TTY_SIDE):
+        raise SpecError(
+            name,
+            f"must be between 1 and {MAX_TTY_SIDE} columns and rows, not {columns}x{rows}",
+        )
+    return columns, rows
+
+
 def writable_paths(value: object) -> tuple[bytes, ...]:
     """Writable paths as a job is given them: absolute, normalized (no `..`,
     no `//`), each once; SpecError naming the one that is wrong. The one
@@ -248,6 +271,12 @@ class JobSpec:
     # Host paths the job may write (file permissions still apply); the rest
     # of the host is read-only to it. b"/" makes all of it writable.
     writable: Sequence[bytes | str] = ()
+    # Input: with `stdin`, the job's stdin is a pipe whose write end its shim
+    # holds for input (else /dev/null); with `tty`, stdin, stdout and stderr
+    # are a terminal of the job's own, `tty_size` columns by rows at first.
+    stdin: bool = False
+    tty: bool = False
+    tty_size: Sequence[int] = DEFAULT_TTY_SIZE
 
     def validate(self) -> ResolvedSpec:
         """Check every field and return the spec in its on-disk form."""
@@ -275,6 +304,9 @@ class JobSpec:
         if not isinstance(self.limits, Limits):
             raise SpecError("limits", f"must be a Limits record, not {describe(self.limits)}")
         writable = self._writable()
+        for name in ("stdin", "tty"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(name, f"must be true or false, not {describe(getattr(self, name))}")
         return ResolvedSpec(
             argv=argv,
             env=env,
@@ -287,6 +319,9 @@ class JobSpec:
             log_limit=self.log_limit,
             tmp_size=self.tmp_size,
             writable=writable,
+            stdin=self.stdin,
+            tty=self.tty,
+            tty_size=check_tty_size(self.tty_size),
         )
 
     def _writable(self) -> tuple[bytes, ...]:
@@ -346,6 +381,9 @@ class ResolvedSpec:
     log_limit: int
     tmp_size: int
     writable: tuple[bytes, ...] = ()
+    stdin: bool = False
+    tty: bool = False
+    tty_size: tuple[int, int] = DEFAULT_TTY_SIZE
     id: str = ""
     created_at: int = 0  # ns since the epoch
 
@@ -353,6 +391,7 @@ class ResolvedSpec:
         wire = asdict(self)
         wire["argv"] = list(self.argv)
         wire["writable"] = list(self.writable)
+        wire["tty_size"] = list(self.tty_size)
         wire["limits"] = self.limits.to_wire()
         return wire
 
@@ -361,6 +400,7 @@ class ResolvedSpec:
         values = dict(wire)
         values["argv"] = tuple(values["argv"])
         values["writable"] = tuple(values.get("writable", ()))
+        values["tty_size"] = tuple(values.get("tty_size", DEFAULT_TTY_SIZE))
         values["limits"] = Limits(**values.get("limits", {}))
         return cls(**values)
 

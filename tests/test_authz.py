@@ -63,16 +63,29 @@ async def read_logs(client: Client, job_id: str) -> None:
             pass
 
 
+async def attach(client: Client, job_id: str) -> None:
+    async with client.attach(job_id) as attached:
+        async for _ in attached.chunks():
+            pass
+
+
 OPERATIONS: dict[str, Callable[[Client, str], Awaitable[object]]] = {
     "status": lambda client, job_id: client.status(job_id),
     "wait": lambda client, job_id: client.wait(job_id),
     "logs": read_logs,
     "stop": lambda client, job_id: client.stop(job_id, grace=0),
     "remove": lambda client, job_id: client.remove(job_id),
+    "attach": attach,
+    "resize": lambda client, job_id: client.resize(job_id, 80, 24),
 }
 # What an allowed call answers for a job that has ended: all succeed (a
-# stop of an ended job is stopped already, as `docker stop` has it).
-ALLOWED = dict.fromkeys(OPERATIONS, "ok")
+# stop of an ended job is stopped already, as `docker stop` has it) but
+# what needs a running job.
+ALLOWED = dict.fromkeys(OPERATIONS, "ok") | {
+    "attach": "failed_precondition: job {id} has ended (exited with code 0); "
+    "`corral logs {id}` shows its output",
+    "resize": "failed_precondition: job {id} has no terminal: it was started without -t",
+}
 
 
 @pytest.mark.parametrize("operation", sorted(OPERATIONS))

@@ -217,3 +217,12 @@ def test_the_readmes_python_runs_as_written(corrald: Daemon, pki_dir: Path) -> N
     )
     assert result.returncode == 0, result.stderr
     assert "exited" in result.stdout
+
+
+@pytest.mark.jobs
+@NEEDS_ROOT
+def test_tarball_example_feeds_a_job_its_stdin(corrald: Daemon, pki_dir: Path) -> None:
+    out = run_example(EXAMPLES_DIR / "tarball.py", corrald.tcp, identity(pki_dir, "admin"))
+    assert "then EOF" in out
+    assert "built: 9" in out
+    assert "count.txt" in out  # what the build left in the job's /tmp/src

@@ -47,6 +47,7 @@ from corral.protocol import (
     Credit,
     Data,
     End,
+    Eof,
     Error,
     ErrorCode,
     Hello,
@@ -373,8 +374,12 @@ CASES: dict[str, Case] = {
         packed({"t": "err", "id": 1, "code": "internal", "message": "m"}),
         r"a client may not send Error",
     ),
-    "data from the client": Case(
-        packed({"t": "data", "id": 1, "offset": 0, "data": b""}), r"a client may not send Data"
+    # Input is Data from the client, within the credit corrald grants: none
+    # for a request that takes no input.
+    "data from the client without credit": Case(
+        packed({"t": "req", "id": 1, "op": "ping"})
+        + packed({"t": "data", "id": 1, "offset": 0, "data": b"x"}),
+        r"client sent 1 bytes of input on stream 1 with only 0 bytes of credit",
     ),
     "end from the client": Case(packed({"t": "end", "id": 1}), r"a client may not send End"),
     "version mismatch": Case(
@@ -458,7 +463,7 @@ async def test_nesting_past_msgpacks_own_limit_is_refused_as_too_deep(
     await assert_serves_others(server, pki_dir, bystander, caplog)
 
 
-async def test_credit_and_cancel_for_ids_not_in_flight_are_ignored(
+async def test_credit_cancel_and_input_for_ids_not_in_flight_are_ignored(
     server: Server, pki_dir: Path
 ) -> None:
     """They race the end of a request in normal use, so they cost nothing."""
@@ -468,6 +473,8 @@ async def test_credit_and_cancel_for_ids_not_in_flight_are_ignored(
             {"t": "credit", "id": 5, "amount": 2**64 - 1},
             {"t": "credit", "id": 2**64 - 1, "amount": 0},
             {"t": "cancel", "id": 6},
+            {"t": "eof", "id": 7},
+            {"t": "data", "id": 8, "offset": 0, "data": b"late input"},
         ]
         await client.send(b"".join(packed(stray) for stray in strays))
         await client.send(packed({"t": "req", "id": 5, "op": "info"}))
@@ -495,6 +502,7 @@ SAMPLES: tuple[Message, ...] = (
     End(id=1, value={}),
     Credit(id=1, amount=1),
     Cancel(id=1),
+    Eof(id=1),
 )
 # Values of every other msgpack type, for a field of each type.
 WRONG: dict[type, list[object]] = {

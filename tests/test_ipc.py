@@ -18,7 +18,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corral import ipc, ipc_fds
+from corral import ipc, ipc_fds, ipc_input
 from corral.errors import OperationError
 from corral.job import State, Status, Usage
 from corral.protocol.errors import ErrorCode
@@ -26,6 +26,7 @@ from corral.shim.deadlines import Deadlines, Due
 from corral.store import SOCKET_FILE, pack, unpack
 from corral.worker.shim_link import ShimVersionError, ask_shim, read_start_report
 
+V = ipc.IPC_VERSION
 texts = st.text(max_size=20)
 byte_strings = st.binary(max_size=20)
 counts = st.integers(min_value=0, max_value=2**31)
@@ -60,6 +61,9 @@ MESSAGES = st.one_of(
         groups=st.lists(counts, max_size=4).map(tuple),
         tmp_size=counts,
         writable=st.lists(byte_strings, max_size=3).map(tuple),
+        stdin=st.booleans(),
+        tty=st.booleans(),
+        tty_size=st.tuples(st.integers(1, 2**16), st.integers(1, 2**16)),
     ),
     st.builds(ipc.Started),
     st.builds(ipc.InitFailure, step=texts, errno=st.integers(0, 200), message=texts),
@@ -78,22 +82,77 @@ MESSAGES = st.one_of(
     st.builds(ipc.Stopping),
     st.builds(ipc.Refusal, message=texts),
 )
-EVERY_TYPE = tuple(ipc.MESSAGES.values())
+INPUT_MESSAGES = st.one_of(
+    st.builds(ipc_input.InputEnd, kind=st.sampled_from([ipc_input.PIPE, ipc_input.TTY])),
+    st.builds(ipc_input.AttachInput),
+    st.builds(ipc_input.InputAttached),
+    st.builds(ipc_input.Input, data=st.binary(max_size=ipc_input.MAX_INPUT_DATA)),
+    st.builds(ipc_input.InputClose),
+    st.builds(ipc_input.InputClosed, reason=texts),
+    st.builds(ipc_input.Resize, columns=counts, rows=counts),
+    st.builds(ipc_input.Resized),
+)
+EVERY_TYPE: tuple[type[ipc.MessageBase], ...] = (*ipc.MESSAGES.values(), *ipc_input.MESSAGES)
 
 
-def _decode_any(data: bytes) -> ipc.Message:
-    wire = unpack(data)
-    return ipc.decode(data, (ipc.MESSAGES[wire["t"]],))
+def _decode_any(data: bytes) -> ipc.MessageBase:
+    tag = unpack(data)["t"]
+    (cls,) = [kind for kind in EVERY_TYPE if tag == kind.TAG]
+    return ipc.decode_any(data, (cls,))
 
 
-@given(MESSAGES)
-def test_every_message_survives_the_wire(message: ipc.Message) -> None:
+@given(MESSAGES | INPUT_MESSAGES)
+def test_every_message_survives_the_wire(message: ipc.MessageBase) -> None:
     assert _decode_any(message.encode()) == message
 
 
 def test_every_message_type_is_in_the_round_trip() -> None:
     tags = {cls.TAG for cls in EVERY_TYPE}
-    assert len(tags) == len(EVERY_TYPE) == 15
+    assert len(tags) == len(EVERY_TYPE) == 15 + 8
+
+
+def test_input_the_shim_cannot_read_whole_is_refused() -> None:
+    """An Input over MAX_INPUT_DATA would not fit the datagram the shim reads."""
+    too_much = pack({"t": "input", "data": bytes(ipc_input.MAX_INPUT_DATA + 1)})
+    with pytest.raises(ipc.IPCError, match="more than"):
+        ipc.decode_any(too_much, (ipc_input.Input,))
+    largest = ipc_input.Input(data=bytes(ipc_input.MAX_INPUT_DATA)).encode()
+    assert len(largest) <= ipc.MAX_CONTROL_MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("wire", "words"),
+    [
+        ({"t": "input_end", "version": ipc.IPC_VERSION, "kind": "socket"}, "'pipe' or 'tty'"),
+        ({"t": "input_end", "kind": "pipe"}, "lacks field 'version'"),
+        ({"t": "input", "data": "text"}, "must be bytes"),
+        ({"t": "resize", "columns": -1, "rows": 2}, "must not be negative"),
+        ({"t": "resize", "columns": True, "rows": 2}, "must be int"),
+    ],
+)
+def test_malformed_input_messages_say_what_is_wrong(wire: object, words: str) -> None:
+    with pytest.raises(ipc.IPCError, match=words):
+        ipc.decode_any(pack(wire), tuple(ipc_input.MESSAGES))
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"tty_size": [80]}, "must be \\[columns, rows\\]"),
+        ({"tty_size": [0, 24]}, "must be \\[columns, rows\\]"),
+        ({"tty_size": [80, True]}, "must be a list of int"),
+        ({"stdin": 1}, "field 'stdin' of 'job' must be bool"),
+        ({"tty": None}, "field 'tty' of 'job' must be bool"),
+    ],
+)
+def test_a_job_config_with_a_wrong_input_field_is_refused(
+    fields: dict[str, object], words: str
+) -> None:
+    job = ipc.JobConfig(
+        argv=(b"true",), env=(), cwd=b"/", uid=0, gid=0, groups=(), tmp_size=1, tty=True
+    )
+    with pytest.raises(ipc.IPCError, match=words):
+        ipc.decode(pack({**job.to_wire(), **fields}), (ipc.JobConfig,))
 
 
 @given(st.binary(max_size=64))
@@ -116,13 +175,13 @@ JSONISH = st.recursive(
 
 @given(st.sampled_from(EVERY_TYPE), st.dictionaries(texts, JSONISH, max_size=6))
 def test_a_map_of_the_right_type_with_random_fields_is_an_ipc_error_or_a_message(
-    cls: type[ipc.Message], fields: dict[str, Any]
+    cls: type[ipc.MessageBase], fields: dict[str, Any]
 ) -> None:
     """Whatever a peer puts beside "t" (and a right version), only IPCError escapes."""
     for version in (ipc.IPC_VERSION, fields.get("version")):
         data = pack({**fields, "t": cls.TAG, "version": version})
         try:
-            message = ipc.decode(data, (cls,))
+            message = ipc.decode_any(data, (cls,))
         except ipc.IPCError:
             continue
         assert isinstance(message, cls)
@@ -136,11 +195,11 @@ def test_a_map_of_the_right_type_with_random_fields_is_an_ipc_error_or_a_message
         ({"t": "nonsense"}, "unknown message type"),
         ({"t": "spawned", "pid": 1}, "expected a 'start_report' message"),
         ({"t": "start_report", "ok": True}, "lacks field 'version'"),
-        ({"t": "start_report", "version": 1, "ok": 1}, "must be bool"),
-        ({"t": "start_report", "version": 1, "ok": True}, "lacks field 'status'"),
-        ({"t": "start_report", "version": 1, "ok": True, "status": {}}, "unreadable status"),
-        ({"t": "start_report", "version": 1, "ok": False, "message": "x"}, "lacks field 'code'"),
-        ({"t": "start_report", "version": 1, "ok": False, "code": "nope", "message": ""}, "code"),
+        ({"t": "start_report", "version": V, "ok": 1}, "must be bool"),
+        ({"t": "start_report", "version": V, "ok": True}, "lacks field 'status'"),
+        ({"t": "start_report", "version": V, "ok": True, "status": {}}, "unreadable status"),
+        ({"t": "start_report", "version": V, "ok": False, "message": "x"}, "lacks field 'code'"),
+        ({"t": "start_report", "version": V, "ok": False, "code": "nope", "message": ""}, "code"),
     ],
 )
 def test_malformed_messages_say_what_is_wrong(wire: object, words: str) -> None:
@@ -225,7 +284,7 @@ def test_a_malformed_message_closes_the_descriptors_that_came_with_it(
     fd = os.open("/dev/null", os.O_RDONLY)
     before = len(os.listdir("/proc/self/fd"))
     try:
-        socket.send_fds(left, [pack({"t": "claim", "version": 1})], [fd])
+        socket.send_fds(left, [pack({"t": "claim", "version": ipc.IPC_VERSION})], [fd])
         with pytest.raises(ipc.IPCError, match="job_dir"):
             ipc_fds.receive_message(right, (ipc.Claim,))
         assert len(os.listdir("/proc/self/fd")) == before
@@ -361,12 +420,12 @@ async def test_a_shim_of_this_version_answers(job_dir: Path) -> None:
 @pytest.mark.parametrize(
     "hello",
     [
-        {"t": "hello", "version": ipc.IPC_VERSION - 1},  # a shim of version N-1
+        {"t": "hello", "version": ipc.IPC_VERSION + 1},  # a newer shim (corrald downgraded)
         {"ok": False, "error": "bad request: 'op'"},  # a shim from before versions
     ],
-    ids=["previous", "unversioned"],
+    ids=["unknown", "unversioned"],
 )
-async def test_a_corrald_that_meets_a_shim_speaking_an_older_version_leaves_it_running(
+async def test_a_corrald_that_meets_a_shim_of_a_version_it_does_not_speak_leaves_it_running(
     job_dir: Path, hello: dict[str, Any]
 ) -> None:
     shim = FakeShim(job_dir, hello, ipc.Stopping())
@@ -378,11 +437,26 @@ async def test_a_corrald_that_meets_a_shim_speaking_an_older_version_leaves_it_r
     error = caught.value
     assert error.code is ErrorCode.FAILED_PRECONDITION
     assert isinstance(error, OperationError)
-    assert f"version {ipc.IPC_VERSION - 1}" in str(error) or "version 0" in str(error)
+    assert f"version {ipc.IPC_VERSION + 1}" in str(error) or "version 0" in str(error)
     assert f"speaks version {ipc.IPC_VERSION}" in str(error)
     assert "left running" in str(error)
     # It was never told to stop: only the Hello reached it.
     assert [m.get("t") for m in shim.received] == ["hello"]
+
+
+async def test_a_shim_of_the_version_before_input_is_still_asked_and_stopped(
+    job_dir: Path,
+) -> None:
+    """Version 1 shims (their jobs take no input) keep running under this
+    corrald: status and stop are asked of them as of any."""
+    assert 1 in ipc.SHIM_VERSIONS
+    shim = FakeShim(job_dir, {"t": "hello", "version": 1}, ipc.Stopping())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shim.serve)
+        reply = await ask_shim(job_dir, ipc.StopRequest(grace=1.0, by="alice"), timeout=5)
+        nursery.cancel_scope.cancel()
+    assert reply == ipc.Stopping()
+    assert [m.get("t") for m in shim.received] == ["hello", "stop"]
 
 
 async def test_a_shim_that_is_gone_is_none(job_dir: Path) -> None:

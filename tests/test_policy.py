@@ -26,7 +26,7 @@ from corral.tls import Identity
 
 ADMIN = Identity("root-of-trust", "admin")
 ALICE = Identity("alice", "user")
-JOB_OPERATIONS = ["start", "list", "status", "wait", "logs", "stop", "remove"]
+JOB_OPERATIONS = ["start", "list", "status", "wait", "logs", "stop", "remove", "attach", "resize"]
 
 # operation -> (admin's reach, a user's reach): the whole table, written out.
 EXPECTED = {

@@ -21,6 +21,7 @@ from corral.protocol import (
     Credit,
     Data,
     End,
+    Eof,
     Error,
     ErrorCode,
     Hello,
@@ -110,6 +111,73 @@ def test_client_rejects_data_beyond_credit() -> None:
     assert client.state is State.BROKEN
     with pytest.raises(RemoteProtocolError):
         client.next_event()
+
+
+def test_input_flows_within_the_servers_credit_and_in_order() -> None:
+    client, server = open_pair()
+    deliver(client.send(Request(id=1, op="attach")), server)
+    with pytest.raises(LocalProtocolError, match="credit"):
+        client.send(Data(id=1, offset=0, data=b"x"))  # no credit granted yet
+    assert deliver(server.send(Credit(id=1, amount=4)), client) == [Credit(id=1, amount=4)]
+    assert client.input_credit(1) == server.input_credit(1) == 4
+    assert deliver(client.send(Data(id=1, offset=0, data=b"abc")), server) == [
+        Data(id=1, offset=0, data=b"abc")
+    ]
+    assert client.input_offset(1) == server.input_offset(1) == 3
+    with pytest.raises(LocalProtocolError, match="credit"):
+        client.send(Data(id=1, offset=3, data=b"de"))
+    with pytest.raises(LocalProtocolError, match="offset"):
+        client.send(Data(id=1, offset=0, data=b"d"))
+    # A peer that skips bytes, or sends beyond the credit, breaks the connection.
+    with pytest.raises(RemoteProtocolError, match="offset 9"):
+        deliver(frame({"t": "data", "id": 1, "offset": 9, "data": b"d"}), server)
+    assert server.state is State.BROKEN
+
+
+def test_input_beyond_credit_breaks_the_server_side() -> None:
+    client, server = open_pair()
+    deliver(client.send(Request(id=1, op="attach")), server)
+    deliver(server.send(Credit(id=1, amount=2)), client)
+    with pytest.raises(RemoteProtocolError, match="credit"):
+        deliver(frame({"t": "data", "id": 1, "offset": 0, "data": b"abc"}), server)
+
+
+def test_eof_ends_input_either_way() -> None:
+    client, server = open_pair()
+    deliver(client.send(Request(id=1, op="attach")), server)
+    deliver(server.send(Credit(id=1, amount=10)), client)
+    # The client's EOF: nothing may follow it.
+    assert deliver(client.send(Eof(id=1)), server) == [Eof(id=1)]
+    assert client.input_closed(1)
+    assert server.input_closed(1)
+    assert client.input_credit(1) == server.input_credit(1) == 0
+    with pytest.raises(LocalProtocolError, match="ended"):
+        client.send(Data(id=1, offset=0, data=b"x"))
+    with pytest.raises(RemoteProtocolError, match="after its eof"):
+        deliver(frame({"t": "data", "id": 1, "offset": 0, "data": b"x"}), server)
+
+
+def test_servers_eof_tolerates_input_already_on_its_way() -> None:
+    client, server = open_pair()
+    deliver(client.send(Request(id=1, op="attach")), server)
+    deliver(server.send(Credit(id=1, amount=10)), client)
+    in_flight = client.send(Data(id=1, offset=0, data=b"abc"))
+    # The job closed its stdin: the server says so while the client sends.
+    assert deliver(server.send(Eof(id=1)), client) == [Eof(id=1)]
+    assert deliver(in_flight, server) == [Data(id=1, offset=0, data=b"abc")]
+    assert client.input_credit(1) == 0
+    with pytest.raises(LocalProtocolError, match="ended"):
+        client.send(Data(id=1, offset=3, data=b"d"))
+    # Credit after the end grants nothing; the stream still ends normally.
+    server.send(Credit(id=1, amount=5))
+    assert server.input_credit(1) == 0
+    assert deliver(server.send(End(id=1)), client) == [End(id=1)]
+
+
+def test_client_refuses_input_messages_for_requests_not_open() -> None:
+    client, _ = open_pair()
+    with pytest.raises(RemoteProtocolError, match="not open"):
+        deliver(frame({"t": "credit", "id": 5, "amount": 1}), client)
 
 
 def test_cancel_and_late_credit_are_tolerated_by_the_server() -> None:

@@ -32,10 +32,12 @@ from corral.client.errors import (
     ConfigError,
     ConnectError,
     CorralError,
+    InputClosed,
     ServerError,
     TLSError,
 )
 from corral.client.handshake import RECEIVE_SIZE, handshake, identity_context, open_transport
+from corral.client.job_streams import LOG_WINDOW, Attachment, Chunk, LogStream
 from corral.client.jobs import JobInfo
 from corral.protocol import (
     NEED_DATA,
@@ -43,7 +45,7 @@ from corral.protocol import (
     Connection,
     Credit,
     Data,
-    End,
+    Eof,
     Error,
     Message,
     ProtocolError,
@@ -52,7 +54,7 @@ from corral.protocol import (
     Signal,
     Welcome,
 )
-from corral.records import Record, RecordDecoder
+from corral.records import Record
 from corral.streams import CLOSE_TIMEOUT, close_stream
 from corral.tls import Identity
 
@@ -66,8 +68,8 @@ SEND_TIMEOUT = 30.0
 # How long a cancelled start waits for corrald's answer, and then for its
 # job's stop, before it gives up (the job is then left as it is).
 START_UNDO_TIMEOUT = 10.0
-# Credit granted to a log stream: corrald holds at most this much for us.
-LOG_WINDOW = 4 << 20
+# Input sent in one Data frame: a shim datagram's worth, well within a frame.
+INPUT_CHUNK = 60 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,101 +109,6 @@ class _Pending:
     reply: Message | CorralError | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """A piece of a job's output.log as it lies in the file, at `offset`."""
-
-    offset: int
-    data: bytes
-
-
-class LogStream:
-    """A job's output as corrald streams it. Use it through `Client.logs()`:
-
-        async with client.logs(job_id, follow=True) as stream:
-            async for record in stream:            # decoded: Record(stream, time_ns, data)
-                ...
-        print(stream.job.state, stream.offset)     # the job at the end; where it ended
-
-    or `stream.chunks()` for the raw bytes of output.log with their offsets.
-    corrald sends no more than the credit we grant: `window` bytes at first,
-    topped up as we consume, so a consumer that stops reading holds at most
-    that much in corrald, and nothing of the job waits for it.
-    """
-
-    def __init__(
-        self, client: Client, job_id: str, *, follow: bool, offset: int, window: int
-    ) -> None:
-        self.offset = offset
-        self.job: JobInfo | None = None  # set at the end of the stream
-        self._client = client
-        self._args = {"id": job_id, "follow": follow, "offset": offset}
-        self._window = window
-        self._request_id: int | None = None
-        self._receive: trio.MemoryReceiveChannel[Message | CorralError] | None = None
-        self._ended = False
-
-    async def __aenter__(self) -> LogStream:
-        self._request_id, self._receive = await self._client._open_stream(
-            "logs", self._args, self._window
-        )
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Stop the stream (corrald frees it at once) unless it has ended."""
-        if not self._ended and self._request_id is not None:
-            self._ended = True
-            await self._client._cancel(self._request_id)
-        if self._receive is not None:
-            self._receive.close()
-
-    async def chunks(self) -> AsyncIterator[Chunk]:
-        """The raw bytes, in order, as they arrive; ends when the stream does."""
-        if self._receive is None or self._request_id is None:
-            raise RuntimeError("use the stream inside `async with client.logs(...)`")
-        consumed = 0
-        while not self._ended:
-            event = await self._receive.receive()
-            if isinstance(event, CorralError):
-                self._ended = True
-                raise event
-            if isinstance(event, Data):
-                if event.offset != self.offset:
-                    raise TLSError(
-                        f"corrald sent output at offset {event.offset}, expected {self.offset}"
-                    )
-                self.offset += len(event.data)
-                yield Chunk(event.offset, event.data)
-                consumed += len(event.data)
-                if consumed >= self._window // 2:  # top the window up, not byte by byte
-                    await self._client._send(
-                        Credit(id=self._request_id, amount=consumed), unless_ended=True
-                    )
-                    consumed = 0
-                continue
-            self._ended = True
-            if isinstance(event, Error):
-                raise ServerError(event.code, event.message, event.details)
-            if isinstance(event, End):
-                self.offset = int(event.value.get("offset", self.offset))
-                self.job = JobInfo.from_wire(event.value["job"])
-                return
-            raise TLSError(f"unexpected message in a log stream: {type(event).__name__}")
-
-    async def __aiter__(self) -> AsyncIterator[Record]:
-        decoder = RecordDecoder()
-        async for chunk in self.chunks():
-            try:
-                records = decoder.feed(chunk.data)
-            except ValueError as exc:
-                raise TLSError(f"the job's output is not in corral's format: {exc}") from None
-            for record in records:
-                yield record
-
-
 class Client:
     """A live, authenticated connection to corrald. Use `connect()` to get one."""
 
@@ -221,6 +128,8 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._streams: dict[int, trio.MemorySendChannel[Message | CorralError]] = {}
         self._send_lock = trio.Lock()
+        # Senders of input waiting for corrald's credit, by request id.
+        self._input_waiters: dict[int, trio.lowlevel.ParkingLot] = {}
         self._closed: CorralError | None = None
         self._closed_event = trio.Event()
 
@@ -266,6 +175,9 @@ class Client:
         max_runtime: float | None = None,
         writable: Sequence[str | bytes] = (),
         env_clear: bool = False,
+        stdin: bool = False,
+        tty: bool = False,
+        tty_size: tuple[int, int] | None = None,
     ) -> JobInfo:
         """Start a job; return once its command runs (ServerError if it cannot).
 
@@ -273,6 +185,11 @@ class Client:
         replacing the names it gives; with `env_clear`, it is all there is.
         The job sees the host read-only except its own /tmp and /dev/shm and
         the `writable` paths (where file permissions still apply).
+
+        With `stdin` the job's stdin is held open for input (`attach`), else
+        it is /dev/null. With `tty` the job gets a terminal of its own,
+        `tty_size` (columns, rows) at first; its stdout and stderr are the
+        terminal's one stream.
 
         Cancelled or interrupted (a timeout around it, Ctrl+C), a start
         leaves no job behind: corrald's answer is awaited (a few ms; at most
@@ -292,6 +209,12 @@ class Client:
             args["user"] = user
         if max_runtime is not None:
             args["max_runtime"] = max_runtime
+        if stdin:
+            args["stdin"] = True
+        if tty:
+            args["tty"] = True
+        if tty_size is not None:
+            args["tty_size"] = list(tty_size)
         return JobInfo.from_wire((await self.call("start", args, undo=self._undo_start))["job"])
 
     async def _undo_start(self, reply: dict[str, Any]) -> None:
@@ -340,7 +263,34 @@ class Client:
         """A job's output from `offset` (a byte offset in output.log): what is
         there now, or with `follow` everything until the job ends. Use it with
         `async with`; see `LogStream`."""
-        return LogStream(self, job_id, follow=follow, offset=offset, window=window)
+        args = {"id": job_id, "follow": follow, "offset": offset}
+        return LogStream(self, args, offset=offset, window=window)
+
+    def attach(
+        self,
+        job_id: str,
+        *,
+        input: bool = True,
+        offset: int | None = None,
+        eof_on_disconnect: bool = False,
+        window: int = LOG_WINDOW,
+    ) -> Attachment:
+        """Attach to a running job: its output from `offset` (default: from
+        now), and with `input` our input to it (the job must have been
+        started with `stdin`; failed_precondition otherwise). With
+        `eof_on_disconnect`, a connection lost while attached ends the job's
+        stdin (a detach never does). Use it with `async with`; see
+        `Attachment`."""
+        args: dict[str, Any] = {"id": job_id, "input": input}
+        if offset is not None:
+            args["offset"] = offset
+        if eof_on_disconnect:
+            args["eof_on_disconnect"] = True
+        return Attachment(self, job_id, args, window)
+
+    async def resize(self, job_id: str, columns: int, rows: int) -> None:
+        """Give a job's terminal a new size, columns by rows (it gets SIGWINCH)."""
+        await self.call("resize", {"id": job_id, "size": [columns, rows]})
 
     async def _open_stream(
         self, op: str, args: dict[str, Any], window: int
@@ -360,6 +310,49 @@ class Client:
             self._streams.pop(request_id, None)
             raise
         return request_id, receive
+
+    async def _grant(self, request_id: int, amount: int) -> None:
+        """Let corrald send `amount` more bytes of output on a stream."""
+        await self._send(Credit(id=request_id, amount=amount), unless_ended=True)
+
+    def _input_closed(self, request_id: int) -> bool:
+        return self._conn.input_closed(request_id)
+
+    async def _send_input(self, request_id: int, data: bytes) -> None:
+        """Send `data` as input on a stream, within the credit corrald grants
+        (waiting for more as needed); InputClosed once it takes no more."""
+        view = memoryview(data)
+        sent = 0
+
+        def piece() -> Data | None:
+            """The next piece, as the credit and offset are when it goes
+            (corrald's Eof may have come while we waited for our turn)."""
+            nonlocal sent
+            credit = self._conn.input_credit(request_id)
+            if credit <= 0:
+                return None
+            chunk = bytes(view[: min(credit, INPUT_CHUNK)])
+            sent = len(chunk)
+            return Data(id=request_id, offset=self._conn.input_offset(request_id), data=chunk)
+
+        while view:
+            while self._conn.input_credit(request_id) <= 0:
+                if self._closed is not None:
+                    raise self._closed
+                if self._conn.input_closed(request_id):
+                    raise InputClosed("the job takes no more input")
+                await self._input_lot(request_id).park()
+            sent = 0
+            await self._send(piece)
+            view = view[sent:]
+
+    async def _end_input(self, request_id: int) -> None:
+        """Say the input of a stream has ended (nothing if it has already)."""
+        if not self._conn.input_closed(request_id):
+            await self._send(Eof(id=request_id), unless_ended=True)
+
+    def _input_lot(self, request_id: int) -> trio.lowlevel.ParkingLot:
+        return self._input_waiters.setdefault(request_id, trio.lowlevel.ParkingLot())
 
     async def _cancel(self, request_id: int) -> None:
         """Tell corrald to drop a request we no longer wait for."""
@@ -438,12 +431,24 @@ class Client:
                     await undo(pending.reply.value)
         self._pending.pop(request_id, None)
 
-    async def _send(self, message: Message, *, unless_ended: bool = False) -> None:
+    async def _send(
+        self,
+        message: Message | Callable[[], Message | None],
+        *,
+        unless_ended: bool = False,
+    ) -> None:
         """Send one message; with `unless_ended`, nothing if its request has
-        had its final reply (credit racing the end of a stream)."""
+        had its final reply (credit racing the end of a stream). `message`
+        may be a function making it once the send's turn has come (from the
+        connection's state then; None: nothing to send)."""
         async with self._send_lock:
             if self._closed is not None:
                 raise self._closed
+            if callable(message):
+                made = message()
+                if made is None:
+                    return
+                message = made
             if unless_ended and getattr(message, "id", None) not in self._conn.open_ids:
                 return
             try:
@@ -473,6 +478,8 @@ class Client:
         for stream in self._streams.values():
             stream.send_nowait(self._closed)
         self._streams.clear()
+        for lot in self._input_waiters.values():
+            lot.unpark_all()
         return self._closed
 
     async def _read_loop(self) -> None:
@@ -496,11 +503,17 @@ class Client:
                 self._close(ServerError(event.code, event.message))
                 return
             request_id = getattr(event, "id", None)
+            if isinstance(event, Credit | Eof):  # for a sender of input
+                if lot := self._input_waiters.get(event.id):
+                    lot.unpark_all()
+                continue
             if (stream := self._streams.get(request_id)) is not None:  # type: ignore[arg-type]
                 with contextlib.suppress(trio.BrokenResourceError):  # its reader has gone
                     stream.send_nowait(event)
                 if not isinstance(event, Data):
                     del self._streams[request_id]  # type: ignore[arg-type]
+                    if lot := self._input_waiters.pop(request_id, None):  # type: ignore[arg-type]
+                        lot.unpark_all()
                 continue
             pending = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
             if pending is not None:
@@ -570,4 +583,4 @@ async def connect(
         await close_stream(tls)
 
 
-__all__ = ["Chunk", "Client", "LogStream", "Record", "ServerInfo", "connect"]
+__all__ = ["Attachment", "Chunk", "Client", "LogStream", "Record", "ServerInfo", "connect"]

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -20,10 +21,13 @@ from typing import Any, TextIO
 import trio
 
 from corral import pki
+from corral.client.asciicast import DEFAULT_SIZE, AsciicastWriter
 from corral.client.client import Client, ServerInfo
-from corral.client.errors import ConfigError, ConnectError, ServerError
-from corral.client.follow import Follower, JobOutput, OutputClosed, note
+from corral.client.errors import EXIT_UNAVAILABLE, ConfigError, ConnectError, ServerError
+from corral.client.follow import Follower, JobOutput, OutputClosed, is_connection_loss, note
+from corral.client.interactive import attached, detached_note
 from corral.client.jobs import JobInfo
+from corral.client.terminal import DEFAULT_DETACH_KEYS, parse_detach_keys, window_size
 from corral.units import format_age, format_size, rfc3339, short_duration, short_size
 
 EXIT_PIPE = 128 + signal.SIGPIPE  # a reader that went away, as a shell reports it
@@ -98,16 +102,22 @@ async def _start(client: Client, args: argparse.Namespace) -> JobInfo:
         for name, value in vars(args).items()
         if name.startswith("limit_") and value is not None
     }
+    env = dict(args.env) if args.env else None
+    if args.tty and "TERM" in os.environ and not (env and "TERM" in env):
+        env = {**(env or {}), "TERM": os.environ["TERM"]}  # the job's terminal is like ours
     try:
         return await client.start(
             [os.fsencode(arg) for arg in argv],
-            env=dict(args.env) if args.env else None,
+            env=env,
             env_clear=args.env_clear,
             cwd=args.cwd,
             user=args.user,
             limits=limits,
             max_runtime=args.timeout,
             writable=[os.fsencode(path) for path in args.rw],
+            stdin=args.stdin,
+            tty=args.tty,
+            tty_size=_terminal_size() if args.tty else None,
         )
     except ServerError as exc:
         failed = exc.details.get("job")
@@ -116,6 +126,11 @@ async def _start(client: Client, args: argparse.Namespace) -> JobInfo:
         # The job was recorded before it failed: its row is there; say which.
         message = f"{exc} (job {failed[:12]}, recorded as failed; `corral rm {failed[:12]}`)"
         raise ServerError(exc.code, message, exc.details) from None
+
+
+def _terminal_size() -> tuple[int, int] | None:
+    """Our terminal's size (stdin's, else stdout's), for a job's own; None without one."""
+    return window_size(0) or window_size(1)
 
 
 async def cmd_start(client: Client, args: argparse.Namespace, out: TextIO) -> int:
@@ -128,14 +143,40 @@ async def cmd_start(client: Client, args: argparse.Namespace, out: TextIO) -> in
 
 
 async def cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    if args.asciicast:
+        return await _asciicast(client, args, out)
     follow = Follower(client, args, JobOutput(args, out), args.id)
     await follow.run(follow=args.follow)
     return 0
 
 
+async def _asciicast(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    """The job's output as an asciicast v2 recording (its terminal's size
+    comes from the log's first record for a terminal job)."""
+    job = await client.status(args.id)
+    recording = AsciicastWriter(
+        out,
+        size=job.tty_size or DEFAULT_SIZE,
+        start_ns=job.started_at,
+        command=job.command,
+        term=os.environ.get("TERM"),
+    )
+    try:
+        async with client.logs(job.id, follow=args.follow, offset=args.since_offset) as stream:
+            async for record in stream:
+                recording.feed([record])
+        recording.close()
+    except BrokenPipeError:
+        raise OutputClosed from None
+    return 0
+
+
 async def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     """Start, follow to the end, exit with the job's status. Interrupts (Ctrl+C,
-    or what `args.interrupts` yields in the shell) stop the job."""
+    or what `args.interrupts` yields in the shell) stop the job; with -it,
+    the keys are the job's."""
+    if args.stdin and args.tty:
+        return await _run_in_terminal(client, args, out)
     interrupts: AsyncIterator[object] | None = getattr(args, "interrupts", None)
     if interrupts is not None:
         return await _run_job(client, args, out, interrupts)
@@ -143,6 +184,66 @@ async def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     # once it has (trio keeps the signal for the receiver).
     with trio.open_signal_receiver(signal.SIGINT) as signals:
         return await _run_job(client, args, out, signals)
+
+
+async def _run_in_terminal(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    """`run -it`: start the job with a terminal and drive it from ours (raw)
+    until it ends (its status) or we detach (0)."""
+    try:
+        job = await _start(client, args)
+    except ServerError as exc:
+        return _start_failure(exc)
+    return await _attached(client, args, out, job, offset=0, eof_on_disconnect=False)
+
+
+async def cmd_attach(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    """Attach to a running job: its output from now (or --since-offset),
+    our input to it; the job's status once it ends, 0 after a detach."""
+    job = await client.status(args.id)
+    return await _attached(client, args, out, job, offset=args.since_offset)
+
+
+async def _attached(
+    client: Client,
+    args: argparse.Namespace,
+    out: TextIO,
+    job: JobInfo,
+    *,
+    offset: int | None,
+    eof_on_disconnect: bool = False,
+) -> int:
+    """Drive an attachment to `job` until it ends, we detach, or a signal;
+    the exit status that says which. A terminal job from a terminal is
+    driven raw, with the detach keys; otherwise Ctrl+C detaches."""
+    terminal = job.tty and os.isatty(0)
+    detach_keys = parse_detach_keys(getattr(args, "detach_keys", DEFAULT_DETACH_KEYS))
+    attachment = client.attach(job.id, offset=offset, eof_on_disconnect=eof_on_disconnect)
+    try:
+        async with attachment:
+            session = await attached(
+                attachment,
+                JobOutput(args, out),
+                terminal=terminal,
+                detach_keys=detach_keys,
+                resizes=getattr(args, "resizes", None),
+                # Signal handlers are the main thread's: the shell's trio runs in another.
+                signals=threading.current_thread() is threading.main_thread(),
+            )
+    except (ConnectError, ServerError) as exc:
+        if not is_connection_loss(exc):
+            raise
+        note(
+            f"{exc}; job {job.short_id} keeps running (`corral attach {job.short_id}` "
+            "returns to it)"
+        )
+        return EXIT_UNAVAILABLE
+    if session.signal is not None:
+        note(f"{signal.Signals(session.signal).name}: detached; job {job.short_id} runs on")
+        return 128 + session.signal
+    if session.job is None:  # detached
+        detached_note(job.id)
+        return 0
+    return _exit_status(session.job)
 
 
 async def _run_job(
@@ -153,10 +254,14 @@ async def _run_job(
         job = await _start(client, args)
     except ServerError as exc:
         return _start_failure(exc)
+    if args.stdin:  # -i: our stdin is the job's, our going away its EOF
+        return await _run_with_input(client, args, out, job, interrupts)
     follow = Follower(client, args, output, job.id)
     interrupted = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_interrupt, follow, args.grace, interrupts, interrupted)
+        nursery.start_soon(
+            _stop_on_interrupt, lambda: follow.client, job.id, args.grace, interrupts, interrupted
+        )
         try:
             await follow.run(follow=True)
         except OutputClosed:
@@ -170,15 +275,51 @@ async def _run_job(
     return _exit_status(follow.job, stopped_by_us=interrupted.is_set())
 
 
+async def _run_with_input(
+    client: Client,
+    args: argparse.Namespace,
+    out: TextIO,
+    job: JobInfo,
+    interrupts: AsyncIterator[object],
+) -> int:
+    """`run -i`: our stdin to the job (EOF is its EOF; our connection lost
+    too), its output to ours from the first byte, its status at the end.
+    Ctrl+C stops it, as without -i."""
+    interrupted = trio.Event()
+    attachment = client.attach(job.id, offset=0, eof_on_disconnect=True)
+    try:
+        async with attachment, trio.open_nursery() as nursery:
+            nursery.start_soon(
+                _stop_on_interrupt, lambda: client, job.id, args.grace, interrupts, interrupted
+            )
+            try:
+                session = await attached(
+                    attachment, JobOutput(args, out), terminal=False, detach_keys=b"",
+                    signals=False,
+                )  # fmt: skip
+            except OutputClosed:
+                with trio.CancelScope(shield=True):
+                    await _stop(client, job.id, args.grace)
+                raise
+            nursery.cancel_scope.cancel()
+    except (ConnectError, ServerError) as exc:
+        if not is_connection_loss(exc):
+            raise
+        note(f"{exc}; job {job.short_id} keeps running (`corral attach {job.short_id}`)")
+        return EXIT_UNAVAILABLE
+    assert session.job is not None
+    return _exit_status(session.job, stopped_by_us=interrupted.is_set())
+
+
 async def _stop_on_interrupt(
-    follow: Follower,
+    connection: Callable[[], Client],
+    job_id: str,
     grace: float | None,
     interrupts: AsyncIterator[object],
     interrupted: trio.Event,
 ) -> None:
     """Ctrl+C stops the job, like ssh's remote end: first with its grace, then at
-    once (on the connection the follow has now)."""
-    job_id = follow.job_id
+    once (on the connection `connection()` gives now: a follow may reconnect)."""
     presses = 0
     async with trio.open_nursery() as nursery:
         async for _ in interrupts:
@@ -186,10 +327,10 @@ async def _stop_on_interrupt(
             interrupted.set()
             if presses == 1:
                 note(f"stopping job {job_id[:12]} (Ctrl+C again to kill it now)")
-                nursery.start_soon(_stop, follow.client, job_id, grace)
+                nursery.start_soon(_stop, connection(), job_id, grace)
             else:
                 note(f"killing job {job_id[:12]}")
-                nursery.start_soon(_stop, follow.client, job_id, 0.0)
+                nursery.start_soon(_stop, connection(), job_id, 0.0)
 
 
 async def _stop(client: Client, job_id: str, grace: float | None) -> None:

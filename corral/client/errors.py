@@ -66,6 +66,13 @@ class AuthenticationError(CorralError):
     code = "unauthenticated"
 
 
+class InputClosed(CorralError):
+    """The job takes no more input: it closed its stdin, or ended (a writer
+    stops quietly then, as `yes | head` does)."""
+
+    code = "failed_precondition"
+
+
 class ServerError(CorralError):
     """corrald answered a request (or the whole connection) with an error."""
 

@@ -43,6 +43,9 @@ class JobInfo:
     max_runtime: float | None = None  # seconds: its timeout, given or imposed by a cap
     stopped_by: str | None = None  # who or what stopped it ("max runtime 2 s", a name)
     already_ended: bool = False  # a stop's reply: the job had ended before it came
+    stdin: bool = False  # it takes input (started with -i)
+    tty: bool = False  # it has a terminal (started with -t)
+    tty_size: tuple[int, int] | None = None  # its terminal's size at start, columns by rows
 
     @property
     def short_id(self) -> str:
@@ -103,6 +106,9 @@ class JobInfo:
                 max_runtime=_seconds(record.get("max_runtime")),
                 stopped_by=_optional_text(record.get("stopped_by")),
                 already_ended=already_ended,
+                stdin=bool(record.get("stdin", False)),
+                tty=bool(record.get("tty", False)),
+                tty_size=_size(record.get("tty_size")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TLSError(f"corrald sent a job of the wrong shape: {exc!r}") from None
@@ -126,6 +132,8 @@ class JobInfo:
             "max_runtime": self.max_runtime,
             "stopped_by": self.stopped_by,
             "user": self.user,
+            "stdin": self.stdin,
+            "tty": self.tty,
             "usage": {
                 "cpu_seconds": self.usage.get("cpu_seconds", 0.0),
                 "memory_peak_bytes": self.usage.get("memory_peak_bytes", 0),
@@ -141,6 +149,14 @@ def _seconds(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"max_runtime must be a number, not {type(value).__name__}")
     return float(value)
+
+
+def _size(value: object) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise TypeError("tty_size must be [columns, rows]")
+    return int(value[0]), int(value[1])
 
 
 def _optional_text(value: object) -> str | None:

@@ -7,6 +7,7 @@ Parsing only: each command's `run` default is its function in
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -24,6 +25,7 @@ from corral.client.errors import (
 )
 from corral.client.follow import RECONNECT_FOR
 from corral.client.settings import DEFAULT_ADDR
+from corral.client.terminal import DEFAULT_DETACH_KEYS, parse_detach_keys
 from corral.units import parse_duration, parse_size
 
 EPILOG = f"""\
@@ -92,6 +94,13 @@ def _check(args: argparse.Namespace) -> str | None:
         argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         if not argv:
             return f"{command} needs a command: corral {command} [OPTIONS] -- COMMAND [ARG...]"
+        if command == "run" and args.tty and args.stdin and not os.isatty(0):
+            return (
+                "run -it needs a terminal on stdin, and stdin is not one; "
+                "use -i alone to feed the job a pipe or a file"
+            )
+    if command == "logs" and args.asciicast and (getattr(args, "json", False) or args.timestamps):
+        return "logs --asciicast writes a recording: not with --json or --timestamps"
     if command == "rm":
         if args.finished == bool(args.ids):
             return "rm takes job ids, or --finished for every finished job, not both"
@@ -319,7 +328,42 @@ def _job_spec_options(parser: argparse.ArgumentParser) -> None:
         "the same place; --rw /tmp gives the job the host's whole /tmp; --rw / all of the "
         "host (its /tmp and /dev/shm stay its own)",
     )
+    parser.add_argument(
+        "-i",
+        "--interactive",
+        dest="stdin",
+        action="store_true",
+        help="keep the job's stdin open for input: `run -i` sends it ours (EOF ends it); "
+        "`start -i` holds it for `corral attach`. Without it the job's stdin is /dev/null",
+    )
+    parser.add_argument(
+        "-t",
+        "--tty",
+        action="store_true",
+        help="give the job a terminal of its own (our window size and TERM); with -i, "
+        "`run` puts ours in raw mode, so every key (Ctrl+C too) goes to the job",
+    )
     parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+
+
+def _detach_keys_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--detach-keys",
+        type=_detach_keys,
+        default=DEFAULT_DETACH_KEYS,
+        metavar="KEYS",
+        help=f"with a terminal, the keys that detach and leave the job running "
+        f"(default {DEFAULT_DETACH_KEYS}; a character or ctrl-<letter>, comma-separated; "
+        "'' for none)",
+    )
+
+
+def _detach_keys(text: str) -> str:
+    try:
+        parse_detach_keys(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _job_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
@@ -339,9 +383,15 @@ def _job_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
         "\n\nThe exit status is the job's: its code, or 128+N when signal N killed it.\n"
         "127: the command was not found; 126: it could not be run.\n"
         "Ctrl+C stops the job (SIGTERM, then SIGKILL after the grace); a second\n"
-        "Ctrl+C kills it at once."
+        "Ctrl+C kills it at once. With -it, Ctrl+C is the job's (its terminal's);\n"
+        "Ctrl+P Ctrl+Q detaches and leaves it running (`corral attach ID` returns).\n\n"
+        "more examples:\n"
+        "  printf 'a\\nb\\n' | corral run -i -- wc -l            # prints 2\n"
+        "  tar c src | corral run -i -- sh -c 'tar x -C /tmp && ls /tmp/src'\n"
+        "  corral run -it -- bash"
     )
     _job_spec_options(run)
+    _detach_keys_option(run)
     run.add_argument("--grace", type=_duration, metavar="DURATION",
                      help="on Ctrl+C, time between SIGTERM and SIGKILL (default 10s)")  # fmt: skip
     _reconnect_option(run)
@@ -363,9 +413,31 @@ def _job_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
     which = logs.add_mutually_exclusive_group()
     which.add_argument("--stdout", action="store_true", help="only the job's stdout")
     which.add_argument("--stderr", action="store_true", help="only the job's stderr")
+    which.add_argument("--asciicast", action="store_true",
+                       help="the output as an asciicast v2 recording (a terminal job's "
+                       "session, with its resizes): `asciinema play FILE` replays it")  # fmt: skip
     logs.add_argument("id", metavar="ID", help="a job id or unique prefix")
     _reconnect_option(logs)
     logs.set_defaults(run=cmds.cmd_logs)
+
+    attach = _subcommand(
+        commands, "attach", connection,
+        "attach to a running job started with -i: its output from now, and your input to it",
+        "corral start -it -- bash; corral attach 3f2a9c   # Ctrl+P Ctrl+Q detaches",
+    )  # fmt: skip
+    attach.epilog = (attach.epilog or "") + (
+        "\n\nWith a terminal job and a terminal here, yours is raw while attached and\n"
+        "Ctrl+P Ctrl+Q (--detach-keys) detaches, leaving the job running; without\n"
+        "one, Ctrl+C detaches and EOF on stdin ends the job's stdin. Any number of\n"
+        "clients may attach at once. The exit status is the job's once it ends,\n"
+        "0 after a detach."
+    )
+    attach.add_argument("--since-offset", type=_count, default=None, metavar="N",
+                        help="replay the job's output from byte N of its log (where a "
+                        "record begins; 0: from the start) before the live output")  # fmt: skip
+    _detach_keys_option(attach)
+    attach.add_argument("id", metavar="ID", help="a job id or unique prefix")
+    attach.set_defaults(run=cmds.cmd_attach)
 
     stop = _subcommand(
         commands, "stop", connection,

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import readline
 import shlex
 import signal
 import sys
@@ -48,17 +47,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any
 
 import trio
 
-from corral.client import line_editing
 from corral.client.client import Client, connect
 from corral.client.errors import EXIT_UNAVAILABLE, EXIT_USAGE, CorralError
 from corral.client.jobs import JobInfo
 from corral.client.parser import build_parser
-from corral.records import STREAM_STDERR, STREAM_STDOUT, Record
-from corral.units import rfc3339
+from corral.client.shell_output import PrefixedLines, Screen
+from corral.records import STREAM_STDERR
 
 PROMPT = "corral> "
 # A Tab that waits longer on corrald completes nothing rather than hang the terminal.
@@ -70,8 +68,6 @@ WAKE_INTERVAL = 0.05
 KEEPALIVE = 60.0
 # A foreground `run` needs two presses (stop, then kill); more mean nothing.
 RUN_INTERRUPTS = 2
-# A background line with no newline this long is printed as it is, not held on to.
-MAX_LINE = 64 << 10
 # Options that choose the connection: the shell's is fixed when it starts.
 CONNECTION_OPTIONS = {
     "addr": "--addr",
@@ -103,84 +99,15 @@ class _Line:
     leave: bool = False  # exit, quit, or the connection was lost
     scope: trio.CancelScope | None = None  # set once trio has it
     interrupts: trio.MemorySendChannel[None] | None = None  # while a `run` runs
+    resizes: trio.MemorySendChannel[None] | None = None  # while a job's terminal is ours
     interrupted: bool = False  # Ctrl+C cancelled it
-
-
-class _Screen:
-    """Output for the trio thread, drawn around the prompt when it is shown."""
-
-    def __init__(self, prompt: str, redraw: bool) -> None:
-        self.prompt = prompt
-        self.redraw = redraw  # stdin and stdout are a terminal readline draws on
-        self.prompt_shown = False  # set by the main thread around input()
-
-    def write(self, text: str, target: TextIO | None = None) -> None:
-        target = target or sys.stdout
-        if not (self.redraw and self.prompt_shown):
-            target.write(text)
-            target.flush()
-            return
-        sys.stdout.write("\r\x1b[K")
-        sys.stdout.flush()
-        target.write(text)
-        target.flush()
-        sys.stdout.write(self.prompt + readline.get_line_buffer())
-        sys.stdout.flush()
-
-    def error(self, text: str) -> None:
-        self.write(text, sys.stderr)
-
-
-class _PrefixedLines:
-    """Cuts a job's output into whole lines prefixed with its short id:
-    `[3f2a9c0d1e2f] line` for stdout, `[3f2a9c0d1e2f stderr] line` for stderr."""
-
-    def __init__(self, job: JobInfo, args: argparse.Namespace) -> None:
-        self._id = job.short_id
-        self._timestamps = bool(args.timestamps)
-        self._streams = {STREAM_STDOUT, STREAM_STDERR}
-        if args.stdout:
-            self._streams.discard(STREAM_STDERR)
-        if args.stderr:
-            self._streams.discard(STREAM_STDOUT)
-        self._partial: dict[int, bytes] = {}
-
-    def feed(self, record: Record) -> tuple[int, str]:
-        """The stream the text belongs to, and the text (maybe empty)."""
-        if isinstance(record.data, dict):
-            dropped = record.data.get("dropped_bytes")
-            if not dropped:
-                return STREAM_STDERR, ""
-            why = record.data.get("error") or "the job's log reached its size cap"
-            return STREAM_STDERR, f"[{self._id}] {dropped} bytes were not kept: {why}\n"
-        if record.stream not in self._streams:
-            return record.stream, ""
-        data = self._partial.pop(record.stream, b"") + record.data
-        *lines, rest = data.split(b"\n")
-        if len(rest) >= MAX_LINE:
-            lines.append(rest)
-        elif rest:
-            self._partial[record.stream] = rest
-        text = "".join(self._line(record.stream, record.time_ns, line) for line in lines)
-        return record.stream, text
-
-    def rest(self) -> list[tuple[int, str]]:
-        """What is left of each stream's last, unfinished line."""
-        ends = [(stream, self._line(stream, 0, data)) for stream, data in self._partial.items()]
-        self._partial.clear()
-        return ends
-
-    def _line(self, stream: int, time_ns: int, data: bytes) -> str:
-        stamp = f"{rfc3339(time_ns)} " if self._timestamps and time_ns else ""
-        tag = " stderr" if stream == STREAM_STDERR else ""
-        return f"[{self._id}{tag}] {stamp}{data.decode(errors='replace')}\n"
 
 
 class _Session:
     """The trio thread: one connection, the lines run on it, the background
     follows. Methods without a leading underscore are for the main thread."""
 
-    def __init__(self, connect_args: dict[str, Any], screen: _Screen) -> None:
+    def __init__(self, connect_args: dict[str, Any], screen: Screen) -> None:
         self.failure: CorralError | None = None  # could not connect
         self.lost = False  # the connection went away under the shell
         # The exit status of the last line that failed: a script fed to the
@@ -253,6 +180,13 @@ class _Session:
         elif self._screen.prompt_shown or not self.ended.is_set():
             raise KeyboardInterrupt
         # Else it is a late wake-up from the ended session, the prompt already left.
+
+    def on_sigwinch(self, signum: int, frame: FrameType | None) -> None:
+        """The window changed: a job attached to our terminal follows it
+        (readline, which calls this from its own handler, has its news)."""
+        line = self._running
+        if line is not None and line.resizes is not None:
+            self._call_soon(self._resize_line, line.resizes)
 
     def job_ids(self) -> list[str]:
         """Our jobs' short ids, for completion; none if corrald does not say soon."""
@@ -353,6 +287,11 @@ class _Session:
             if line.scope is not None:
                 line.scope.cancel()
 
+    @staticmethod
+    def _resize_line(resizes: trio.MemorySendChannel[None]) -> None:
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            resizes.send_nowait(None)  # one pending is enough: the size is read then
+
     def _finish(self, line: _Line) -> None:
         with self._lock:
             self._waiting.discard(line)
@@ -451,16 +390,22 @@ class _Session:
     async def _run_command(self, args: argparse.Namespace, line: _Line) -> int:
         if not getattr(args, "connects", True):
             return int(await args.run(args, sys.stdout))
-        if args.command != "run":
+        if args.command not in {"run", "attach"}:
             return int(await args.run(self._connection, args, sys.stdout))
+        # `run -it` and `attach` take the terminal over until the job ends or
+        # we detach: SIGWINCH (the main thread's) reaches them through here.
+        resizes_in, resizes = trio.open_memory_channel[None](1)
         send, receive = trio.open_memory_channel[None](RUN_INTERRUPTS)
-        with send, receive:
-            args.interrupts = receive
-            line.interrupts = send
+        with send, receive, resizes_in, resizes:
+            args.resizes = resizes
+            line.resizes = resizes_in
+            if args.command == "run":
+                args.interrupts = receive
+                line.interrupts = send
             try:
                 return int(await args.run(self._connection, args, sys.stdout))
             finally:
-                line.interrupts = None
+                line.interrupts = line.resizes = None
 
     async def _start_follow(self, args: argparse.Namespace) -> None:
         assert self._nursery is not None
@@ -474,7 +419,7 @@ class _Session:
         self._screen.write(f"[{job.short_id}] following in the background\n")
 
     async def _follow(self, job: JobInfo, args: argparse.Namespace) -> None:
-        lines = _PrefixedLines(job, args)
+        lines = PrefixedLines(job, args)
         client = self._connection
         try:
             async with client.logs(job.id, follow=True, offset=args.since_offset) as stream:
@@ -565,8 +510,14 @@ def run_shell(args: argparse.Namespace, connect_args: dict[str, Any]) -> int:
     Raises the CorralError of a connection that could not be made."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     prompt = PROMPT if interactive else ""
-    session = _Session(connect_args, _Screen(prompt, redraw=interactive))
+    session = _Session(connect_args, Screen(prompt, redraw=interactive))
     previous = signal.signal(signal.SIGINT, session.on_sigint)
+    # Before readline loads: its SIGWINCH handler calls the one it replaces,
+    # so the prompt and an attached job's terminal both follow the window.
+    # (It stays: readline keeps calling it, and with no line running it does nothing.)
+    signal.signal(signal.SIGWINCH, session.on_sigwinch)
+    from corral.client import line_editing  # noqa: PLC0415 - loads readline: see above
+
     try:
         session.start()
         if session.failure is not None:

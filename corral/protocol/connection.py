@@ -12,6 +12,12 @@ the conversation:
     Credit(id)   ------------->    Data(id)* within the credit granted,
     Cancel(id)   ------------->    then one final Result | Error | End
 
+and, on a stream that takes input (attach), the same the other way:
+
+                 <-------------    Credit(id): input the client may send
+    Data(id)*    ------------->    within it, offsets counting the input
+    Eof(id)      <------------>    either side: no more input on the stream
+
 and after any ProtocolError it stays broken, except that a side which saw a
 remote error may still send one last connection-level Error (a goodbye).
 """
@@ -34,6 +40,7 @@ from corral.protocol.messages import (
     Credit,
     Data,
     End,
+    Eof,
     Error,
     Hello,
     Message,
@@ -78,7 +85,11 @@ PEER_CLOSED = Signal.PEER_CLOSED
 class _Flow:
     """What one side knows of an open request."""
 
-    credit: int = 0
+    credit: int = 0  # output the server may send
+    input_credit: int = 0  # input the client may send
+    input_offset: int = 0  # input sent so far
+    input_closed: bool = False  # an Eof went one way or the other
+    client_eof: bool = False  # the client's Eof: no input may follow it
 
 
 class Connection:
@@ -111,6 +122,22 @@ class Connection:
         """Data bytes the server may still send on `request_id` (0 if not open)."""
         flow = self._open.get(request_id)
         return flow.credit if flow else 0
+
+    def input_credit(self, request_id: int) -> int:
+        """Input bytes the client may still send on `request_id` (0 if not
+        open, or its input has ended)."""
+        flow = self._open.get(request_id)
+        return flow.input_credit if flow and not flow.input_closed else 0
+
+    def input_offset(self, request_id: int) -> int:
+        """Input bytes sent (or received) on `request_id` so far."""
+        flow = self._open.get(request_id)
+        return flow.input_offset if flow else 0
+
+    def input_closed(self, request_id: int) -> bool:
+        """Whether the input of `request_id` has ended (or it is not open)."""
+        flow = self._open.get(request_id)
+        return flow is None or flow.input_closed
 
     # -- receiving ---------------------------------------------------------
 
@@ -184,6 +211,28 @@ class Connection:
                     flow.credit = min(MAX_CREDIT, flow.credit + amount)
             case Cancel():
                 pass
+            case Data(id=request_id, offset=offset, data=data):
+                # Input for a request that just ended is a race too; for an
+                # open one it must be within credit and in order.
+                if (flow := self._open.get(request_id)) is None:
+                    return
+                if flow.client_eof:
+                    raise RemoteProtocolError(f"input on stream {request_id} after its eof")
+                if len(data) > flow.input_credit:
+                    raise RemoteProtocolError(
+                        f"client sent {len(data)} bytes of input on stream {request_id} "
+                        f"with only {flow.input_credit} bytes of credit"
+                    )
+                if offset != flow.input_offset:
+                    raise RemoteProtocolError(
+                        f"input on stream {request_id} at offset {offset}, "
+                        f"expected {flow.input_offset}"
+                    )
+                flow.input_credit -= len(data)
+                flow.input_offset += len(data)
+            case Eof(id=request_id):
+                if flow := self._open.get(request_id):
+                    flow.input_closed = flow.client_eof = True
             case _:
                 raise RemoteProtocolError(f"a client may not send {type(message).__name__}")
 
@@ -214,6 +263,11 @@ class Connection:
             case Result(id=request_id) | Error(id=int(request_id)) | End(id=request_id):
                 self._flow(request_id, message)
                 del self._open[request_id]
+            case Credit(id=request_id, amount=amount):
+                flow = self._flow(request_id, message)
+                flow.input_credit = min(MAX_CREDIT, flow.input_credit + amount)
+            case Eof(id=request_id):
+                self._flow(request_id, message).input_closed = True
             case _:
                 raise RemoteProtocolError(f"a server may not send {type(message).__name__}")
 
@@ -266,6 +320,12 @@ class Connection:
             case Result(id=request_id) | Error(id=int(request_id)) | End(id=request_id):
                 self._local_flow(request_id, message)
                 del self._open[request_id]
+            case Credit(id=request_id, amount=amount):
+                flow = self._local_flow(request_id, message)
+                if not flow.input_closed:
+                    flow.input_credit = min(MAX_CREDIT, flow.input_credit + amount)
+            case Eof(id=request_id):
+                self._local_flow(request_id, message).input_closed = True
             case _:
                 raise LocalProtocolError(f"a server may not send {type(message).__name__}")
 
@@ -287,6 +347,23 @@ class Connection:
                 flow.credit = min(MAX_CREDIT, flow.credit + amount)
             case Cancel(id=request_id):
                 self._local_flow(request_id, message)
+            case Data(id=request_id, offset=offset, data=data):
+                flow = self._local_flow(request_id, message)
+                if flow.input_closed:
+                    raise LocalProtocolError(f"the input of stream {request_id} has ended")
+                if len(data) > flow.input_credit:
+                    raise LocalProtocolError(
+                        f"{len(data)} bytes of input exceed the {flow.input_credit} bytes "
+                        f"of credit on stream {request_id}"
+                    )
+                if offset != flow.input_offset:
+                    raise LocalProtocolError(
+                        f"input at offset {offset}; stream {request_id} is at {flow.input_offset}"
+                    )
+                flow.input_credit -= len(data)
+                flow.input_offset += len(data)
+            case Eof(id=request_id):
+                self._local_flow(request_id, message).input_closed = True
             case _:
                 raise LocalProtocolError(f"a client may not send {type(message).__name__}")
 

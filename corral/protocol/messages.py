@@ -70,7 +70,10 @@ class Error:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Data:
-    """Server -> client: bytes of stream `id`, starting at `offset` of its source."""
+    """Bytes of stream `id`, starting at `offset` of its source: server ->
+    client, output within the credit the client granted; client -> server,
+    input within the credit the server granted (`offset` counts the input
+    sent on the stream before it)."""
 
     id: int
     offset: int
@@ -87,7 +90,8 @@ class End:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Credit:
-    """Client -> server: the server may send `amount` more data bytes on stream `id`."""
+    """The receiver of stream `id`'s data lets its sender send `amount` more
+    bytes: client -> server for output, server -> client for input."""
 
     id: int
     amount: int
@@ -100,7 +104,16 @@ class Cancel:
     id: int
 
 
-Message = Hello | Welcome | Request | Result | Error | Data | End | Credit | Cancel
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Eof:
+    """The input of stream `id` has ended: client -> server, the client sends
+    no more; server -> client, the server takes no more (the job's stdin is
+    closed). Either way no Data from the client follows on that stream."""
+
+    id: int
+
+
+Message = Hello | Welcome | Request | Result | Error | Data | End | Credit | Cancel | Eof
 
 _TAGS: dict[type[Any], str] = {
     Hello: "hello",
@@ -112,6 +125,7 @@ _TAGS: dict[type[Any], str] = {
     End: "end",
     Credit: "credit",
     Cancel: "cancel",
+    Eof: "eof",
 }
 
 
@@ -211,4 +225,6 @@ def from_wire(wire: dict[str, Any]) -> Message:
             return Credit(id=_id(wire, tag), amount=_count(wire, "amount", tag))
         case "cancel":
             return Cancel(id=_id(wire, tag))
+        case "eof":
+            return Eof(id=_id(wire, tag))
     raise RemoteProtocolError(f"unknown message type {shorten(tag)}")

@@ -1,10 +1,13 @@
 """shim.sock: the shim's control socket, where corrald asks for the job's
-status and stops it (the `control` channel of corral.ipc).
+status, stops it, resizes its terminal and attaches to its input (the
+`control` channel of corral.ipc and corral.ipc_input).
 
 A SOCK_SEQPACKET unix socket in the job's directory, so a restarted
 corrald finds the shim again. Each datagram is one message and gets one
 answer; corrald opens with a Hello, which is answered with the version
 this shim speaks, whatever version was asked for: the newer side decides.
+A connection that asks AttachInput and is taken is no longer served here:
+it carries the job's input (`input_relay`).
 """
 
 from __future__ import annotations
@@ -15,27 +18,36 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from corral import ipc
+from corral import ipc, ipc_input
 from corral.shim.loop import Loop
 from corral.store import SOCKET_FILE, socket_path
 
-# corrald asks for little at once (status, stop); more clients than this
-# at a time is a bug or an attack, and they wait for their turn.
+# corrald asks for little at once (status, stop, resize); more clients
+# than this at a time is a bug or an attack, and they wait for their turn.
+# (Attached connections are the input relay's, and counted there.)
 MAX_CONTROL_CLIENTS = 32
 
-Answer = Callable[[ipc.ControlRequest], ipc.ControlReply]
+# What corrald asks here, besides Hello and AttachInput, and the answers.
+Request = ipc.StatusRequest | ipc.StopRequest | ipc_input.Resize
+Reply = ipc.StatusReply | ipc.Stopping | ipc.Refusal | ipc_input.Resized
+Answer = Callable[[Request], Reply]
+# Takes a connection that asked AttachInput over (None), or says why not.
+Attach = Callable[[socket.socket], ipc.Refusal | None]
+REQUESTS = (ipc.Hello, ipc.StatusRequest, ipc.StopRequest, ipc_input.Resize, ipc_input.AttachInput)
 
 
 class ControlSocket:
     """shim.sock, bound and served from the shim's poll loop.
 
-    `answer` turns each request into its reply; it must not raise.
+    `answer` turns each request into its reply, and `attach` takes a
+    connection that asks AttachInput over or refuses it; neither may raise.
     """
 
-    def __init__(self, job_dir: Path, loop: Loop, answer: Answer) -> None:
+    def __init__(self, job_dir: Path, loop: Loop, answer: Answer, attach: Attach) -> None:
         self.job_dir = job_dir
         self._loop = loop
         self._answer = answer
+        self._attach = attach
         self._clients: set[socket.socket] = set()
         path = job_dir / SOCKET_FILE
         with contextlib.suppress(FileNotFoundError):
@@ -62,8 +74,15 @@ class ControlSocket:
             client.close()
             return
         client.setblocking(False)
+        self._take(client)
+
+    def _take(self, client: socket.socket) -> None:
         self._clients.add(client)
         self._loop.watch(client.fileno(), lambda _fd: self._serve(client))
+
+    def _release(self, client: socket.socket) -> None:
+        self._loop.unwatch(client.fileno())
+        self._clients.discard(client)
 
     def _serve(self, client: socket.socket) -> None:
         try:
@@ -75,13 +94,24 @@ class ControlSocket:
         if not data:
             self._drop(client)
             return
-        reply: ipc.Message
+        reply: ipc.MessageBase
         try:
-            request = ipc.decode(data, (ipc.Hello, ipc.StatusRequest, ipc.StopRequest))
+            request = ipc.decode_any(data, REQUESTS)
         except ipc.IPCError as exc:
             reply = ipc.Refusal(message=f"bad request: {exc}")
         else:
-            reply = ipc.Hello() if isinstance(request, ipc.Hello) else self._answer(request)
+            if isinstance(request, ipc_input.AttachInput):
+                # Let go first: if taken, the connection is the relay's to watch.
+                self._release(client)
+                refusal = self._attach(client)
+                if refusal is None:
+                    return
+                self._take(client)
+                reply = refusal
+            elif isinstance(request, Request):
+                reply = self._answer(request)
+            else:
+                reply = ipc.Hello()
         self._send(client, reply.encode())
 
     def _send(self, client: socket.socket, data: bytes) -> None:
@@ -91,6 +121,5 @@ class ControlSocket:
             self._drop(client)
 
     def _drop(self, client: socket.socket) -> None:
-        self._loop.unwatch(client.fileno())
-        self._clients.discard(client)
+        self._release(client)
         client.close()

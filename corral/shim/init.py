@@ -8,9 +8,11 @@ writable (a host path under /tmp or /dev/shm carried into the job's own
 one), `lo` up, the job's hostname, no_new_privs) while the shim puts it in the
 job's cgroup, becomes what the command must be (the run-as user, its cwd,
 the OOM score), waits for the shim's release, and spawns the command with
-posix_spawn. Then it reaps orphans, forwards SIGTERM and SIGINT, and when
-the command ends writes its exact wait status to the shim and exits,
-taking the namespace, and every process left in it, with it.
+posix_spawn: its stdin /dev/null, a pipe, or a terminal of the job's own,
+whose end init hands the shim first (the input channel). Then it reaps
+orphans, forwards SIGTERM and SIGINT, and when the command ends writes its
+exact wait status to the shim and exits, taking the namespace, and every
+process left in it, with it.
 
 init runs as the run-as user too, as tini does in a container: it holds
 nothing the command could not have. Its parent-death signal is set again
@@ -34,13 +36,14 @@ import errno
 import os
 import select
 import signal
+import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
-from corral import ipc
-from corral.shim import libc, mounts
+from corral import ipc, ipc_fds, ipc_input
+from corral.shim import libc, mounts, terminal
 from corral.shim.mounts import remount_each
 
 # remount_each is the mounts' fallback before Linux 5.12; tests run it here.
@@ -69,6 +72,9 @@ class InitConfig:
     result_fd: int  # write: the command's wait status
     stdout_fd: int  # write ends for the command
     stderr_fd: int
+    # SOCK_SEQPACKET, close-on-exec: the input channel, where init hands the
+    # shim the job's input end (ipc_input.InputEnd) before it says Started.
+    input_fd: int
 
 
 def report(fd: int, word: ipc.InitWord) -> None:
@@ -86,8 +92,8 @@ def run_init(config: InitConfig) -> NoReturn:
     os.dup2(null, 2)
     os.close(null)
     try:
-        job = _contain(config)
-        command = _spawn(config, job)
+        job, stdio = _contain(config)
+        command = _spawn(job, stdio)
     except _StepError as exc:
         report(config.exec_fd, ipc.InitFailure.of(exc.step, exc.error))
         os._exit(EXIT_SETUP_FAILED)
@@ -96,7 +102,7 @@ def run_init(config: InitConfig) -> NoReturn:
         os._exit(EXIT_SETUP_FAILED)
     report(config.exec_fd, ipc.Started())
     # init keeps none of the command's ends: their EOFs belong to the command.
-    for fd in (config.exec_fd, config.stdout_fd, config.stderr_fd):
+    for fd in (config.exec_fd, config.stdout_fd, config.stderr_fd, *stdio.close):
         os.close(fd)
     os._exit(_reap_until(command, config.result_fd))
 
@@ -120,9 +126,10 @@ def _step(step: str, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
         raise _StepError(step, exc) from None
 
 
-def _contain(config: InitConfig) -> ipc.JobConfig:
+def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
     """Every step between the fork and the command, in the one order they
-    must happen in; _StepError names the step that failed.
+    must happen in: the job, and the command's stdio; _StepError names the
+    step that failed.
 
     Two halves: the jail is built ahead of the job (in a warm sandbox, long
     before); the job comes once init is in the job's cgroup and its limits
@@ -172,6 +179,7 @@ def _contain(config: InitConfig) -> ipc.JobConfig:
     # The command is the process the OOM killer should pick; init inherits
     # the score it passes on (only root may lower it later).
     _step("oom_score_adj", _write, "/proc/self/oom_score_adj", COMMAND_OOM_SCORE_ADJ)
+    stdio = _stdio(config, job)  # as root: the terminal's slave is given to the run-as user
     _step("user", _drop_privileges, job)
     # Changing credentials cleared the death signal: set it again, then make
     # sure the shim did not die before it was set (the job pipe's only
@@ -183,7 +191,7 @@ def _contain(config: InitConfig) -> ipc.JobConfig:
         os._exit(EXIT_SETUP_FAILED)
     os.close(config.job_fd)
     _step("cwd", os.chdir, job.cwd)
-    return job
+    return job, stdio
 
 
 def _receive_job(fd: int) -> ipc.JobConfig:
@@ -235,7 +243,60 @@ def _reap_until(command: int, result_fd: int) -> int:
 # -- the command -------------------------------------------------------------------
 
 
-def _spawn(config: InitConfig, job: ipc.JobConfig) -> int:
+@dataclass(frozen=True, slots=True)
+class _Stdio:
+    """The command's stdin, stdout and stderr (posix_spawn file actions),
+    whether it starts a session of its own, and init's descriptors to
+    close once it has spawned."""
+
+    actions: tuple[tuple[Any, ...], ...]
+    setsid: bool = False
+    close: tuple[int, ...] = ()
+
+
+def _stdio(config: InitConfig, job: ipc.JobConfig) -> _Stdio:
+    """The command's stdio, as the job asks: a terminal of its own, a stdin
+    pipe, or /dev/null and the shim's pipes. The shim gets the job's input
+    end (the terminal's master, the pipe's write end) on the input channel
+    now, before init says Started, so it is there when the shim hears that.
+
+    A terminal job's command starts a session (posix_spawn's setsid comes
+    before its file actions) and opens the slave without O_NOCTTY, which
+    makes the terminal its controlling one: Ctrl+C is SIGINT to its
+    foreground process group, a resize SIGWINCH. Its output goes through
+    the terminal alone; init closes its ends of the stdout and stderr pipes
+    after the spawn as always, so the shim sees their EOF.
+    """
+    output = (
+        (os.POSIX_SPAWN_DUP2, config.stdout_fd, 1),
+        (os.POSIX_SPAWN_DUP2, config.stderr_fd, 2),
+    )
+    if job.tty:
+        master, slave = _step("terminal", terminal.open_terminal, job.tty_size, job.uid, job.gid)
+        _step("terminal", _send_input_end, config.input_fd, ipc_input.TTY, master)
+        actions: tuple[tuple[Any, ...], ...] = (
+            (os.POSIX_SPAWN_OPEN, 0, slave, os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1),
+            (os.POSIX_SPAWN_DUP2, 0, 2),
+        )
+        # Held until the command has the slave open: the last master's close takes the slave.
+        return _Stdio(actions, setsid=True, close=(master,))
+    if job.stdin:
+        read_end, write_end = _step("stdin", os.pipe2, os.O_CLOEXEC)
+        _step("stdin", _send_input_end, config.input_fd, ipc_input.PIPE, write_end)
+        # init keeps neither end: the job's EOF and EPIPE belong to the shim and the command.
+        return _Stdio(((os.POSIX_SPAWN_DUP2, read_end, 0), *output), close=(read_end, write_end))
+    os.close(config.input_fd)
+    return _Stdio(((os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0), *output))
+
+
+def _send_input_end(channel_fd: int, kind: str, end: int) -> None:
+    """Hand the shim the job's input end on the input channel, and close the channel."""
+    with socket.socket(fileno=channel_fd) as channel:
+        ipc_fds.send_message(channel, ipc_input.InputEnd(kind=kind), [end])
+
+
+def _spawn(job: ipc.JobConfig, stdio: _Stdio) -> int:
     """Start the command and return its pid, once it has exec'd.
 
     posix_spawn (a vfork in glibc) costs the same whatever init's size,
@@ -258,11 +319,8 @@ def _spawn(config: InitConfig, job: ipc.JobConfig) -> int:
             path,
             list(job.argv),
             env,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, config.stdout_fd, 1),
-                (os.POSIX_SPAWN_DUP2, config.stderr_fd, 2),
-            ],
+            file_actions=list(stdio.actions),
+            setsid=stdio.setsid,
             # Python ignores SIGPIPE and SIGXFSZ and init blocks others:
             # the command starts with every signal at its default, unblocked.
             setsigdef=DEFAULT_SIGNALS,

@@ -1,7 +1,8 @@
 """output.log: the job's stdout and stderr as msgpack records, capped in size.
 
-Each record is `[stream, timestamp_ns, bytes]` (`corral.records`); readers
-in corrald follow the file by its size.
+Each record is `[stream, timestamp_ns, bytes]` (`corral.records`), or a
+marker `[0, timestamp_ns, {...}]` of corral's (a terminal's size, what was
+dropped); readers in corrald follow the file by its size.
 """
 
 from __future__ import annotations
@@ -78,6 +79,16 @@ class OutputLog:
                     return
                 self.error_at = offset
         self.dropped += len(data)
+
+    def mark(self, marker: dict[str, Any]) -> None:
+        """Log a corral marker (a terminal's size, say): it counts towards
+        the size cap like any record, but is no output. One that finds no
+        room (the cap, a full disk) is left out, and the log is as it was:
+        the output's next record meets the full disk for itself."""
+        if self.error is None:
+            record = pack([STREAM_MARKER, now_ns(), marker])
+            if self.size + len(record) <= self.limit - MARKER_RESERVE:
+                self._write(record)
 
     def loss(self) -> str | None:
         """What output was dropped and why, in a few words; None if none was."""

@@ -1,18 +1,20 @@
 """The sandbox: init in its own namespaces and in the job's cgroup, before
-the job is known, and the failure of a start."""
+the job is known, and the failure of a start (init's word on it too)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
 
 from corral import ipc
 from corral.errors import ErrorCode
-from corral.job import SHORT_ID
+from corral.job import SHORT_ID, ResolvedSpec
 from corral.shim import libc
 from corral.shim.cgroup import Cgroup, CgroupError, Flavour, open_cgroup
 from corral.shim.init import INIT_SIGNALS, InitConfig, run_init
@@ -40,6 +42,42 @@ class StartFailure(Exception):
     def report(self) -> ipc.StartReport:
         """The start report that tells corrald of this failure."""
         return ipc.StartReport.failed(self.code, str(self), self.step, self.errno)
+
+
+def init_word(data: bytes) -> ipc.InitWord | None:
+    """init's word on the exec channel in `data`; None if `data` holds none (yet)."""
+    try:
+        return ipc.decode(data, (ipc.Started, ipc.InitFailure))
+    except ipc.IPCError:
+        return None
+
+
+def init_failure(spec: ResolvedSpec, data: bytes) -> StartFailure | None:
+    """The failure init reported in `data` (None: it reported none), as the
+    caller of start of `spec` should read it."""
+    if not data:
+        return None
+    failure = init_word(data)
+    if not isinstance(failure, ipc.InitFailure):
+        return StartFailure("init", "init reported an unreadable failure", ErrorCode.INTERNAL)
+    step, message = failure.step, failure.message
+    program = spec.argv[0].decode(errors="replace")
+    if step == "exec":
+        text = f"cannot run {program!r}: {message}"
+    elif step == "cwd":
+        text = f"cannot change to directory {spec.cwd.decode(errors='replace')!r}: {message}"
+    elif step == "writable":
+        text = f"cannot make a path writable: {message}"
+    elif step == "user":
+        text = f"cannot become user {spec.user!r}: {message}"
+    else:
+        text = f"cannot set up the job ({step}): {message}"
+    missing = failure.errno in {errno.ENOENT, errno.ENOTDIR}
+    # A writable path through a symbolic link: the caller should name its target.
+    linked = step == "writable" and failure.errno == errno.ELOOP
+    caller_error = (step in {"exec", "cwd", "writable"} and missing) or linked
+    code = ErrorCode.INVALID_ARGUMENT if caller_error else ErrorCode.FAILED_PRECONDITION
+    return StartFailure(step, text, code, failure.errno)
 
 
 def read_all(fd: int) -> bytes:
@@ -70,6 +108,12 @@ class Sandbox:
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(5)]
         (self.out_r, out_w), (self.err_r, err_w), (job_r, self.job_w) = pipes[:3]
         (self.exec_r, exec_w), (self.result_r, result_w) = pipes[3:]
+        # Made here whatever the job turns out to be: a warm sandbox is built
+        # before anyone knows whether its job takes input.
+        self.input_channel, theirs = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
+        input_w = theirs.detach()
         config = InitConfig(
             hostname=self.job_id[:SHORT_ID],
             job_fd=job_r,
@@ -77,12 +121,11 @@ class Sandbox:
             result_fd=result_w,
             stdout_fd=out_w,
             stderr_fd=err_w,
+            input_fd=input_w,
         )
+        ours = [self.out_r, self.err_r, self.job_w, self.exec_r, self.result_r]
         try:
-            self._fork_init(
-                config,
-                ours=[self.out_r, self.err_r, self.job_w, self.exec_r, self.result_r, *inherited],
-            )
+            self._fork_init(config, ours=[*ours, self.input_channel.fileno(), *inherited])
             self.cgroup = _open_cgroup(request)
             try:
                 self.cgroup.create()
@@ -94,7 +137,7 @@ class Sandbox:
             self.failure = failure
             self._abandon()
         finally:
-            for fd in (out_w, err_w, job_r, exec_w, result_w):
+            for fd in (out_w, err_w, job_r, exec_w, result_w, input_w):
                 os.close(fd)
 
     def _fork_init(self, config: InitConfig, ours: list[int]) -> None:

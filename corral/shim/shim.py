@@ -6,11 +6,15 @@ The spawner forks the shim into its own session. The shim
    job's cgroup, building its jail (`init`, `mounts`);
 2. reads the job's spec, resolves the run-as user and writes the limits;
 3. sends init the job, opens `output.log` (`output_log`) and listens on
-   `shim.sock` in the job directory (`control`: stop, status);
+   `shim.sock` in the job directory (`control`: stop, status, resize,
+   attach);
 4. learns from the exec channel whether the command started, and tells
-   corrald on the report pipe (an `ipc.StartReport`);
-5. relays the command's stdout and stderr into `output.log`, and stops the
-   job when asked or at its max runtime (`deadlines`);
+   corrald on the report pipe (an `ipc.StartReport`); takes the job's
+   input end from init (the input channel);
+5. relays the command's stdout and stderr (or its terminal) into
+   `output.log`, writes what attached connections send to its stdin
+   (`input_relay`), resizes its terminal (`terminal`), and stops the job
+   when asked or at its max runtime (`deadlines`);
 6. when init exits: drains the pipes, reads the command's wait status,
    OOM kills and usage, removes the cgroup, writes `status.msgpack`
    atomically and exits.
@@ -33,18 +37,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
-from corral import ipc, ipc_fds
+from corral import ipc, ipc_fds, ipc_input
 from corral.errors import ErrorCode
 from corral.job import ResolvedSpec, SpecError, State, Status, Usage
 from corral.records import STREAM_STDERR, STREAM_STDOUT
-from corral.shim import libc
+from corral.shim import ending, libc
 from corral.shim.cgroup import CgroupError
-from corral.shim.control import ControlSocket
+from corral.shim.control import ControlSocket, Reply, Request
 from corral.shim.deadlines import Deadlines, Due
 from corral.shim.init import WAIT_STATUS
+from corral.shim.input_relay import INPUT_LOST, NO_INPUT, InputRelay, receive_input_end
 from corral.shim.loop import Loop
 from corral.shim.output_log import READ_SIZE, OutputLog, now_ns
-from corral.shim.sandbox import Sandbox, StartFailure, read_all
+from corral.shim.sandbox import Sandbox, StartFailure, init_failure, init_word, read_all
+from corral.shim.terminal import NO_TERMINAL, Terminal
 from corral.store import FULL_ERRNOS, OUTPUT_FILE, Reserve, read_spec, write_status
 
 # After init exits the kernel kills the rest of the namespace; its pipes
@@ -77,21 +83,6 @@ def resolve_user(user: str) -> Credentials:
     return Credentials(entry.pw_uid, entry.pw_gid, groups)
 
 
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def _init_word(data: bytes) -> ipc.InitWord | None:
-    """init's word in `data`; None if `data` holds none (yet)."""
-    try:
-        return ipc.decode(data, (ipc.Started, ipc.InitFailure))
-    except ipc.IPCError:
-        return None
-
-
 class Shim:
     """One job's life, from the filled-in sandbox to the final status."""
 
@@ -122,6 +113,9 @@ class Shim:
         self.log: OutputLog | None = None
         self.reserve: Reserve | None = None
         self.control: ControlSocket | None = None
+        # The job's input, if it takes any, and its terminal, if it has one.
+        self.relay = InputRelay(self.loop, tty=self.spec.tty) if self.spec.stdin else None
+        self.terminal: Terminal | None = None
 
     # -- setup -------------------------------------------------------------------
 
@@ -132,7 +126,7 @@ class Shim:
         answers on its socket: a stop while init finishes is served.
         """
         if self.sandbox.failure is not None:
-            raise self._exec_failure(self.sandbox.init_report) or self.sandbox.failure
+            raise init_failure(self.spec, self.sandbox.init_report) or self.sandbox.failure
         credentials = resolve_user(self.spec.user)
         assert self.cgroup is not None
         try:
@@ -149,6 +143,9 @@ class Shim:
             groups=credentials.groups,
             tmp_size=self.spec.tmp_size,
             writable=self.spec.writable,
+            stdin=self.spec.stdin,
+            tty=self.spec.tty,
+            tty_size=self.spec.tty_size,
         )
         # init goes on with the job while the rest is set up here: output
         # is relayed only once the poll loop runs, after the log is open.
@@ -158,7 +155,10 @@ class Shim:
         if self.job_out:
             self.loop.watch(self.sandbox.job_w, self._send_job, select.POLLOUT)
         self._open_log()
-        self.control = ControlSocket(self.job_dir, self.loop, self._answer)
+        if self.spec.tty:
+            assert self.log is not None
+            self.terminal = Terminal(self.spec.tty_size, self.log.mark)
+        self.control = ControlSocket(self.job_dir, self.loop, self._answer, self._attach)
         self.pipes = {self.sandbox.out_r, self.sandbox.err_r}
         self.loop.watch(self.sandbox.out_r, lambda fd: self._relay(fd, STREAM_STDOUT))
         self.loop.watch(self.sandbox.err_r, lambda fd: self._relay(fd, STREAM_STDERR))
@@ -216,48 +216,49 @@ class Shim:
         self._report(ipc.StartReport.running(self.status))
         self._record()
         self.deadlines.running(time.monotonic(), self.spec.max_runtime)
+        self._take_input_end()
+
+    def _take_input_end(self) -> None:
+        """The job's input end, from init (queued before its Started).
+
+        A terminal's master is the job's output too (one stream, stdout,
+        drained at the end like the pipes: its read is EIO once every slave
+        is closed) and, duplicated, its input end: poll then watches reads
+        and writes apart, one handler per descriptor. The terminal keeps a
+        third copy for resizes.
+        """
+        channel = self.sandbox.input_channel
+        if not (self.spec.tty or self.spec.stdin):
+            channel.close()
+            return
+        end = receive_input_end(channel, ipc_input.TTY if self.spec.tty else ipc_input.PIPE)
+        channel.close()
+        if end is None:  # a bug, logged: the job runs without
+            if self.relay is not None:
+                self.relay.close_input(INPUT_LOST)
+            return
+        if self.terminal is not None:
+            self.pipes.add(end)
+            self.loop.watch(end, lambda fd: self._relay(fd, STREAM_STDOUT))
+            self.terminal.connect(os.dup(end))
+            if self.relay is not None:
+                self.relay.connect(os.dup(end))
+        elif self.relay is not None:
+            self.relay.connect(end)
 
     def _exec_channel(self, fd: int) -> None:
         """init's one word: Started, or the step that failed (then init exits)."""
         data = os.read(fd, READ_SIZE)
-        if data and _init_word(data) is None:  # a long message, read mid-write
+        if data and init_word(data) is None:  # a long message, read mid-write
             data += read_all(fd)
         self.loop.unwatch(fd)
         os.close(fd)
         self.exec_r = None
-        if isinstance(_init_word(data), ipc.Started):
+        if isinstance(init_word(data), ipc.Started):
             self._started()
         else:
-            self.start_failure = self.start_failure or self._exec_failure(data)
+            self.start_failure = self.start_failure or init_failure(self.spec, data)
             # init exits after a failure; its exit ends the job.
-
-    def _exec_failure(self, data: bytes) -> StartFailure | None:
-        """The failure init reported, as the caller of start should read it."""
-        if not data:
-            return None
-        failure = _init_word(data)
-        if not isinstance(failure, ipc.InitFailure):
-            return StartFailure("init", "init reported an unreadable failure", ErrorCode.INTERNAL)
-        step, message = failure.step, failure.message
-        program = self.spec.argv[0].decode(errors="replace")
-        if step == "exec":
-            text = f"cannot run {program!r}: {message}"
-        elif step == "cwd":
-            text = (
-                f"cannot change to directory {self.spec.cwd.decode(errors='replace')!r}: {message}"
-            )
-        elif step == "writable":
-            text = f"cannot make a path writable: {message}"
-        elif step == "user":
-            text = f"cannot become user {self.spec.user!r}: {message}"
-        else:
-            text = f"cannot set up the job ({step}): {message}"
-        missing = failure.errno in {errno.ENOENT, errno.ENOTDIR}
-        # A writable path through a symbolic link: the caller should name its target.
-        linked = step == "writable" and failure.errno == errno.ELOOP
-        caller_error = (step in {"exec", "cwd", "writable"} and missing) or linked
-        code = ErrorCode.INVALID_ARGUMENT if caller_error else ErrorCode.FAILED_PRECONDITION
-        return StartFailure(step, text, code, failure.errno)
 
     # -- the loop ------------------------------------------------------------------
 
@@ -282,7 +283,14 @@ class Shim:
 
     def _relay(self, fd: int, stream: int) -> None:
         assert self.log is not None
-        data = os.read(fd, READ_SIZE)
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:  # a terminal's master is non-blocking (its input end's flag)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            data = b""  # a terminal whose every slave is closed: its EOF
         if data:
             self.log.append(stream, data)
         else:  # EOF (POLLHUP alone also lands here)
@@ -311,15 +319,25 @@ class Shim:
 
     # -- control socket --------------------------------------------------------------
 
-    def _answer(self, request: ipc.ControlRequest) -> ipc.ControlReply:
-        """corrald's request, served: the status now, or a stop under way."""
+    def _answer(self, request: Request) -> Reply:
+        """corrald's request, served: the status now, a stop under way, a resize."""
         if isinstance(request, ipc.StatusRequest):
             return ipc.StatusReply(status=self._live_status())
+        if isinstance(request, ipc_input.Resize):
+            if self.terminal is None:
+                return ipc.Refusal(message=NO_TERMINAL)
+            return self.terminal.resize(request.columns, request.rows)
         grace = self.spec.stop_grace if request.grace is None else request.grace
         if not grace >= 0:  # NaN too
             return ipc.Refusal(message="grace must be zero or more seconds")
         self._stop(request.by or "request", grace)
         return ipc.Stopping()
+
+    def _attach(self, client: socket.socket) -> ipc.Refusal | None:
+        """A control connection asks to write the job's input: the relay takes it, or a Refusal."""
+        if self.relay is None:
+            return ipc.Refusal(message=NO_INPUT)
+        return self.relay.attach(client)
 
     def _live_status(self) -> Status:
         usage = Usage()
@@ -344,23 +362,23 @@ class Shim:
         self.pidfd = None
         if self.exec_r is not None:  # init's word may still be in the pipe
             self._exec_channel(self.exec_r)
+        self._input_ended()
         if self.status.state is State.STARTING:
             self._drain()
-            self._end_failed(self.start_failure or self._setup_ended(init_status))
+            self._end_failed(
+                self.start_failure or ending.setup_ended(init_status, self.deadlines.stop)
+            )
         command_status = self._read_result()
         self._drain()
         self._finish(command_status, init_status)
 
-    def _setup_ended(self, init_status: int) -> StartFailure:
-        """init ended before the command started, without saying why."""
-        if (stop := self.deadlines.stop) is not None:
-            message = f"stopped by {stop.by} before the command started"
-            return StartFailure("setup", message, ErrorCode.FAILED_PRECONDITION)
-        if os.WIFSIGNALED(init_status):
-            how = f"killed by {_signal_name(os.WTERMSIG(init_status))}"
-        else:
-            how = f"exited with code {os.waitstatus_to_exitcode(init_status)}"
-        return StartFailure("init", f"init {how} before the command started", ErrorCode.INTERNAL)
+    def _input_ended(self) -> None:
+        """The job has ended: attached writers hear so, and its input end and
+        terminal are let go of (a terminal's output is still drained)."""
+        if self.relay is not None:
+            self.relay.job_ended()
+        if self.terminal is not None:
+            self.terminal.close()
 
     def _read_result(self) -> int | None:
         with contextlib.suppress(OSError):
@@ -382,48 +400,20 @@ class Shim:
         with contextlib.suppress(CgroupError):
             oom = self.cgroup.oom_kills() > 0
             usage = self.cgroup.usage()
-        exit_code: int | None = None
-        signal_name: str | None = None
-        status = command_status if command_status is not None else init_status
-        if os.WIFEXITED(status):
-            exit_code = os.WEXITSTATUS(status)
-        elif os.WIFSIGNALED(status):
-            signal_name = _signal_name(os.WTERMSIG(status))
-        if command_status is None and signal_name is None:
-            # init ended without the command's status: it was killed (stop,
-            # OOM); the command died with it.
-            exit_code, signal_name = None, "SIGKILL"
+        exit_code, killed_by = ending.outcome(command_status, init_status)
         stop = self.deadlines.stop
         self.status = replace(
             self.status,
             state=State.STOPPED if stop else State.EXITED,
             exit_code=exit_code,
-            signal=signal_name,
+            signal=killed_by,
             oom_killed=oom,
             finished_at=now_ns(),
             usage=usage,
-            reason=self._reason(exit_code, signal_name, oom),
+            reason=ending.reason(exit_code, killed_by, oom, stop, self.killed),
             stopped_by=stop.by if stop else None,
         )
         self._end()
-
-    def _reason(self, exit_code: int | None, signal_name: str | None, oom: bool) -> str:
-        if signal_name is not None:
-            how = f"killed by {signal_name}"
-            if oom:
-                how += ": out of memory"
-        else:
-            how = f"exited with code {exit_code}"
-        stop = self.deadlines.stop
-        if stop is None:
-            return how
-        if stop.by.startswith("max runtime"):
-            stopped = f"stopped: {stop.by} reached"
-        else:
-            stopped = f"stopped by {stop.by}"
-        if self.killed:
-            return f"{stopped}; {how} after {stop.grace:g} s grace"
-        return f"{stopped}; {how}"
 
     def _end_failed(self, failure: StartFailure) -> NoReturn:
         if self.pidfd is not None:  # init is still waiting for the job
@@ -448,6 +438,7 @@ class Shim:
         complete. On a full filesystem too (see Reserve): the status goes
         into the reserve's blocks first, which frees the rest of it for the
         log's marker, and is then renamed into place."""
+        self._input_ended()
         if self.cgroup is not None:
             try:
                 self.cgroup.remove()

@@ -3,7 +3,7 @@
 Each handler turns a request's args into a call on the `JobManager` and
 its result into a plain map. Who may do what is not decided here but in
 `corral.supervisor.policy` (the table of operation x role): every handler
-asks it first, and finds jobs only through `_visible`, which looks a job
+asks it first, and finds jobs only through `visible`, which looks a job
 up among those the caller may reach, so another user's job answers
 exactly like a job that does not exist.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from corral.errors import OperationError
-from corral.job import DEFAULT_STOP_GRACE, JobSpec, Limits, Status, check_grace
+from corral.job import DEFAULT_STOP_GRACE, DEFAULT_TTY_SIZE, JobSpec, Limits, Status, check_grace
 from corral.protocol import ErrorCode
 from corral.store import OUTPUT_FILE, pack
 from corral.supervisor.policy import Policy, authorize, owner_filter
@@ -42,13 +42,14 @@ def job_record(job: Job, status: Status | None = None) -> dict[str, Any]:
         "limits": job.spec.limits.to_wire(),
         "max_runtime": job.spec.max_runtime,
         "writable": list(job.spec.writable),
+        "stdin": job.spec.stdin,
+        "tty": job.spec.tty,
+        "tty_size": list(job.spec.tty_size),
         **status.to_wire(),
     }
 
 
-def _arg(
-    args: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None
-) -> Any:
+def arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
     value = args.get(name, default)
     if value is not None and (
         not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)
@@ -88,7 +89,7 @@ class JobOperations:
             "logs": self.logs,
         }
 
-    def _visible(self, context: RequestContext) -> Job:
+    def visible(self, context: RequestContext) -> Job:
         """The job the request names, among those its caller may reach with its
         operation: not_found alike whether it is missing or not theirs."""
         owner = owner_filter(context.identity, context.request.op)
@@ -108,29 +109,32 @@ class JobOperations:
         # are. A start that failed after its job was recorded names the job.
         terms = self.policy.start_terms(
             identity,
-            user=_arg(args, "user", str),
-            limits=Limits.from_wire(_arg(args, "limits", dict, {})),
-            max_runtime=_arg(args, "max_runtime", (int, float)),
+            user=arg(args, "user", str),
+            limits=Limits.from_wire(arg(args, "limits", dict, {})),
+            max_runtime=arg(args, "max_runtime", (int, float)),
         )
-        writable = _arg(args, "writable", list, [])
+        writable = arg(args, "writable", list, [])
         self.policy.check_writable(identity, writable)
         spec = JobSpec(
-            argv=_arg(args, "argv", list, []),
-            env=_arg(args, "env", dict),
-            cwd=_arg(args, "cwd", (str, bytes), "/"),
-            env_clear=_arg(args, "env_clear", bool, False),
+            argv=arg(args, "argv", list, []),
+            env=arg(args, "env", dict),
+            cwd=arg(args, "cwd", (str, bytes), "/"),
+            env_clear=arg(args, "env_clear", bool, False),
             writable=writable,
             user=terms.user,
             limits=terms.limits,
             max_runtime=terms.max_runtime,
             owner=identity.name,
+            stdin=arg(args, "stdin", bool, False),
+            tty=arg(args, "tty", bool, False),
+            tty_size=arg(args, "tty_size", list, list(DEFAULT_TTY_SIZE)),
         )
         job = await self.manager.start(spec)
         return {"id": job.id, "job": job_record(job)}
 
     async def stop(self, context: RequestContext) -> dict[str, Any]:
         args = context.request.args
-        job = self._visible(context)
+        job = self.visible(context)
         grace = check_grace(args.get("grace", DEFAULT_STOP_GRACE))  # before anything else
         # Stopping a job that has ended is done already, as `docker stop`
         # has it: the reply says so, with how it ended.
@@ -145,13 +149,13 @@ class JobOperations:
         return {"job": job_record(job, status), "already_ended": False}
 
     async def status(self, context: RequestContext) -> dict[str, Any]:
-        job = self._visible(context)
+        job = self.visible(context)
         _, status = await self.manager.status(job.id)
         return {"job": job_record(job, status)}
 
     async def wait(self, context: RequestContext) -> dict[str, Any]:
         """Answer once the job has ended, with its final state."""
-        job = self._visible(context)
+        job = self.visible(context)
         status = await self.manager.wait(job.id)
         return {"job": job_record(job, status)}
 
@@ -161,10 +165,10 @@ class JobOperations:
         # an admin; for a user, still their own.
         owner = owner_filter(identity, "list")
         args = context.request.args
-        if not _arg(args, "all", bool, False):
+        if not arg(args, "all", bool, False):
             owner = identity.name
         jobs = self.manager.jobs(owner=owner)  # oldest first: by (created_at, id)
-        after = _arg(args, "after", list)
+        after = arg(args, "after", list)
         if after is not None:
             if len(after) != 2 or not isinstance(after[0], int) or not isinstance(after[1], str):
                 raise OperationError(ErrorCode.INVALID_ARGUMENT, "after: must be [created_at, id]")
@@ -184,7 +188,7 @@ class JobOperations:
         return {"jobs": records, "more": False}
 
     async def remove(self, context: RequestContext) -> dict[str, Any]:
-        job = self._visible(context)
+        job = self.visible(context)
         await self.manager.remove(job.id)
         return {"id": job.id}
 
@@ -193,34 +197,45 @@ class JobOperations:
         credit, then an end with the offset reached and the job's state (final
         when it has ended). With `follow`, until the job has ended."""
         args = context.request.args
-        job = self._visible(context)
-        offset = _arg(args, "offset", int, 0)
-        follow = bool(_arg(args, "follow", bool, False))
+        job = self.visible(context)
+        offset = arg(args, "offset", int, 0)
+        follow = bool(arg(args, "follow", bool, False))
         if offset < 0:
             raise OperationError(ErrorCode.INVALID_ARGUMENT, "offset: must be zero or more")
         if offset:
-            await _check_offset(job, offset)
-        with self.manager.open_output(job.id, offset) as reader:
-            while True:
-                # Credit first, then the read: nothing is read that cannot be sent.
-                credit = await context.wait_credit()
-                at = reader.offset
-                data = await reader.read(min(credit, CHUNK), follow=follow)
-                if not data:
-                    break
-                await context.send_data(at, data)
-            end = reader.offset
+            await check_offset(job, offset)
+        end = await send_output(context, self.manager, job, offset, follow=follow)
+        return StreamEnd({"offset": end, "job": job_record(job, await self.live_status(job))})
+
+    async def live_status(self, job: Job) -> Status:
+        """The job's status now: final once it has ended, else its shim's."""
         if job.done.is_set():
-            status = job.status
-        else:
-            try:
-                _, status = await self.manager.status(job.id)
-            except OperationError:
-                status = job.status
-        return StreamEnd({"offset": end, "job": job_record(job, status)})
+            return job.status
+        try:
+            _, status = await self.manager.status(job.id)
+        except OperationError:
+            return job.status
+        return status
 
 
-async def _check_offset(job: Job, offset: int) -> None:
+async def send_output(
+    context: RequestContext, manager: JobManager, job: Job, offset: int, *, follow: bool
+) -> int:
+    """Send the job's output.log from `offset` on the request's stream, within
+    the client's credit: to its end now, or with `follow` until the job has
+    ended and all was sent. Return the offset reached."""
+    with manager.open_output(job.id, offset) as reader:
+        while True:
+            # Credit first, then the read: nothing is read that cannot be sent.
+            credit = await context.wait_credit()
+            at = reader.offset
+            data = await reader.read(min(credit, CHUNK), follow=follow)
+            if not data:
+                return reader.offset
+            await context.send_data(at, data)
+
+
+async def check_offset(job: Job, offset: int) -> None:
     """invalid_argument, naming the nearest offsets that work, unless a
     record of the job's log begins at `offset`: a stream must start on a
     record, or the client would decode the middle of one as the next."""

@@ -78,6 +78,8 @@ TABLE: dict[str, dict[str, Reach]] = {
     "wait": {ADMIN: Reach.ANY, USER: Reach.OWN},
     "logs": {ADMIN: Reach.ANY, USER: Reach.OWN},
     "stop": {ADMIN: Reach.ANY, USER: Reach.OWN},
+    "attach": {ADMIN: Reach.ANY, USER: Reach.OWN},  # the job's output, and input to it
+    "resize": {ADMIN: Reach.ANY, USER: Reach.OWN},
     "remove": {ADMIN: Reach.ANY, USER: Reach.OWN},
 }
 

@@ -39,6 +39,7 @@ from corral.address import Address
 from corral.protocol import Connection, Error, ErrorCode, Role
 from corral.shim.cgroup import Flavour, detect_flavour
 from corral.streams import CLOSE_TIMEOUT, GONE, close_stream
+from corral.supervisor.attach import AttachOperations
 from corral.supervisor.heartbeat import Heartbeat, process_statistics
 from corral.supervisor.listeners import listener_address, open_listener, remove_unix_sockets
 from corral.supervisor.operations import JobOperations
@@ -160,7 +161,9 @@ class Server:
         """Answer the job operations with `jobs` (a running manager), from
         now on; before `serve()`, so that no session sees them come."""
         self.jobs = jobs
-        self._add_operations(JobOperations(jobs, self.config.policy).handlers())
+        operations = JobOperations(jobs, self.config.policy)
+        self._add_operations(operations.handlers())
+        self._add_operations(AttachOperations(operations).handlers())
 
     def _add_operations(self, operations: dict[str, Handler]) -> None:
         self._operations.update({op: self._counted(handler) for op, handler in operations.items()})

@@ -14,6 +14,12 @@ Theory of operation. A session has three kinds of task:
   granting holds no server memory and slows no other stream.
 - the writer drains the outgoing queue onto the stream.
 
+A stream that takes input (attach) is the same the other way: the handler
+grants credit (`grant_input`), the reader hands each Data it receives to
+the request (`receive_input`, unbounded but never beyond the credit
+granted, which the `Connection` enforces), and an Eof either way ends the
+input.
+
 When the reader ends (EOF, protocol error, shutdown) the request tasks are
 cancelled, the queue is closed, the writer sends what is left (a goodbye
 error, say) and the TLS stream is closed.
@@ -24,8 +30,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -39,6 +46,7 @@ from corral.protocol import (
     Credit,
     Data,
     End,
+    Eof,
     Error,
     ErrorCode,
     Hello,
@@ -91,6 +99,15 @@ class _Timeout(Exception):
         self.goodbye = goodbye
 
 
+@dataclass(eq=False, slots=True)
+class _Input:
+    """A request's input, received and not yet read: bounded by the credit
+    its handler granted (the Connection refuses input beyond it)."""
+
+    pieces: deque[bytes | None] = field(default_factory=deque)
+    lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+
+
 @dataclass(frozen=True, slots=True)
 class StreamEnd:
     """What a streaming handler returns: the value of the stream's end message."""
@@ -113,6 +130,34 @@ class RequestContext:
     async def send_data(self, offset: int, data: bytes) -> None:
         """Send a piece of the stream (within the credit `wait_credit` gave)."""
         await self.session.send(Data(id=self.request.id, offset=offset, data=data))
+
+    async def receive_input(self) -> bytes | None:
+        """The next piece of the client's input on this stream; None once the
+        client has said it has no more (its Eof). Only within the credit
+        granted with `grant_input`: without any, this waits for ever."""
+        return await self.session.receive_input(self.request.id)
+
+    async def grant_input(self, amount: int) -> None:
+        """Let the client send `amount` more bytes of input."""
+        if not self.session.input_closed(self.request.id):
+            await self.session.send(Credit(id=self.request.id, amount=amount))
+
+    async def close_input(self) -> None:
+        """Tell the client this stream takes no more input (its Eof)."""
+        if not self.session.input_closed(self.request.id):
+            await self.session.send(Eof(id=self.request.id))
+
+    @property
+    def peer_cancelled(self) -> bool:
+        """Whether the client cancelled this request (a detach), as opposed
+        to leaving (its connection gone) or the server shutting down."""
+        return self.request.id in self.session.peer_cancelled
+
+    @property
+    def peer_left(self) -> bool:
+        """Whether the client's connection has gone (EOF, a broken protocol,
+        a deadline): not a shutdown of ours, not a cancel of this request."""
+        return self.session.peer_left
 
 
 Handler = Callable[[RequestContext], Awaitable[dict[str, Any] | StreamEnd]]
@@ -154,6 +199,10 @@ class Session:
         self._room = trio.lowlevel.ParkingLot()
         self._in_flight: dict[int, trio.CancelScope] = {}
         self._credit: dict[int, trio.lowlevel.ParkingLot] = {}  # streams waiting for credit
+        # Input received for each request that takes it, until it is read.
+        self._inputs: dict[int, _Input] = {}
+        self.peer_cancelled: set[int] = set()  # requests the client cancelled, in flight
+        self.peer_left = False  # the client's side of the connection ended
         self._reader_scope = trio.CancelScope()
 
     def statistics(self) -> dict[str, int]:
@@ -190,6 +239,24 @@ class Session:
                     self._credit.pop(request_id, None)
         return credit
 
+    def input_closed(self, request_id: int) -> bool:
+        return self._conn.input_closed(request_id)
+
+    async def receive_input(self, request_id: int) -> bytes | None:
+        """The next input of `request_id` (None after the client's Eof)."""
+        queue = self._inputs.setdefault(request_id, _Input())
+        while not queue.pieces:
+            await queue.lot.park()
+        return queue.pieces.popleft()
+
+    def _input(self, request_id: int, piece: bytes | None) -> None:
+        """Hand input to the request it is for, if it still takes input."""
+        if request_id not in self._in_flight:
+            return  # the request ended while the input was on its way
+        queue = self._inputs.setdefault(request_id, _Input())
+        queue.pieces.append(piece)
+        queue.lot.unpark_all()
+
     async def _write_loop(self) -> None:
         async with self._receive_channel:
             async for first in self._receive_channel:
@@ -207,9 +274,11 @@ class Session:
                     with trio.move_on_after(self._io_timeout) as stalled:
                         await self._stream.send_all(b"".join(batch))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.peer_left = True
                     self._reader_scope.cancel()
                     return
                 if stalled.cancelled_caught:
+                    self.peer_left = True
                     log.info("%s: dropped: took no replies for %g s", self.peer, self._io_timeout)
                     self._reader_scope.cancel()
                     return
@@ -226,8 +295,10 @@ class Session:
                         await self._read_loop(requests)
                         requests.cancel_scope.cancel()
             except* _PeerNotReading:
+                self.peer_left = True
                 log.info("%s: dropped: not reading its replies", self.peer)
             except* _Timeout as timeouts:
+                self.peer_left = True
                 (timeout,) = timeouts.exceptions
                 assert isinstance(timeout, _Timeout)
                 log.info("%s: dropped: %s", self.peer, timeout)
@@ -320,6 +391,7 @@ class Session:
                 event = self._conn.next_event()
             except ProtocolError as exc:
                 log.info("%s: protocol error: %s", self.peer, exc)
+                self.peer_left = True
                 self._send_nowait(Error(id=None, code=exc.code, message=str(exc)))
                 return False
             if event is NEED_DATA:
@@ -328,9 +400,8 @@ class Session:
             # A frame ended in the last bytes received: what is left of
             # them begins the next one.
             self._frame_began = self._received_at
-            if isinstance(event, Signal):  # PEER_CLOSED
-                return False
-            if isinstance(event, Error):  # the client's goodbye
+            if isinstance(event, Signal | Error):  # PEER_CLOSED, or the client's goodbye
+                self.peer_left = True
                 return False
             self._dispatch(event, requests)
             if until_welcome and isinstance(event, Hello):
@@ -367,7 +438,12 @@ class Session:
                     requests.start_soon(self._serve_request, handler, context, scope)
             case Cancel(id=request_id):
                 if request_scope := self._in_flight.get(request_id):
+                    self.peer_cancelled.add(request_id)
                     request_scope.cancel()
+            case Data(id=request_id, data=data):
+                self._input(request_id, data)
+            case Eof(id=request_id):
+                self._input(request_id, None)
             case Credit(id=request_id):
                 # The Connection keeps the count; a stream waiting for it wakes.
                 if lot := self._credit.get(request_id):
@@ -400,6 +476,8 @@ class Session:
             )
         except BaseException:
             del self._in_flight[request_id]
+            self._inputs.pop(request_id, None)
+            self.peer_cancelled.discard(request_id)
             raise
         # The request counts against the cap until its reply is queued, so
         # a peer that does not read cannot pile up finished requests.
@@ -407,6 +485,8 @@ class Session:
             await self._reply(reply)
         finally:
             del self._in_flight[request_id]
+            self._inputs.pop(request_id, None)
+            self.peer_cancelled.discard(request_id)
             if not self._in_flight:
                 self._idle_since = trio.current_time()
                 self._set_deadline()

@@ -50,6 +50,7 @@ from corral.job import (
     State,
     Status,
     check_grace,
+    check_tty_size,
 )
 from corral.protocol.errors import ErrorCode
 from corral.shim.cgroup import (
@@ -63,7 +64,7 @@ from corral.shim.cgroup import (
 from corral.store import (
     read_status,
 )
-from corral.worker import recovery, shim_link
+from corral.worker import job_input, recovery, shim_link
 from corral.worker.admission import MAX_JOBS, MAX_JOBS_PER_OWNER, Admission, Slots
 from corral.worker.cgroup_parent import ParentError, default_parent, record_parent
 from corral.worker.ends import Ends
@@ -415,6 +416,42 @@ class JobManager:
     def is_followed(self, job_id: str) -> bool:
         """Whether the job has output readers now."""
         return self._live is not None and self._live.output.watches(job_id)
+
+    # -- its input ---------------------------------------------------------------------
+
+    async def open_input(self, job_id: str) -> job_input.ShimInput:
+        """A new writer of the job's input (see `job_input.ShimInput`).
+
+        Raises OperationError: not_found; failed_precondition when the job
+        takes no input (started without stdin), has closed its stdin or
+        has ended; internal when its shim does not answer."""
+        job = self.resolve(job_id)
+        if not job.spec.stdin:
+            raise OperationError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"job {job.short_id} takes no input: it was started without -i",
+            )
+        if job.done.is_set():
+            raise OperationError(ErrorCode.FAILED_PRECONDITION, f"job {job.short_id} has ended")
+        await job.started.wait()
+        return await job_input.open_input(job.directory, job.id)
+
+    async def resize(self, job_id: str, columns: int, rows: int) -> None:
+        """Give the job's terminal a new size, columns by rows (it gets SIGWINCH).
+
+        Raises OperationError: not_found; invalid_argument for a size out of
+        bounds; failed_precondition when the job has no terminal or has ended."""
+        job = self.resolve(job_id)
+        columns, rows = check_tty_size([columns, rows], "size")
+        if not job.spec.tty:
+            raise OperationError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"job {job.short_id} has no terminal: it was started without -t",
+            )
+        if job.done.is_set():
+            raise OperationError(ErrorCode.FAILED_PRECONDITION, f"job {job.short_id} has ended")
+        await job.started.wait()
+        await job_input.resize(job.directory, job.id, columns, rows)
 
     # -- its end -----------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from corral import ipc
+from corral import ipc, ipc_input
 from corral.errors import OperationError
 from corral.protocol.errors import ErrorCode
 from corral.store import socket_path
@@ -25,6 +25,10 @@ from corral.store import socket_path
 GONE_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE})
 # One read of the report pipe; a report is a status, well under this.
 REPORT_READ = 4096
+# What a shim may answer a control request with.
+REPLIES: tuple[type[ipc.MessageBase], ...] = (
+    ipc.StatusReply, ipc.Stopping, ipc.Refusal, ipc_input.Resized,
+)  # fmt: skip
 
 
 class ShimVersionError(OperationError):
@@ -32,7 +36,7 @@ class ShimVersionError(OperationError):
     does not (failed_precondition). Nothing was asked of it: the job is
     left running as it was."""
 
-    def __init__(self, shim_version: int, request: ipc.ControlRequest) -> None:
+    def __init__(self, shim_version: int, request: ipc.MessageBase) -> None:
         what = "stop" if isinstance(request, ipc.StopRequest) else "ask about"
         super().__init__(
             ErrorCode.FAILED_PRECONDITION,
@@ -80,34 +84,63 @@ async def read_start_report(fd: int, timeout: float) -> ipc.StartReport:  # noqa
     return ipc.StartReport.failed(ErrorCode.INTERNAL, f"the shim did not report in {timeout:g} s")
 
 
+async def connect_shim(job_dir: Path, request: ipc.MessageBase) -> trio.socket.SocketType | None:
+    """A control connection to the shim of the job in `job_dir`, past the
+    Hello exchange; None if the shim is gone (no socket, refused, hung up).
+
+    Raises ShimVersionError if the shim speaks a version this corrald does
+    not (nothing is sent after the Hello), OSError as the socket calls do.
+    The caller bounds the time and closes the socket.
+    """
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        with socket_path(job_dir) as address:
+            await sock.connect(address)
+        await sock.send(ipc.Hello().encode())
+        hello = await sock.recv(ipc.MAX_CONTROL_MESSAGE)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in GONE_ERRNOS:
+            return None
+        raise
+    except BaseException:
+        sock.close()
+        raise
+    if not hello:
+        sock.close()
+        return None
+    try:
+        version = _shim_version(hello)
+        if version not in ipc.SHIM_VERSIONS:
+            raise ShimVersionError(version, request)
+    except OperationError:
+        sock.close()
+        raise
+    return sock
+
+
 async def ask_shim(
     job_dir: Path,
-    request: ipc.ControlRequest,
+    request: ipc.ControlRequest | ipc_input.Resize,
     timeout: float,  # noqa: ASYNC109
-) -> ipc.ControlReply | None:
+) -> ipc.MessageBase | None:
     """One exchange with the shim of the job in `job_dir`: its reply
-    (StatusReply, Stopping, or a Refusal saying why not); None if the shim
-    is gone (no socket, refused, or hung up).
+    (StatusReply, Stopping, Resized, or a Refusal saying why not); None if
+    the shim is gone (no socket, refused, or hung up).
 
     Raises ShimVersionError (failed_precondition) if the shim speaks a
     version this corrald does not: then `request` was not sent. Raises
     OperationError (internal) if the shim cannot be reached for another
     reason, answers nonsense, or does not answer within `timeout` seconds.
     """
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with sock, trio.move_on_after(timeout):
+    with trio.move_on_after(timeout):
         try:
-            with socket_path(job_dir) as address:
-                await sock.connect(address)
-            await sock.send(ipc.Hello().encode())
-            hello = await sock.recv(ipc.MAX_CONTROL_MESSAGE)
-            if not hello:
+            sock = await connect_shim(job_dir, request)
+            if sock is None:
                 return None
-            version = _shim_version(hello)
-            if version not in ipc.SHIM_VERSIONS:
-                raise ShimVersionError(version, request)
-            await sock.send(request.encode())
-            data = await sock.recv(ipc.MAX_CONTROL_MESSAGE)
+            with sock:
+                await sock.send(request.encode())
+                data = await sock.recv(ipc.MAX_CONTROL_MESSAGE)
         except OSError as exc:
             if exc.errno in GONE_ERRNOS:
                 return None
@@ -115,7 +148,7 @@ async def ask_shim(
         if not data:
             return None
         try:
-            return ipc.decode(data, (ipc.StatusReply, ipc.Stopping, ipc.Refusal))
+            return ipc.decode_any(data, REPLIES)
         except ipc.IPCError as exc:
             raise OperationError(
                 ErrorCode.INTERNAL, f"the job's shim answered nonsense: {exc}"
