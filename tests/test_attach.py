@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import termios
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pexpect
@@ -300,7 +300,10 @@ def test_run_it_drives_bash_ctrl_c_reaches_the_job_and_ctrl_d_ends_it(
     child.sendline("stty size; echo $TERM")  # type: ignore[attr-defined]
     child.expect("25 90")  # type: ignore[attr-defined]
     child.expect("xterm")  # type: ignore[attr-defined]
-    child.sendline("sleep 100")  # type: ignore[attr-defined]
+    # Once the child says so, it is the terminal's foreground group (bash
+    # puts it there before it runs anything): Ctrl+C is then its SIGINT.
+    child.sendline("sh -c 'echo started-$((6*7)); exec sleep 100'")  # type: ignore[attr-defined]
+    child.expect("started-42")  # type: ignore[attr-defined]
     child.sendintr()  # type: ignore[attr-defined]  # Ctrl+C: a byte for the job's terminal
     child.sendline("echo after-$?")  # type: ignore[attr-defined]
     child.expect("after-130")  # type: ignore[attr-defined]  # bash survived, sleep did not
@@ -331,10 +334,75 @@ def test_detach_keys_leave_the_job_running_and_attach_resumes_it(
     again = spawn(daemon, pki_dir, "attach", job_id)
     again.sendline("echo back-$((6*7))")  # type: ignore[attr-defined]
     again.expect("back-42")  # type: ignore[attr-defined]
-    again.sendline("exit 3")  # type: ignore[attr-defined]
+    again.sendcontrol("d")  # type: ignore[attr-defined]  # Ctrl+D: the job's bash reads EOF
     again.expect(pexpect.EOF)  # type: ignore[attr-defined]
+    assert_cooked(again)
     again.close()  # type: ignore[attr-defined]
-    assert again.exitstatus == 3  # type: ignore[attr-defined]
+    assert again.exitstatus == 0  # type: ignore[attr-defined]
+    # Attaching to it now that it has ended is an error, said with the
+    # terminal as it was.
+    late = spawn(daemon, pki_dir, "attach", job_id)
+    late.expect("has ended")  # type: ignore[attr-defined]
+    late.expect(pexpect.EOF)  # type: ignore[attr-defined]
+    assert_cooked(late)
+    late.close()  # type: ignore[attr-defined]
+    assert late.exitstatus == 1  # type: ignore[attr-defined]
+
+
+def test_sigterm_ends_an_attached_session_with_the_terminal_restored(
+    daemon: Daemon, pki_dir: Path
+) -> None:
+    child = spawn(daemon, pki_dir, "run", "-it", "--", "bash", "--norc", "-i")
+    child.sendline("echo ready-$((6*7))")  # type: ignore[attr-defined]
+    child.expect("ready-42")  # type: ignore[attr-defined]
+    assert_raw(child)
+    child.kill(signal.SIGTERM)  # type: ignore[attr-defined]
+    child.expect("SIGTERM: detached")  # type: ignore[attr-defined]
+    child.expect(pexpect.EOF)  # type: ignore[attr-defined]
+    assert_cooked(child)
+    child.close()  # type: ignore[attr-defined]
+    assert child.exitstatus == 128 + signal.SIGTERM  # type: ignore[attr-defined]
+
+
+async def test_a_run_i_client_that_dies_gives_its_job_eof(
+    daemon: Daemon, pki_dir: Path, alice: Client
+) -> None:
+    script = "cat > /dev/null; echo got-eof"
+    client = subprocess.Popen(
+        corral(daemon, pki_dir, "run", "-i", "--", "sh", "-c", script),
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert client.stdin is not None
+        client.stdin.write(b"some input\n")
+        client.stdin.flush()
+
+        async def running() -> list[str]:
+            return [job.id for job in await alice.list() if job.state == "running"]
+
+        await until_running(running)
+        (job_id,) = await running()
+    finally:
+        client.kill()  # SIGKILL: no EOF of its own, no detach; its connection drops
+        client.wait()
+    job = await alice.wait(job_id)
+    assert job.exit_code == 0
+    async with alice.logs(job_id) as stream:
+        assert b"got-eof" in b"".join([chunk.data async for chunk in stream.chunks()])
+
+
+async def until_running(running: Callable[[], Awaitable[list[str]]]) -> None:
+    for _ in range(200):  # each try is a round trip to corrald
+        if await running():
+            return
+        await trio.sleep(0.05)  # a pause between tries, not a synchronisation
+    raise AssertionError("the job never ran")
+
+
+def test_a_job_closing_its_stdin_ends_run_i_quietly(daemon: Daemon, pki_dir: Path) -> None:
+    command = f"yes | {' '.join(corral(daemon, pki_dir, 'run', '-i', '--', 'head', '-c', '5'))}"
+    done = subprocess.run(command, shell=True, capture_output=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"y\ny\ny", b"")
 
 
 def test_the_terminal_is_restored_after_corrald_is_killed(pki_dir: Path, short_dir: Path) -> None:

@@ -311,3 +311,31 @@ def test_a_lost_connection_ends_the_shell_with_69(shell: Shell, corrald: Daemon)
     assert shell.wait() == 69
     assert corrald.process.wait(timeout=30) == 0
     # corrald stopped the job on its way out.
+
+
+def test_run_it_and_attach_take_the_terminal_and_give_the_prompt_back(shell: Shell) -> None:
+    """A terminal job in the shell: keys are the job's (raw), the window's
+    size follows ours, the detach keys leave it running and give the prompt
+    back, and `attach` returns to it until it ends."""
+    # A trapped signal interrupts `read` (then the loop reads again).
+    script = (
+        'trap "stty size" WINCH; '
+        "while :; do read line || continue; case $line in quit) exit 5;; esac; "
+        "echo got-$line; done"
+    )
+    shell.send(f"run -it -- sh -c '{script}'\r")
+    shell.send("hello\r")
+    shell.expect("got-hello")  # the job's, not our echo
+    # The kernel sends our session SIGWINCH; the job's terminal follows.
+    fcntl.ioctl(shell.master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
+    shell.expect("33 111")
+    shell.send("\x10\x11")  # Ctrl+P Ctrl+Q
+    found = re.search(r"detached from job (\w+)", shell.expect(PROMPT))
+    assert found is not None
+    job = found.group(1)
+    shell.send(f"attach {job}\r")
+    shell.send("again\r")
+    shell.expect("got-again")
+    shell.send("quit\r")
+    shell.expect("exit status 5")
+    assert re.search(rf"{job}\w*\s+admin\s+exited \(5\)", shell.run("ps"))

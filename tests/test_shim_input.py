@@ -165,6 +165,7 @@ async def start(jobs: JobManager, *argv: str, **spec: object) -> Job:
 # -- a stdin pipe ------------------------------------------------------------------------
 
 
+@pytest.mark.cgroup  # the v2 lane too: input and terminals on a v2 host
 async def test_binary_input_reaches_the_job_byte_for_byte(jobs: JobManager) -> None:
     job = await start(jobs, "sha256sum", stdin=True)
     data = os.urandom(8 << 20)
@@ -304,6 +305,7 @@ def _attach_once(sock: socket.socket) -> bool:
 # -- a terminal ----------------------------------------------------------------------------
 
 
+@pytest.mark.cgroup  # the v2 lane too: input and terminals on a v2 host
 async def test_a_terminal_job_has_its_own_terminal_of_the_size_asked(jobs: JobManager) -> None:
     job = await start(
         jobs, "sh", "-c", "tty; stty size; echo err >&2", tty=True, tty_size=(100, 30)
@@ -317,6 +319,7 @@ async def test_a_terminal_job_has_its_own_terminal_of_the_size_asked(jobs: JobMa
     assert output(job.directory, STREAM_STDERR) == b""  # one stream: the terminal's
 
 
+@pytest.mark.cgroup  # the v2 lane too: input and terminals on a v2 host
 async def test_a_resize_reaches_the_job_and_the_log(jobs: JobManager) -> None:
     script = 'trap "stty size; echo WINCH" WINCH; echo ready; while :; do sleep 0.05; done'
     job = await start(jobs, "sh", "-c", script, tty=True, tty_size=(80, 24))
