@@ -33,6 +33,7 @@ from typing import Any, ClassVar, TypeVar, overload
 
 import msgpack
 
+from corral import ipc_fields as fields
 from corral.errors import ErrorCode
 from corral.job import Status
 from corral.store import pack
@@ -41,11 +42,11 @@ from corral.store import pack
 # finds shims by it, so the shim and the manager must spell it alike.
 SHIM_COMM = "corral-shim"
 
-# Bumped whenever a message changes shape or meaning. 1: the first
-# versioned set (the unversioned dicts before it count as 0). 2: input
-# (JobConfig's stdin and terminal, the input channel, attach and resize:
-# corral.ipc_input).
-IPC_VERSION = 2
+# The version this side speaks, and the errors of a message that cannot be
+# read (corral.ipc_fields's, named here for the catalogue's users).
+IPC_VERSION = fields.IPC_VERSION
+IPCError = fields.IPCError
+VersionError = fields.VersionError
 # The versions of a shim's control channel this corrald can talk to. A
 # shim started by an older corrald keeps running under a newer one: a
 # version 1 shim answers status and stop as version 2 asks them (its jobs
@@ -63,96 +64,6 @@ MAX_CONTROL_MESSAGE = 1 << 16
 MAX_FDS = 4
 # The job channel is a pipe: the map is preceded by its length.
 JOB_HEADER = struct.Struct("=I")
-
-
-class IPCError(Exception):
-    """A message could not be read: malformed, of an unknown type, or not
-    one the receiver expected there."""
-
-
-class VersionError(IPCError):
-    """The peer speaks a version of these messages we do not know."""
-
-    def __init__(self, tag: str, version: int) -> None:
-        super().__init__(f"'{tag}' message of version {version}; this side speaks {IPC_VERSION}")
-        self.tag = tag
-        self.version = version
-
-
-_T = TypeVar("_T")
-
-
-def _get(wire: dict[str, Any], name: str, kind: type[_T], tag: str) -> _T:
-    """Field `name` of `wire`, which must be a `kind`; IPCError otherwise."""
-    try:
-        value = wire[name]
-    except KeyError:
-        raise IPCError(f"'{tag}' message lacks field '{name}'") from None
-    # bool is an int subclass: a peer sending true for a pid is wrong.
-    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
-        raise IPCError(
-            f"field '{name}' of '{tag}' must be {kind.__name__}, not {type(value).__name__}"
-        )
-    return value
-
-
-def _optional(wire: dict[str, Any], name: str, kind: type[_T], tag: str) -> _T | None:
-    return None if wire.get(name) is None else _get(wire, name, kind, tag)
-
-
-def _number(wire: dict[str, Any], name: str, tag: str) -> float:
-    value: object = wire.get(name)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise IPCError(f"field '{name}' of '{tag}' must be a number")
-    return float(value)
-
-
-def _count(wire: dict[str, Any], name: str, tag: str) -> int:
-    value = _get(wire, name, int, tag)
-    if value < 0:
-        raise IPCError(f"field '{name}' of '{tag}' must not be negative")
-    return value
-
-
-def _list(wire: dict[str, Any], name: str, kind: type[_T], tag: str) -> tuple[_T, ...]:
-    items = _get(wire, name, list, tag)
-    if not all(isinstance(item, kind) and not isinstance(item, bool) for item in items):
-        raise IPCError(f"field '{name}' of '{tag}' must be a list of {kind.__name__}")
-    return tuple(items)
-
-
-def _size(wire: dict[str, Any], name: str, tag: str) -> tuple[int, int]:
-    """A terminal size, [columns, rows], each at least 1."""
-    value = _list(wire, name, int, tag)
-    if len(value) != 2 or min(value) < 1:
-        raise IPCError(f"field '{name}' of '{tag}' must be [columns, rows]")
-    return value[0], value[1]
-
-
-def _version(wire: dict[str, Any], tag: str) -> int:
-    """The message's version, checked before any other field is read."""
-    version = _count(wire, "version", tag)
-    if version != IPC_VERSION:
-        raise VersionError(tag, version)
-    return version
-
-
-def _code(wire: dict[str, Any], tag: str) -> ErrorCode | None:
-    text = _optional(wire, "code", str, tag)
-    if text is None:
-        return None
-    try:
-        return ErrorCode(text)
-    except ValueError:
-        raise IPCError(f"unknown error code {text[:40]!r} in '{tag}'") from None
-
-
-def _status(wire: dict[str, Any], tag: str) -> Status:
-    value = _get(wire, "status", dict, tag)
-    try:
-        return Status.from_wire(value)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IPCError(f"'{tag}' message carries an unreadable status: {exc!r}") from None
 
 
 class _Message:
@@ -224,14 +135,14 @@ class Start(_Message):
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Start:
         """The message `wire` stands for; IPCError if it is not one."""
-        fields = _sandbox_fields(wire, cls.TAG)
-        return cls(**fields, job_dir=_get(wire, "job_dir", str, cls.TAG))
+        sandbox = _sandbox_fields(wire, cls.TAG)
+        return cls(**sandbox, job_dir=fields.get(wire, "job_dir", str, cls.TAG))
 
 
 def _sandbox_fields(wire: dict[str, Any], tag: str) -> dict[str, Any]:
-    version = _version(wire, tag)
+    version = fields.version(wire, tag)
     devices = []
-    for device in _get(wire, "devices", list, tag):
+    for device in fields.get(wire, "devices", list, tag):
         if not (
             isinstance(device, list)
             and len(device) == 2
@@ -241,10 +152,10 @@ def _sandbox_fields(wire: dict[str, Any], tag: str) -> dict[str, Any]:
         devices.append((device[0], device[1]))
     return {
         "version": version,
-        "id": _get(wire, "id", str, tag),
-        "flavour": _get(wire, "flavour", str, tag),
-        "cgroup_root": _get(wire, "cgroup_root", str, tag),
-        "cgroup_parent": _get(wire, "cgroup_parent", str, tag),
+        "id": fields.get(wire, "id", str, tag),
+        "flavour": fields.get(wire, "flavour", str, tag),
+        "cgroup_root": fields.get(wire, "cgroup_root", str, tag),
+        "cgroup_parent": fields.get(wire, "cgroup_parent", str, tag),
         "devices": tuple(devices),
     }
 
@@ -259,7 +170,7 @@ class Spawned(_Message):
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Spawned:
         """The message `wire` stands for; IPCError if it is not one."""
-        return cls(pid=_count(wire, "pid", cls.TAG))
+        return cls(pid=fields.count(wire, "pid", cls.TAG))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -272,7 +183,7 @@ class Refused(_Message):
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Refused:
         """The message `wire` stands for; IPCError if it is not one."""
-        return cls(message=_get(wire, "message", str, cls.TAG))
+        return cls(message=fields.get(wire, "message", str, cls.TAG))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -286,7 +197,9 @@ class Claim(_Message):
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Claim:
         """The message `wire` stands for; IPCError if it is not one."""
-        return cls(version=_version(wire, cls.TAG), job_dir=_get(wire, "job_dir", str, cls.TAG))
+        return cls(
+            version=fields.version(wire, cls.TAG), job_dir=fields.get(wire, "job_dir", str, cls.TAG)
+        )
 
 
 # -- shim <-> init ---------------------------------------------------------------------
@@ -316,8 +229,8 @@ class JobConfig(_Message):
     def from_wire(cls, wire: dict[str, Any]) -> JobConfig:
         """The message `wire` stands for; IPCError if it is not one."""
         tag = cls.TAG
-        version = _version(wire, tag)
-        env = _get(wire, "env", list, tag)
+        version = fields.version(wire, tag)
+        env = fields.get(wire, "env", list, tag)
         if not all(
             isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, bytes) for x in pair)
             for pair in env
@@ -325,17 +238,17 @@ class JobConfig(_Message):
             raise IPCError(f"field 'env' of '{tag}' must be a list of [name, value] bytes")
         return cls(
             version=version,
-            argv=_list(wire, "argv", bytes, tag),
+            argv=fields.list_of(wire, "argv", bytes, tag),
             env=tuple((name, value) for name, value in env),
-            cwd=_get(wire, "cwd", bytes, tag),
-            uid=_count(wire, "uid", tag),
-            gid=_count(wire, "gid", tag),
-            groups=_list(wire, "groups", int, tag),
-            tmp_size=_count(wire, "tmp_size", tag),
-            writable=_list(wire, "writable", bytes, tag),
-            stdin=_get(wire, "stdin", bool, tag),
-            tty=_get(wire, "tty", bool, tag),
-            tty_size=_size(wire, "tty_size", tag),
+            cwd=fields.get(wire, "cwd", bytes, tag),
+            uid=fields.count(wire, "uid", tag),
+            gid=fields.count(wire, "gid", tag),
+            groups=fields.list_of(wire, "groups", int, tag),
+            tmp_size=fields.count(wire, "tmp_size", tag),
+            writable=fields.list_of(wire, "writable", bytes, tag),
+            stdin=fields.get(wire, "stdin", bool, tag),
+            tty=fields.get(wire, "tty", bool, tag),
+            tty_size=fields.size(wire, "tty_size", tag),
         )
 
     def frame(self) -> bytes:
@@ -354,7 +267,7 @@ class Started(_Message):
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Started:
         """The message `wire` stands for; IPCError if it is not one."""
-        return cls(version=_version(wire, cls.TAG))
+        return cls(version=fields.version(wire, cls.TAG))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -371,10 +284,10 @@ class InitFailure(_Message):
     def from_wire(cls, wire: dict[str, Any]) -> InitFailure:
         """The message `wire` stands for; IPCError if it is not one."""
         return cls(
-            version=_version(wire, cls.TAG),
-            step=_get(wire, "step", str, cls.TAG),
-            errno=_count(wire, "errno", cls.TAG),
-            message=_get(wire, "message", str, cls.TAG),
+            version=fields.version(wire, cls.TAG),
+            step=fields.get(wire, "step", str, cls.TAG),
+            errno=fields.count(wire, "errno", cls.TAG),
+            message=fields.get(wire, "message", str, cls.TAG),
         )
 
     @classmethod
@@ -419,20 +332,20 @@ class StartReport(_Message):
     def from_wire(cls, wire: dict[str, Any]) -> StartReport:
         """The message `wire` stands for; IPCError if it is not one."""
         tag = cls.TAG
-        version = _version(wire, tag)
-        ok = _get(wire, "ok", bool, tag)
+        version = fields.version(wire, tag)
+        ok = fields.get(wire, "ok", bool, tag)
         if ok:
-            return cls(version=version, ok=True, status=_status(wire, tag))
-        code = _code(wire, tag)
+            return cls(version=version, ok=True, status=fields.status(wire, tag))
+        code = fields.code(wire, tag)
         if code is None:
             raise IPCError(f"a failed '{tag}' lacks field 'code'")
         return cls(
             version=version,
             ok=False,
             code=code,
-            message=_get(wire, "message", str, tag),
-            step=_optional(wire, "step", str, tag),
-            errno=_count(wire, "errno", tag) if "errno" in wire else 0,
+            message=fields.get(wire, "message", str, tag),
+            step=fields.optional(wire, "step", str, tag),
+            errno=fields.count(wire, "errno", tag) if "errno" in wire else 0,
         )
 
 
@@ -452,7 +365,7 @@ class Hello(_Message):
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Hello:
         """The message `wire` stands for (any version); IPCError if it is not one."""
-        return cls(version=_count(wire, "version", cls.TAG))
+        return cls(version=fields.count(wire, "version", cls.TAG))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -479,8 +392,8 @@ class StopRequest(_Message):
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> StopRequest:
         """The message `wire` stands for; IPCError if it is not one."""
-        grace = None if wire.get("grace") is None else _number(wire, "grace", cls.TAG)
-        return cls(grace=grace, by=_get(wire, "by", str, cls.TAG) if "by" in wire else "")
+        grace = None if wire.get("grace") is None else fields.number(wire, "grace", cls.TAG)
+        return cls(grace=grace, by=fields.get(wire, "by", str, cls.TAG) if "by" in wire else "")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -493,7 +406,7 @@ class StatusReply(_Message):
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> StatusReply:
         """The message `wire` stands for; IPCError if it is not one."""
-        return cls(status=_status(wire, cls.TAG))
+        return cls(status=fields.status(wire, cls.TAG))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -518,7 +431,7 @@ class Refusal(_Message):
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Refusal:
         """The message `wire` stands for; IPCError if it is not one."""
-        return cls(message=_get(wire, "message", str, cls.TAG))
+        return cls(message=fields.get(wire, "message", str, cls.TAG))
 
 
 SpawnerRequest = Prepare | Start

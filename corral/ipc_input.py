@@ -25,8 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from corral.ipc import IPC_VERSION, MAX_CONTROL_MESSAGE, IPCError, MessageBase, _count, _get
-from corral.ipc import _version as _checked_version
+from corral.ipc import MAX_CONTROL_MESSAGE, MessageBase
+from corral.ipc_fields import IPC_VERSION, IPCError, count, get
+from corral.ipc_fields import version as checked_version
 
 # The most input one Input message carries: it and its envelope fit in
 # one control datagram (MAX_CONTROL_MESSAGE), which the shim reads whole.
@@ -48,8 +49,8 @@ class InputEnd(MessageBase):
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> InputEnd:
         """The message `wire` stands for; IPCError if it is not one."""
-        version = _checked_version(wire, cls.TAG)
-        kind = _get(wire, "kind", str, cls.TAG)
+        version = checked_version(wire, cls.TAG)
+        kind = get(wire, "kind", str, cls.TAG)
         if kind not in (PIPE, TTY):
             raise IPCError(f"field 'kind' of '{cls.TAG}' must be 'pipe' or 'tty'")
         return cls(version=version, kind=kind)
@@ -91,7 +92,7 @@ class Input(MessageBase):
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Input:
         """The message `wire` stands for; IPCError if it is not one."""
-        data = _get(wire, "data", bytes, cls.TAG)
+        data = get(wire, "data", bytes, cls.TAG)
         if len(data) > MAX_INPUT_DATA:
             raise IPCError(f"'{cls.TAG}' carries {len(data)} bytes, more than {MAX_INPUT_DATA}")
         return cls(data=data)
@@ -123,7 +124,7 @@ class InputClosed(MessageBase):
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> InputClosed:
         """The message `wire` stands for; IPCError if it is not one."""
-        return cls(reason=_get(wire, "reason", str, cls.TAG) if "reason" in wire else "")
+        return cls(reason=get(wire, "reason", str, cls.TAG) if "reason" in wire else "")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -138,7 +139,7 @@ class Resize(MessageBase):
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Resize:
         """The message `wire` stands for; IPCError if it is not one."""
-        return cls(columns=_count(wire, "columns", cls.TAG), rows=_count(wire, "rows", cls.TAG))
+        return cls(columns=count(wire, "columns", cls.TAG), rows=count(wire, "rows", cls.TAG))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

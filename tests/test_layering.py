@@ -26,6 +26,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
                        "corral.shim", "corral.store", "corral.job"),
     "corral.errors": ("trio", "corral.supervisor", "corral.worker", "corral.client", "corral.shim"),
     "corral.ipc": ("trio", "corral.supervisor", "corral.worker", "corral.client"),
+    "corral.ipc_fields": ("trio", "corral.supervisor", "corral.worker", "corral.client"),
     "corral.ipc_input": ("trio", "corral.supervisor", "corral.worker", "corral.client"),
     "corral.ipc_fds": ("trio", "corral.supervisor", "corral.worker", "corral.client"),
 }  # fmt: skip
