@@ -76,6 +76,11 @@ def host_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def host_memory() -> int:
+    """The host's RAM in bytes: what a share of it, as a default limit, is of."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class State(enum.StrEnum):
     STARTING = "starting"  # the shim is setting the job up
     RUNNING = "running"

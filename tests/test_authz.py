@@ -19,6 +19,7 @@ import pytest
 from corral.client.client import Client, connect
 from corral.client.errors import ServerError
 from corral.protocol import ErrorCode
+from corral.supervisor.policy import USER_PIDS
 
 from .conftest import Daemon, identity, running_corrald
 
@@ -146,7 +147,8 @@ async def test_a_user_asking_for_root_or_over_a_cap_is_refused_and_an_admin_is_n
     assert policy == {
         "default_user": "nobody",
         "defaults": {"pids": 64},
-        "caps": {"memory": 256 << 20, "max_runtime": 3600.0},
+        # The built-in pids cap stays under what the flags set.
+        "caps": {"memory": 256 << 20, "pids": USER_PIDS, "max_runtime": 3600.0},
         "writable": [],
     }
     # Users' jobs share one run-as user: no writable paths unless configured.

@@ -16,6 +16,8 @@ from corral.client.errors import ServerError
 from corral.job import State
 from corral.protocol import ErrorCode
 from corral.store import read_status
+from corral.supervisor.policy import builtin_user_caps
+from corral.units import short_size
 
 from .conftest import Daemon, identity, running_corrald
 from .test_cli import corral
@@ -233,7 +235,10 @@ def test_info_shows_the_terms_jobs_start_under(as_user: Callable[..., object]) -
     shown = as_user("alice", "info").stdout  # type: ignore[attr-defined]
     assert "you:            alice (user)" in shown
     assert "jobs run as:    nobody" in shown
-    assert "your caps:      none" in shown
+    # With no configuration a user's job is still bounded: a process count
+    # and a share of the host's memory.
+    caps = builtin_user_caps()
+    assert f"your caps:      memory {short_size(caps['memory'])}, pids {caps['pids']}" in shown
 
 
 def test_ps_keeps_a_multi_line_command_on_one_row(as_user: Callable[..., object]) -> None:

@@ -10,15 +10,17 @@ from pathlib import Path
 import pytest
 
 from corral.errors import OperationError
-from corral.job import Limits, host_cpus
+from corral.job import MIN_MEMORY, Limits, host_cpus
 from corral.protocol import ErrorCode
 from corral.supervisor.policy import (
     TABLE,
+    USER_PIDS,
     Caps,
     Policy,
     PolicyError,
     Reach,
     authorize,
+    builtin_user_caps,
     load_policy,
     owner_filter,
 )
@@ -134,13 +136,32 @@ def test_a_policy_from_a_file_with_flags_over_it(tmp_path: Path) -> None:
         'max_runtime = "1h"\n'
         'io_write_bps = "10M"\n'
     )
-    policy = load_policy(config, defaults={"pids": "50"}, caps={"user": {"cpu": "0.5"}})
+    policy = load_policy(
+        config, defaults={"pids": "50"}, caps={"user": {"cpu": "0.5"}}, memory=8 << 30
+    )
     assert policy.default_user == "corral-jobs"
     assert policy.defaults == Caps(Limits(memory=512 << 20, pids=50))
-    assert policy.caps == {
-        "user": Caps(Limits(memory=2 << 30, cpu=0.5, io_write_bps=10 << 20), max_runtime=3600.0)
+    assert policy.caps == {  # the file's memory over the built-in share; its pids kept
+        "user": Caps(
+            Limits(memory=2 << 30, cpu=0.5, io_write_bps=10 << 20, pids=USER_PIDS),
+            max_runtime=3600.0,
+        )
     }
-    assert load_policy(None) == Policy()
+
+
+def test_with_no_configuration_a_users_job_is_still_bounded_and_an_admins_is_not() -> None:
+    policy = load_policy(None, memory=8 << 30)
+    assert policy == Policy(caps={"user": Caps(Limits(memory=2 << 30, pids=USER_PIDS))})
+    assert builtin_user_caps(8 << 30) == {"pids": 1024, "memory": 2 << 30}
+    assert builtin_user_caps(10 << 20)["memory"] >= MIN_MEMORY  # a tiny host: still runnable
+    # Unset limits of a user's job become the caps; an admin's stay unset.
+    terms = policy.start_terms(ALICE, user=None, limits=Limits(), max_runtime=None)
+    assert (terms.limits.pids, terms.limits.memory) == (USER_PIDS, 2 << 30)
+    admin_terms = policy.start_terms(ADMIN, user=None, limits=Limits(), max_runtime=None)
+    assert admin_terms.limits == Limits()
+    # The operator changes them: a flag over the file over the built-ins.
+    raised = load_policy(None, caps={"user": {"pids": "100000"}}, memory=8 << 30)
+    assert raised.caps["user"].limits.pids == 100000
 
 
 @pytest.mark.parametrize(

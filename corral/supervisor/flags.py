@@ -283,7 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
             default=[],
             metavar="LIMIT=VALUE",
             dest=f"{role}_caps",
-            help=f"the most a {role}'s job may ask for (repeatable)",
+            help=f"the most a {role}'s job may ask for (repeatable)"
+            + (
+                "; built in, until set: pids=1024 and memory a quarter of the RAM"
+                if role == "user"
+                else ""
+            ),
         )
     retention = parser.add_argument_group(
         "retention",

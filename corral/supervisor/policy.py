@@ -15,6 +15,11 @@ role, how far it reaches:
 else, by `corral.supervisor.operations`; `owner_filter()` turns the reach
 into the filter job lookups use.
 
+With no configuration at all a user's job is not unbounded: a user's
+caps start from `builtin_user_caps()` (a process count that stops a fork
+bomb, a share of the host's memory), which the config file and the flags
+raise or lower; admins have no cap unless configured.
+
 A start is checked once more against the `Policy`: which user the job
 runs as (a user's jobs always run as the default, unprivileged user; an
 admin may choose any, root included), and its limits: the defaults fill
@@ -41,10 +46,12 @@ from corral.errors import OperationError
 from corral.job import (
     DEFAULT_USER,
     MAX_RUNTIME,
+    MIN_MEMORY,
     MIN_RUNTIME,
     Limits,
     SpecError,
     host_cpus,
+    host_memory,
     writable_paths,
 )
 from corral.pki import ROLES
@@ -101,6 +108,14 @@ def owner_filter(identity: Identity, operation: str) -> str | None:
 
 
 # -- the policy jobs start under ------------------------------------------------
+
+# What a user's job may use with no configuration at all: enough for real
+# work, not enough to take the host from everyone else. [caps.user] or
+# --user-cap changes each (a higher value lifts it).
+USER_PIDS = 1024  # a fork bomb stops here; a parallel build (make -j64) fits well within
+# A quarter of the host's RAM, the job's /tmp and /dev/shm included (tmpfs
+# pages are charged to the job's cgroup as it writes them).
+USER_MEMORY_SHARE = 4
 
 LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 BYTE_LIMITS = {"memory", "io_read_bps", "io_write_bps"}
@@ -211,6 +226,13 @@ class Policy:
         )
 
 
+def builtin_user_caps(memory: int | None = None) -> dict[str, int]:
+    """A user's caps before any configuration: USER_PIDS processes and
+    1/USER_MEMORY_SHARE of `memory` (default: the host's RAM), in whole MiB."""
+    share = (host_memory() if memory is None else memory) // USER_MEMORY_SHARE
+    return {"pids": USER_PIDS, "memory": max(MIN_MEMORY, share >> 20 << 20)}
+
+
 def _within(path: str, place: str) -> bool:
     return place in ("/", path) or path.startswith(place.rstrip("/") + "/")
 
@@ -307,12 +329,16 @@ def load_policy(
     caps: Mapping[str, Mapping[str, str]] | None = None,
     writable: Mapping[str, Sequence[str]] | None = None,
     cpus: int | None = None,
+    memory: int | None = None,
 ) -> Policy:
-    """The policy of a TOML file (if any), with flags' settings over it;
-    PolicyError naming the setting that is wrong.
+    """The policy of a TOML file (if any), with flags' settings over it, over
+    the built-in user caps (`builtin_user_caps`); PolicyError naming the
+    setting that is wrong.
 
     `cpus` is the host's CPUs (default: host_cpus()): a cpu default over
-    them is an error, a cpu cap over them becomes their count.
+    them is an error, a cpu cap over them becomes their count. `memory` is
+    the host's RAM (default: host_memory()), of which a user's job may have
+    a share unless configured.
 
     The file's shape:
 
@@ -348,7 +374,7 @@ def load_policy(
         raise PolicyError(f"{where}: default_user must be a user name")
     default_settings = {**_table(document, "defaults", where), **(defaults or {})}
     cap_tables = _table(document, "caps", where)
-    roles = sorted(set(cap_tables) | set(caps or {}))
+    roles = sorted(set(cap_tables) | set(caps or {}) | {USER})
     unknown_roles = [role for role in roles if role not in ROLES]
     if unknown_roles:
         raise PolicyError(f"{where}: caps for unknown role {quote(unknown_roles[0])}")
@@ -357,7 +383,11 @@ def load_policy(
         defaults=caps_from(default_settings, f"{where}: defaults", cpus=cpus),
         caps={
             role: caps_from(
-                {**_table(cap_tables, role, f"{where}: caps"), **(caps or {}).get(role, {})},
+                {
+                    **(builtin_user_caps(memory) if role == USER else {}),
+                    **_table(cap_tables, role, f"{where}: caps"),
+                    **(caps or {}).get(role, {}),
+                },
                 f"{where}: caps.{role}",
                 cpus=cpus,
                 cap=True,
