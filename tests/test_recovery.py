@@ -231,6 +231,37 @@ async def test_beyond_the_count_the_oldest_finished_go_and_running_ones_stay(
     assert all((retained.jobs_dir / job).exists() for job in [running.id, *ended[2:]])
 
 
+async def run_as(jobs: JobManager, owner: str, argv: list[str]) -> str:
+    job = await jobs.start(JobSpec(argv=argv, owner=owner))
+    await jobs.wait(job.id)
+    return job.id
+
+
+@pytest.mark.parametrize("retained", [Retention(count=2)], indirect=True)
+async def test_one_owners_jobs_push_out_only_that_owners_history(retained: JobManager) -> None:
+    bobs = await run_as(retained, "bob", ["true"])  # the oldest finished job of all
+    alices = [await run_as(retained, "alice", ["true"]) for _ in range(4)]
+    await until(lambda: kept(retained) == [bobs, *alices[2:]])
+
+
+@pytest.mark.parametrize("retained", [Retention(log_bytes=150_000)], indirect=True)
+async def test_the_log_size_bound_is_each_owners(retained: JobManager) -> None:
+    bobs = await run_as(retained, "bob", ["head", "-c", "100000", "/dev/zero"])
+    alices = [
+        await run_as(retained, "alice", ["head", "-c", "100000", "/dev/zero"]) for _ in range(3)
+    ]
+    await until(lambda: kept(retained) == [bobs, alices[-1]])
+
+
+@pytest.mark.parametrize("retained", [Retention(count=5, total_count=3)], indirect=True)
+async def test_the_totals_are_a_last_resort_over_every_owner(retained: JobManager) -> None:
+    bobs = await run_as(retained, "bob", ["true"])
+    alices = [await run_as(retained, "alice", ["true"]) for _ in range(3)]
+    # Within alice's own bound of 5, the total of 3 takes the oldest of anyone's.
+    await until(lambda: kept(retained) == alices)
+    assert bobs not in kept(retained)
+
+
 @pytest.mark.parametrize("retained", [Retention(age=0.5)], indirect=True)
 async def test_a_finished_job_goes_when_it_is_older_than_the_age(retained: JobManager) -> None:
     running = await retained.start(JobSpec(argv=["sleep", "1000"]))

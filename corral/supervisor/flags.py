@@ -293,13 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
     retention = parser.add_argument_group(
         "retention",
         "Finished jobs (their status and output) are kept until removed, or beyond "
-        "these bounds: the oldest finished jobs first, never a running one.",
+        "these bounds: the oldest finished jobs first, never a running one. The "
+        "bounds apply to each owner's jobs apart (one user's jobs push out only that "
+        "user's), but for the totals, where the oldest of anyone's go.",
     )
     retention.add_argument(
         "--keep-finished",
         type=_count(0, MAX_KEEP_FINISHED),
         metavar="N",
-        help="keep at most N finished jobs",
+        help="keep at most N finished jobs of each owner",
+    )
+    retention.add_argument(
+        "--keep-finished-total",
+        type=_count(0, MAX_KEEP_FINISHED),
+        metavar="N",
+        help="keep at most N finished jobs of all owners together (a last resort: "
+        "one user's jobs push out others')",
     )
     retention.add_argument(
         "--keep-for",
@@ -311,7 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-log-size",
         type=_parsed(parse_size),
         metavar="SIZE",
-        help="keep finished jobs' output.log files to this much in total (e.g. 10G)",
+        help="keep each owner's finished jobs' output.log files to this much together (e.g. 10G)",
+    )
+    retention.add_argument(
+        "--keep-log-size-total",
+        type=_parsed(parse_size),
+        metavar="SIZE",
+        help="keep every finished job's output.log to this much together (a last resort)",
     )
     parser.add_argument(
         "--keep-jobs",

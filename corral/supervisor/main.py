@@ -373,6 +373,10 @@ def run(argv: Sequence[str] | None = None) -> int:
                     count=args.keep_finished,
                     age=args.keep_for,
                     log_bytes=None if args.keep_log_size is None else int(args.keep_log_size),
+                    total_count=args.keep_finished_total,
+                    total_log_bytes=(
+                        None if args.keep_log_size_total is None else int(args.keep_log_size_total)
+                    ),
                 ),
                 admission=Admission(
                     max_jobs=args.max_jobs, max_jobs_per_owner=args.max_jobs_per_user

@@ -1,9 +1,13 @@
 """Retention: which finished jobs to remove, and the task that removes them.
 
 Beyond a bound the oldest finished jobs go first; running ones never. The
-task applies the bounds at start, whenever a job ends (`notify`), and at
-the moment the oldest finished job passes the age bound: a deadline, not
-a poll.
+count and log-size bounds apply to each owner's jobs apart: one tenant's
+jobs push out only that tenant's history, however many it runs. Totals
+over every owner (`total_count`, `total_log_bytes`) are a last resort an
+operator sets knowingly: there, the oldest of anyone's go. The task
+applies the bounds at start, whenever a job ends (`notify`), and at the
+moment the oldest finished job passes the age bound: a deadline, not a
+poll.
 """
 
 from __future__ import annotations
@@ -28,13 +32,16 @@ class Retention:
     """How many finished jobs to keep: None means no bound of that kind.
     Beyond a bound the oldest finished jobs are removed; running ones never."""
 
-    count: int | None = None  # finished jobs kept
+    count: int | None = None  # finished jobs kept, of each owner
     age: float | None = None  # seconds since a job finished
-    log_bytes: int | None = None  # total output.log size of finished jobs
+    log_bytes: int | None = None  # output.log size of each owner's finished jobs together
+    total_count: int | None = None  # finished jobs kept, of every owner together
+    total_log_bytes: int | None = None  # output.log size of every finished job together
 
     @property
     def bounded(self) -> bool:
-        return (self.count, self.age, self.log_bytes) != (None, None, None)
+        bounds = (self.count, self.age, self.log_bytes, self.total_count, self.total_log_bytes)
+        return any(bound is not None for bound in bounds)
 
 
 def _log_size(job: Job) -> int:
@@ -51,17 +58,33 @@ def beyond(bounds: Retention, finished: list[Job], now_ns: int) -> list[Job]:
     if bounds.age is not None:
         oldest_kept = now_ns - int(bounds.age * 1e9)
         doomed += [job for job in finished if job.ended_at <= oldest_kept]
-    if bounds.count is not None:
-        doomed += finished[: max(0, len(finished) - bounds.count)]
-    if bounds.log_bytes is not None:
-        sizes = [(job, _log_size(job)) for job in finished]
+    by_owner: dict[str, list[Job]] = {}
+    for job in finished:
+        by_owner.setdefault(job.spec.owner, []).append(job)
+    for jobs in by_owner.values():
+        doomed += _over(jobs, bounds.count, bounds.log_bytes)
+    going = set(doomed)
+    kept = [job for job in finished if job not in going]
+    doomed += _over(kept, bounds.total_count, bounds.total_log_bytes)
+    gone = set(doomed)
+    return [job for job in finished if job in gone]
+
+
+def _over(jobs: list[Job], count: int | None, log_bytes: int | None) -> list[Job]:
+    """The oldest of `jobs` (oldest first) beyond `count` of them, or beyond
+    `log_bytes` of output.log together."""
+    doomed: list[Job] = []
+    if count is not None:
+        doomed += jobs[: max(0, len(jobs) - count)]
+    if log_bytes is not None:
+        sizes = [(job, _log_size(job)) for job in jobs]
         total = sum(size for _, size in sizes)
         for job, size in sizes:
-            if total <= bounds.log_bytes:
+            if total <= log_bytes:
                 break
             doomed.append(job)
             total -= size
-    return list(dict.fromkeys(doomed))
+    return doomed
 
 
 class Retainer:
