@@ -845,6 +845,34 @@ async def test_starts_beyond_the_running_caps_are_refused_and_change_nothing(
         assert jobs.running() == 0
 
 
+async def test_a_user_over_the_finished_jobs_quota_is_refused_until_they_remove_some(
+    tmp_path: Path,
+) -> None:
+    admission = Admission(max_finished_per_owner=2)
+    async with open_job_manager(
+        tmp_path / "state", cgroup_parent=PARENT, admission=admission
+    ) as jobs:
+
+        async def run(owner: str) -> Job:
+            job = await jobs.start(JobSpec(argv=["true"], owner=owner))
+            await jobs.wait(job.id)
+            return job
+
+        first = await run("alice")
+        await run("alice")
+        with pytest.raises(OperationError) as caught:
+            await run("alice")
+        assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
+        assert str(caught.value) == (
+            "alice has 2 jobs finished and kept, the most one user may keep (2); "
+            "remove some (`corral rm --finished`) to start more"
+        )
+        assert len(jobs.jobs(owner="alice")) == 2  # the refused start left nothing
+        await run("bob")  # another user's history is theirs
+        await jobs.remove(first.id)
+        await run("alice")
+
+
 async def test_starts_refused_for_a_shutdown_say_why_and_change_nothing(tmp_path: Path) -> None:
     async with open_job_manager(tmp_path / "state", cgroup_parent=PARENT, warm=0) as jobs:
         jobs.refuse_starts("corrald is shutting down; it starts no new jobs")

@@ -21,6 +21,7 @@ from corral.supervisor.server import (
 )
 from corral.supervisor.session import IDLE_TIMEOUT, IO_TIMEOUT
 from corral.units import parse_duration, parse_size
+from corral.worker.admission import MAX_FINISHED_PER_OWNER
 from corral.worker.manager import MAX_JOBS, MAX_JOBS_PER_OWNER
 
 DEFAULT_STATE_DIR = Path("/var/lib/corral")
@@ -222,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_JOBS_PER_OWNER,
         metavar="N",
         help=f"the same, for each user's own jobs (default {MAX_JOBS_PER_OWNER})",
+    )
+    parser.add_argument(
+        "--max-finished-per-user",
+        type=_count(1, MAX_KEEP_FINISHED),
+        default=MAX_FINISHED_PER_OWNER,
+        metavar="N",
+        help="finished jobs one user may have kept; beyond it their starts are refused "
+        f"until they remove some (default {MAX_FINISHED_PER_OWNER}; --keep-finished "
+        "removes the oldest instead)",
     )
     parser.add_argument(
         "--cgroup-parent",

@@ -379,7 +379,9 @@ def run(argv: Sequence[str] | None = None) -> int:
                     ),
                 ),
                 admission=Admission(
-                    max_jobs=args.max_jobs, max_jobs_per_owner=args.max_jobs_per_user
+                    max_jobs=args.max_jobs,
+                    max_jobs_per_owner=args.max_jobs_per_user,
+                    max_finished_per_owner=args.max_finished_per_user,
                 ),
             )
             failure = trio.run(serving, config, context, spawner, pki_dir)

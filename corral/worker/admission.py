@@ -19,6 +19,10 @@ from corral.protocol.errors import ErrorCode
 # jobs is a large host's worth; one owner may take a quarter of it.
 MAX_JOBS = 1000
 MAX_JOBS_PER_OWNER = 250
+# Finished jobs one owner may have kept (their records and logs, until
+# removed or retention takes them): a day of a busy user's short jobs;
+# beyond it, one user's history would grow corrald and its disk unbounded.
+MAX_FINISHED_PER_OWNER = 5000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +32,7 @@ class Admission:
 
     max_jobs: int | None = MAX_JOBS
     max_jobs_per_owner: int | None = MAX_JOBS_PER_OWNER
+    max_finished_per_owner: int | None = MAX_FINISHED_PER_OWNER
 
 
 def _jobs(count: int) -> str:
@@ -46,10 +51,11 @@ class Slots:
         """Refuse every later `take` (`unavailable`, saying `reason`)."""
         self._refusing = reason
 
-    def check(self, owner: str) -> None:
-        """Raise OperationError unless `owner` may start a job now:
-        unavailable once starts are refused, resource_exhausted beyond a cap.
-        Takes nothing: `take` does, with no checkpoint in between."""
+    def check(self, owner: str, finished: int = 0) -> None:
+        """Raise OperationError unless `owner`, who has `finished` finished
+        jobs kept, may start a job now: unavailable once starts are refused,
+        resource_exhausted beyond a cap. Takes nothing: `take` does, with no
+        checkpoint in between."""
         if self._refusing is not None:
             raise OperationError(ErrorCode.UNAVAILABLE, self._refusing)
         limit = self.caps.max_jobs
@@ -65,6 +71,14 @@ class Slots:
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"{owner or 'this owner'} has {_jobs(limit)} starting or running, "
                 "the most one user may have; wait for one to end, or stop one",
+            )
+        limit = self.caps.max_finished_per_owner
+        if limit is not None and finished >= limit:
+            raise OperationError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"{owner or 'this owner'} has {_jobs(finished)} finished and kept, "
+                f"the most one user may keep ({limit}); remove some "
+                "(`corral rm --finished`) to start more",
             )
 
     def take(self, owner: str) -> None:
@@ -84,4 +98,4 @@ class Slots:
         return sum(self._active.values())
 
 
-__all__ = ["MAX_JOBS", "MAX_JOBS_PER_OWNER", "Admission", "Slots"]
+__all__ = ["MAX_FINISHED_PER_OWNER", "MAX_JOBS", "MAX_JOBS_PER_OWNER", "Admission", "Slots"]

@@ -103,6 +103,12 @@ class JobIndex:
         """The jobs whose end is not recorded yet."""
         return [job for job in self._jobs.values() if not job.done.is_set()]
 
+    def finished(self, owner: str) -> int:
+        """How many of `owner`'s jobs have their end recorded."""
+        return sum(
+            1 for job in self._jobs.values() if job.spec.owner == owner and job.done.is_set()
+        )
+
     def finished_oldest_first(self) -> list[Job]:
         """The jobs whose end is recorded, the earliest end first."""
         finished = [job for job in self._jobs.values() if job.done.is_set()]

@@ -76,7 +76,7 @@ class Starts:
             resolved = spec.validate()
         except SpecError as exc:
             raise OperationError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-        self._slots.check(resolved.owner)
+        self._slots.check(resolved.owner, self._index.finished(resolved.owner))
         warm_id = self._pool.take_warm()
         resolved = replace(
             resolved,
