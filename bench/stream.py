@@ -37,46 +37,25 @@ import argparse
 import ctypes
 import os
 import resource
-import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import msgpack
 import trio
+from benchlib import Daemon, corrald, rss_kib, tls_contexts
 
 from corral.client.client import Client, connect
 from corral.records import STREAM_STDOUT
 
-CORRALD = [sys.executable, "-m", "corral.supervisor.main"]
 MIB = 1 << 20
 PUMP_CHUNK = 256 * 1024
-PARENT = f"corral-bench-{os.getpid()}"
 STREAMS_PER_CONNECTION = 64  # corrald's default --max-requests
-
-
-@dataclass(frozen=True)
-class Daemon:
-    address: str
-    state: Path
-    pid: int
-
-    @property
-    def identity(self) -> Path:
-        return self.state / "pki" / "clients" / "admin"
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def cpu_ticks(pid: int) -> int:
@@ -91,30 +70,6 @@ def minor_faults(pid: int) -> int:
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
-@contextmanager
-def corrald(max_connections: int) -> Iterator[Daemon]:
-    with tempfile.TemporaryDirectory(prefix="corral-bench-") as directory:
-        state = Path(directory)
-        daemon = subprocess.Popen(
-            [*CORRALD, "--state-dir", str(state), "--init-pki", "--listen", "127.0.0.1:0",
-             "--log-level", "warning", "--max-connections", str(max_connections),
-             # Every follower is the bench's one identity: the per-user cap
-             # (256 by default) would refuse the idle-follower run.
-             "--max-connections-per-user", str(max_connections),
-             "--cgroup-parent", PARENT],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            assert daemon.stdout is not None
-            address = daemon.stdout.readline().split("listening on ")[1].strip()
-            yield Daemon(address, state, daemon.pid)
-        finally:
-            daemon.terminate()
-            daemon.wait(60)
-            for path in Path("/sys/fs/cgroup").glob(f"*/{PARENT}"):
-                path.rmdir()
 
 
 @asynccontextmanager
@@ -225,25 +180,10 @@ def cat_rate(path: Path) -> float:
 # -- the plain pump: trio, TLS 1.3, msgpack frames, no corral code ------------
 
 
-def pump_contexts(pki: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.minimum_version = ssl.TLSVersion.TLSv1_3
-    server.load_cert_chain(pki / "server.crt", pki / "server.key")
-    server.load_verify_locations(pki / "ca.crt")
-    server.verify_mode = ssl.CERT_REQUIRED
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.minimum_version = ssl.TLSVersion.TLSv1_3
-    client.load_cert_chain(
-        pki / "clients" / "admin" / "client.crt", pki / "clients" / "admin" / "client.key"
-    )
-    client.load_verify_locations(pki / "ca.crt")
-    return server, client
-
-
 async def pump_send(path: Path, pki: Path, follow: int) -> None:
     """The sender: one connection, the file as length-prefixed msgpack frames.
     With `follow` > 0, new bytes found by inotify, until that many lines."""
-    context, _ = pump_contexts(pki)
+    context, _ = tls_contexts(pki)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     inotify = -1
     if follow:
@@ -277,7 +217,7 @@ async def pump_receive(
 ) -> tuple[int, list[float]]:
     """Receive the pump's bytes: (how many, latencies of timestamp lines). With
     `writer`, that command is started once connected, its stdout the file."""
-    _, context = pump_contexts(pki)
+    _, context = tls_contexts(pki)
     stream = trio.SSLStream(
         await trio.open_tcp_stream("127.0.0.1", port), context, server_hostname="localhost"
     )

@@ -25,13 +25,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from corral.ipc import MAX_CONTROL_MESSAGE, MessageBase
+from corral.ipc import MessageBase
 from corral.ipc_fields import IPC_VERSION, IPCError, count, get
 from corral.ipc_fields import version as checked_version
 
-# The most input one Input message carries: it and its envelope fit in
-# one control datagram (MAX_CONTROL_MESSAGE), which the shim reads whole.
-MAX_INPUT_DATA = MAX_CONTROL_MESSAGE - 1024
+# The most input one Input message carries: large pieces, because each
+# costs corrald and the shim the same whatever its size (a pipe's 64 KiB
+# read fits whole, with room to spare).
+MAX_INPUT_DATA = 128 << 10
+# A datagram on an attached connection: an Input and its envelope, read
+# whole by the shim; well under a unix socket's send buffer (~208 KiB by
+# default), which bounds a datagram.
+MAX_INPUT_MESSAGE = MAX_INPUT_DATA + 1024
 # What the job's input end is.
 PIPE = "pipe"
 TTY = "tty"

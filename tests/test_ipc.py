@@ -117,7 +117,7 @@ def test_input_the_shim_cannot_read_whole_is_refused() -> None:
     with pytest.raises(ipc.IPCError, match="more than"):
         ipc.decode_any(too_much, (ipc_input.Input,))
     largest = ipc_input.Input(data=bytes(ipc_input.MAX_INPUT_DATA)).encode()
-    assert len(largest) <= ipc.MAX_CONTROL_MESSAGE
+    assert len(largest) <= ipc_input.MAX_INPUT_MESSAGE
 
 
 @pytest.mark.parametrize(

@@ -338,4 +338,5 @@ def test_run_it_and_attach_take_the_terminal_and_give_the_prompt_back(shell: She
     shell.expect("got-again")
     shell.send("quit\r")
     shell.expect("exit status 5")
+    shell.expect(PROMPT)  # the prompt is back: what is typed now is the shell's
     assert re.search(rf"{job}\w*\s+admin\s+exited \(5\)", shell.run("ps"))

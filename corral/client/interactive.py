@@ -31,8 +31,9 @@ from corral.client.jobs import JobInfo
 from corral.client.terminal import DetachMatcher, open_input, raw_mode, window_size
 from corral.records import RecordDecoder
 
-# Our stdin is read this much at a time: a pipe's worth.
-READ_SIZE = 64 << 10
+# Our stdin is read this much at a time: a Data frame's worth (a pipe gives
+# at most its 64 KiB a read; a file, all of it).
+READ_SIZE = 128 << 10
 # Signals that end an attached session, the terminal restored first.
 ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 

@@ -195,7 +195,7 @@ class InputRelay:
             self._loop.unwatch(fd)
             return
         try:
-            data, _, flags, _ = client.recvmsg(ipc.MAX_CONTROL_MESSAGE)
+            data, _, flags, _ = client.recvmsg(ipc_input.MAX_INPUT_MESSAGE)
         except BlockingIOError:
             return
         except OSError:

@@ -243,11 +243,19 @@ class Session:
         return self._conn.input_closed(request_id)
 
     async def receive_input(self, request_id: int) -> bytes | None:
-        """The next input of `request_id` (None after the client's Eof)."""
+        """The input of `request_id` received since the last call, in one
+        piece (None after the client's Eof): what came in several frames
+        while the request was busy is passed on at once."""
         queue = self._inputs.setdefault(request_id, _Input())
         while not queue.pieces:
             await queue.lot.park()
-        return queue.pieces.popleft()
+        first = queue.pieces.popleft()
+        if first is None or not queue.pieces or queue.pieces[0] is None:
+            return first
+        parts = [first]
+        while queue.pieces and queue.pieces[0] is not None:
+            parts.append(queue.pieces.popleft())  # type: ignore[arg-type]
+        return b"".join(parts)
 
     def _input(self, request_id: int, piece: bytes | None) -> None:
         """Hand input to the request it is for, if it still takes input."""
