@@ -11,6 +11,8 @@ import pytest
 import trio
 
 from corral.client.client import Client, connect
+from corral.client.errors import ServerError
+from corral.protocol import ErrorCode
 from corral.supervisor.policy import USER_PIDS, builtin_user_caps
 
 from .conftest import Daemon, identity, running_corrald
@@ -84,3 +86,44 @@ async def test_a_fork_bomb_under_the_default_policy_is_contained(alice: Client) 
     assert await output_of(alice, after.id) == b"fine\n"
     stopped = await alice.stop(bomb.id, grace=0)
     assert stopped.state == "stopped"
+
+
+async def follow_to_end(client: Client, job_id: str) -> None:
+    async with client.logs(job_id, follow=True) as stream:
+        async for _ in stream.chunks():
+            pass
+
+
+async def test_one_user_cannot_hold_every_stream_and_an_admin_still_can(
+    pki_dir: Path, short_dir: Path
+) -> None:
+    """Each open `logs -f` or `attach` holds a descriptor of corrald's: a
+    user's are capped on all their connections together; an admin's not."""
+    with running_corrald(pki_dir, short_dir, "--max-streams-per-user", "2") as daemon:
+        async with (
+            connect(daemon.tcp, identity(pki_dir, "alice")) as first,
+            connect(daemon.tcp, identity(pki_dir, "alice")) as second,
+            connect(daemon.tcp, identity(pki_dir, "admin")) as admin,
+        ):
+            job = await first.start(["sh", "-c", "echo hi; exec sleep 1000"], stdin=True)
+            async with (
+                first.logs(job.id, follow=True) as following,
+                second.attach(job.id) as attached,
+            ):
+                # Each is inside corrald's count once it moves: output came on
+                # the one, input credit for the other.
+                await anext(aiter(following.chunks()))
+                await attached.send(b"x")
+                with pytest.raises(ServerError) as refused:
+                    await follow_to_end(second, job.id)
+                assert refused.value.code is ErrorCode.RESOURCE_EXHAUSTED
+                assert "alice has 2 output streams open" in str(refused.value)
+                async with admin.logs(job.id, follow=True) as watching:
+                    await admin.stop(job.id, grace=0)
+                    async for _ in watching.chunks():
+                        pass
+            assert (await first.status(job.id)).state == "stopped"
+            # Closed streams are free again.
+            async with first.logs(job.id) as again:
+                async for _ in again.chunks():
+                    pass

@@ -79,6 +79,17 @@ class AttachOperations:
             raise OperationError(ErrorCode.INVALID_ARGUMENT, "offset: must be zero or more")
         elif offset:
             await check_offset(job, offset)
+        with self.operations.stream_slot(context.identity):
+            return await self._attached(context, job, offset, want_input, eof_on_disconnect)
+
+    async def _attached(
+        self,
+        context: RequestContext,
+        job: Job,
+        offset: int,
+        want_input: bool,
+        eof_on_disconnect: bool,
+    ) -> StreamEnd:
         writer = await self.manager.open_input(job.id) if want_input else None
         try:
             async with trio.open_nursery() as nursery:

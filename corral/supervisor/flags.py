@@ -13,6 +13,7 @@ import corral
 from corral import pki
 from corral.address import Address, AddressError, parse_address
 from corral.shim.cgroup import CgroupError, check_component
+from corral.supervisor.operations import MAX_STREAMS_PER_USER
 from corral.supervisor.server import (
     HANDSHAKE_TIMEOUT,
     MAX_CONNECTIONS,
@@ -193,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_CONNECTIONS_PER_USER,
         metavar="N",
         help=f"connections one identity may have at once (default {MAX_CONNECTIONS_PER_USER})",
+    )
+    parser.add_argument(
+        "--max-streams-per-user",
+        type=_count(1, MAX_REQUESTS_FLAG),
+        default=MAX_STREAMS_PER_USER,
+        metavar="N",
+        help="output streams (logs -f, attach) a user may have open at once, on all their "
+        f"connections; admins are not capped (default {MAX_STREAMS_PER_USER})",
     )
     parser.add_argument(
         "--io-timeout",

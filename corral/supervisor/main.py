@@ -353,6 +353,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             max_connections=args.max_connections,
             max_requests_per_connection=args.max_requests,
             max_connections_per_user=args.max_connections_per_user,
+            max_streams_per_user=args.max_streams_per_user,
             io_timeout=args.io_timeout,
             idle_timeout=args.idle_timeout,
         )

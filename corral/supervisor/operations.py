@@ -11,6 +11,9 @@ exactly like a job that does not exist.
 from __future__ import annotations
 
 import bisect
+import collections
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import trio
@@ -21,6 +24,7 @@ from corral.protocol import ErrorCode
 from corral.store import OUTPUT_FILE, pack
 from corral.supervisor.policy import Policy, authorize, owner_filter
 from corral.supervisor.session import Handler, RequestContext, StreamEnd
+from corral.tls import Identity
 from corral.units import describe
 from corral.worker.manager import Job, JobManager
 from corral.worker.output import CHUNK, misplaced_offset
@@ -73,10 +77,45 @@ _KIND_WORDS: dict[type | tuple[type, ...], str] = {
 }
 
 
+# Output streams (logs, attach) one user may have open at once, on all
+# their connections: each holds a descriptor of corrald's (an attach, two),
+# and without a bound one user's 256 connections x 64 streams would take
+# every descriptor corrald has from everyone else.
+MAX_STREAMS_PER_USER = 1024
+
+
 class JobOperations:
-    def __init__(self, manager: JobManager, policy: Policy | None = None) -> None:
+    def __init__(
+        self,
+        manager: JobManager,
+        policy: Policy | None = None,
+        *,
+        max_streams_per_user: int | None = MAX_STREAMS_PER_USER,
+    ) -> None:
         self.manager = manager
         self.policy = policy or Policy()
+        self.max_streams_per_user = max_streams_per_user
+        self._streams: collections.Counter[str] = collections.Counter()  # open, by user
+
+    @contextlib.contextmanager
+    def stream_slot(self, identity: Identity) -> Iterator[None]:
+        """Count an open stream of `identity`'s while the block runs;
+        resource_exhausted if a user has as many as they may. Admins are
+        counted, never refused: an admin can always look."""
+        cap = self.max_streams_per_user
+        if cap is not None and not identity.is_admin and self._streams[identity.name] >= cap:
+            raise OperationError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"{identity.name} has {cap} output streams open (logs -f, attach), the most "
+                "one user may have; end one to open another",
+            )
+        self._streams[identity.name] += 1
+        try:
+            yield
+        finally:
+            self._streams[identity.name] -= 1
+            if not self._streams[identity.name]:
+                del self._streams[identity.name]
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -204,7 +243,8 @@ class JobOperations:
             raise OperationError(ErrorCode.INVALID_ARGUMENT, "offset: must be zero or more")
         if offset:
             await check_offset(job, offset)
-        end = await send_output(context, self.manager, job, offset, follow=follow)
+        with self.stream_slot(context.identity):
+            end = await send_output(context, self.manager, job, offset, follow=follow)
         return StreamEnd({"offset": end, "job": job_record(job, await self.live_status(job))})
 
     async def live_status(self, job: Job) -> Status:

@@ -42,7 +42,7 @@ from corral.streams import CLOSE_TIMEOUT, GONE, close_stream
 from corral.supervisor.attach import AttachOperations
 from corral.supervisor.heartbeat import Heartbeat, process_statistics
 from corral.supervisor.listeners import listener_address, open_listener, remove_unix_sockets
-from corral.supervisor.operations import JobOperations
+from corral.supervisor.operations import MAX_STREAMS_PER_USER, JobOperations
 from corral.supervisor.policy import ADMIN, Policy, authorize, owner_filter
 from corral.supervisor.session import (
     IDLE_TIMEOUT,
@@ -93,6 +93,7 @@ class ServerConfig:
     max_waiting: int = MAX_WAITING
     max_requests_per_connection: int = MAX_REQUESTS_PER_CONNECTION
     max_connections_per_user: int = MAX_CONNECTIONS_PER_USER
+    max_streams_per_user: int = MAX_STREAMS_PER_USER
     io_timeout: float = IO_TIMEOUT
     idle_timeout: float = IDLE_TIMEOUT
     shutdown_grace: float = SHUTDOWN_GRACE
@@ -161,7 +162,9 @@ class Server:
         """Answer the job operations with `jobs` (a running manager), from
         now on; before `serve()`, so that no session sees them come."""
         self.jobs = jobs
-        operations = JobOperations(jobs, self.config.policy)
+        operations = JobOperations(
+            jobs, self.config.policy, max_streams_per_user=self.config.max_streams_per_user
+        )
         self._add_operations(operations.handlers())
         self._add_operations(AttachOperations(operations).handlers())
 
