@@ -349,6 +349,27 @@ def test_detach_keys_leave_the_job_running_and_attach_resumes_it(
     assert late.exitstatus == 1  # type: ignore[attr-defined]
 
 
+def test_a_key_that_may_begin_the_detach_keys_is_held_not_the_end_of_input(
+    daemon: Daemon, pki_dir: Path
+) -> None:
+    """Ctrl+P alone is held while it may begin Ctrl+P Ctrl+Q; what follows
+    shows it was not, and both reach the job, input going on."""
+    script = (
+        'read go; echo "ready-$go"; read line; echo "got:${#line}"; read line; echo "then:$line"'
+    )
+    child = spawn(daemon, pki_dir, "run", "-it", "--", "sh", "-c", script)
+    child.send("x\r")  # type: ignore[attr-defined]
+    child.expect("ready-x")  # type: ignore[attr-defined]  # attached, reading our keys
+    child.send("\x10")  # type: ignore[attr-defined]  # Ctrl+P: maybe the detach keys
+    child.send("ab\r")  # type: ignore[attr-defined]  # no: the line is Ctrl+P, a, b
+    child.expect("got:3")  # type: ignore[attr-defined]
+    child.send("more\r")  # type: ignore[attr-defined]
+    child.expect("then:more")  # type: ignore[attr-defined]
+    child.expect(pexpect.EOF)  # type: ignore[attr-defined]
+    child.close()  # type: ignore[attr-defined]
+    assert child.exitstatus == 0  # type: ignore[attr-defined]
+
+
 def test_sigterm_ends_an_attached_session_with_the_terminal_restored(
     daemon: Daemon, pki_dir: Path
 ) -> None:

@@ -104,14 +104,16 @@ async def _send_input(
     source = open_input(fd)
     try:
         while True:
-            data = await source.receive_some(READ_SIZE)
-            data, detach = matcher.feed(data) if data else (b"", False)
+            chunk = await source.receive_some(READ_SIZE)
+            # At EOF, what the matcher held (a prefix of the detach keys)
+            # was never the sequence: it goes to the job.
+            data, detach = matcher.feed(chunk) if chunk else (matcher.pending, False)
             try:
-                if not data and not detach:  # EOF
-                    await attachment.close()
-                    return
                 if data:
                     await attachment.send(data)
+                if not chunk:  # EOF: the job's stdin ends
+                    await attachment.close()
+                    return
             except CorralError:
                 # The job takes no more input (quietly, as `yes | head`), or the
                 # connection is gone: the output's end says which, and how.
