@@ -14,6 +14,7 @@ from corral import pki
 from corral.address import Address, AddressError, parse_address
 from corral.shim.cgroup import CgroupError, check_component
 from corral.supervisor.operations import MAX_STREAMS_PER_USER
+from corral.supervisor.policy import USER_MEMORY_SHARE, USER_PIDS
 from corral.supervisor.server import (
     HANDSHAKE_TIMEOUT,
     MAX_CONNECTIONS,
@@ -304,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
             dest=f"{role}_caps",
             help=f"the most a {role}'s job may ask for (repeatable)"
             + (
-                "; built in, until set: pids=1024 and memory a quarter of the RAM"
+                f"; built in, until set: pids={USER_PIDS} and memory "
+                f"1/{USER_MEMORY_SHARE} of the RAM"
                 if role == "user"
                 else ""
             ),

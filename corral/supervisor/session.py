@@ -250,12 +250,13 @@ class Session:
         while not queue.pieces:
             await queue.lot.park()
         first = queue.pieces.popleft()
-        if first is None or not queue.pieces or queue.pieces[0] is None:
-            return first
+        if first is None:
+            return None
         parts = [first]
-        while queue.pieces and queue.pieces[0] is not None:
-            parts.append(queue.pieces.popleft())  # type: ignore[arg-type]
-        return b"".join(parts)
+        while queue.pieces and (following := queue.pieces[0]) is not None:
+            queue.pieces.popleft()
+            parts.append(following)
+        return first if len(parts) == 1 else b"".join(parts)
 
     def _input(self, request_id: int, piece: bytes | None) -> None:
         """Hand input to the request it is for, if it still takes input."""

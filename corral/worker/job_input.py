@@ -33,6 +33,11 @@ CLOSE_TIMEOUT = 5.0
 CLOSED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 
 
+def ended(job_id: str) -> OperationError:
+    """The error of asking for input or a resize of a job that has ended."""
+    return OperationError(ErrorCode.FAILED_PRECONDITION, f"job {job_id[:12]} has ended")
+
+
 class InputClosed(Exception):
     """The job takes no more input on this connection; `str()` says why."""
 
@@ -140,7 +145,7 @@ async def open_input(job_dir: Path, job_id: str) -> ShimInput:
         try:
             sock = await shim_link.connect_shim(job_dir, request)
             if sock is None:
-                raise OperationError(ErrorCode.FAILED_PRECONDITION, f"job {job_id[:12]} has ended")
+                raise ended(job_id)
             try:
                 await sock.send(request.encode())
                 data = await sock.recv(ipc.MAX_CONTROL_MESSAGE)
@@ -149,18 +154,14 @@ async def open_input(job_dir: Path, job_id: str) -> ShimInput:
                 raise
         except OSError as exc:
             if exc.errno in shim_link.GONE_ERRNOS:
-                raise OperationError(
-                    ErrorCode.FAILED_PRECONDITION, f"job {job_id[:12]} has ended"
-                ) from None
+                raise ended(job_id) from None
             raise OperationError(ErrorCode.INTERNAL, f"cannot reach the job's shim: {exc}") from exc
         try:
             reply = ipc.decode(data, (ipc_input.InputAttached, ipc.Refusal))
         except ipc.IPCError as exc:
             sock.close()
             if not data:
-                raise OperationError(
-                    ErrorCode.FAILED_PRECONDITION, f"job {job_id[:12]} has ended"
-                ) from None
+                raise ended(job_id) from None
             raise OperationError(
                 ErrorCode.INTERNAL, f"the job's shim answered nonsense: {exc}"
             ) from None
@@ -183,7 +184,7 @@ async def resize(job_dir: Path, job_id: str, columns: int, rows: int) -> None:
     request = ipc_input.Resize(columns=columns, rows=rows)
     reply = await shim_link.ask_shim(job_dir, request, ATTACH_TIMEOUT)
     if reply is None:
-        raise OperationError(ErrorCode.FAILED_PRECONDITION, f"job {job_id[:12]} has ended")
+        raise ended(job_id)
     if isinstance(reply, ipc.Refusal):
         raise OperationError(ErrorCode.FAILED_PRECONDITION, f"job {job_id[:12]}: {reply.message}")
     if not isinstance(reply, ipc_input.Resized):

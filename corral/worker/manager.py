@@ -425,15 +425,8 @@ class JobManager:
         Raises OperationError: not_found; failed_precondition when the job
         takes no input (started without stdin), has closed its stdin or
         has ended; internal when its shim does not answer."""
-        job = self.resolve(job_id)
-        if not job.spec.stdin:
-            raise OperationError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"job {job.short_id} takes no input: it was started without -i",
-            )
-        if job.done.is_set():
-            raise OperationError(ErrorCode.FAILED_PRECONDITION, f"job {job.short_id} has ended")
-        await job.started.wait()
+        without = "takes no input: it was started without -i"
+        job = await self._running_with(job_id, "stdin", without)
         return await job_input.open_input(job.directory, job.id)
 
     async def resize(self, job_id: str, columns: int, rows: int) -> None:
@@ -443,15 +436,20 @@ class JobManager:
         bounds; failed_precondition when the job has no terminal or has ended."""
         job = self.resolve(job_id)
         columns, rows = check_tty_size([columns, rows], "size")
-        if not job.spec.tty:
-            raise OperationError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"job {job.short_id} has no terminal: it was started without -t",
-            )
-        if job.done.is_set():
-            raise OperationError(ErrorCode.FAILED_PRECONDITION, f"job {job.short_id} has ended")
-        await job.started.wait()
+        without = "has no terminal: it was started without -t"
+        await self._running_with(job.id, "tty", without)
         await job_input.resize(job.directory, job.id, columns, rows)
+
+    async def _running_with(self, job_id: str, feature: str, without: str) -> Job:
+        """The job, once its start is known, if its spec has `feature` (stdin
+        or tty) and it has not ended; failed_precondition saying which not."""
+        job = self.resolve(job_id)
+        if not getattr(job.spec, feature):
+            raise OperationError(ErrorCode.FAILED_PRECONDITION, f"job {job.short_id} {without}")
+        if job.done.is_set():
+            raise job_input.ended(job.id)
+        await job.started.wait()
+        return job
 
     # -- its end -----------------------------------------------------------------------
 
