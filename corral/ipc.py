@@ -224,6 +224,15 @@ class JobConfig(_Message):
     stdin: bool = False
     tty: bool = False
     tty_size: tuple[int, int] = (80, 24)
+    # A user namespace of the job's own (see corral.shim.userns): uid, gid
+    # and groups are the host's, `inside_uid` and `inside_gid` what they
+    # are mapped to, `passwd` and `group` the job's /etc files. Without
+    # it the job is the host's uid (root on the host: host_root).
+    userns: bool = False
+    inside_uid: int = 0
+    inside_gid: int = 0
+    passwd: bytes = b""
+    group: bytes = b""
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> JobConfig:
@@ -249,12 +258,44 @@ class JobConfig(_Message):
             stdin=fields.get(wire, "stdin", bool, tag),
             tty=fields.get(wire, "tty", bool, tag),
             tty_size=fields.size(wire, "tty_size", tag),
+            userns=fields.get(wire, "userns", bool, tag),
+            inside_uid=fields.count(wire, "inside_uid", tag),
+            inside_gid=fields.count(wire, "inside_gid", tag),
+            passwd=fields.get(wire, "passwd", bytes, tag),
+            group=fields.get(wire, "group", bytes, tag),
         )
 
     def frame(self) -> bytes:
         """The message as the job pipe carries it: its length, then the map."""
         body = self.encode()
         return JOB_HEADER.pack(len(body)) + body
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MapUser(_Message):
+    """init -> shim on the input channel: init is in the job's new user
+    namespace; map its ids (the shim answers UserMapped, or a Refusal)."""
+
+    TAG: ClassVar[str] = "map_user"
+    version: int = IPC_VERSION
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> MapUser:
+        """The message `wire` stands for; IPCError if it is not one."""
+        return cls(version=fields.version(wire, cls.TAG))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UserMapped(_Message):
+    """shim -> init on the input channel: the user namespace's maps are written."""
+
+    TAG: ClassVar[str] = "user_mapped"
+    version: int = IPC_VERSION
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> UserMapped:
+        """The message `wire` stands for; IPCError if it is not one."""
+        return cls(version=fields.version(wire, cls.TAG))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -440,15 +481,16 @@ InitWord = Started | InitFailure
 ControlRequest = StatusRequest | StopRequest
 ControlReply = StatusReply | Stopping | Refusal
 Message = (
-    Prepare | Start | Spawned | Refused | Claim | JobConfig | Started | InitFailure
-    | StartReport | Hello | StatusRequest | StopRequest | StatusReply | Stopping | Refusal
+    Prepare | Start | Spawned | Refused | Claim | JobConfig | MapUser | UserMapped | Started
+    | InitFailure | StartReport | Hello | StatusRequest | StopRequest | StatusReply | Stopping
+    | Refusal
 )  # fmt: skip
 
 MESSAGES: dict[str, type[Message]] = {
     cls.TAG: cls
     for cls in (
-        Prepare, Start, Spawned, Refused, Claim, JobConfig, Started, InitFailure,
-        StartReport, Hello, StatusRequest, StopRequest, StatusReply, Stopping, Refusal,
+        Prepare, Start, Spawned, Refused, Claim, JobConfig, MapUser, UserMapped, Started,
+        InitFailure, StartReport, Hello, StatusRequest, StopRequest, StatusReply, Stopping, Refusal,
     )
 }  # fmt: skip
 

@@ -27,7 +27,14 @@ from corral.units import describe, quote, short_duration, short_number, short_si
 ID_BYTES = 16
 SHORT_ID = 12
 
-DEFAULT_USER = "nobody"
+# The run-as user a job gets unless an admin names another: a uid of its
+# own from corrald's pool (see corral.worker.uid_pool). ROOT_USERS ask for
+# uid 0, which is root inside the job's user namespace alone.
+DYNAMIC_USER = "dynamic"
+DEFAULT_USER = DYNAMIC_USER
+ROOT_USERS = frozenset({"root", "0"})
+# The job's home: its private /tmp is the one directory it surely may write.
+DEFAULT_HOME = b"/tmp"
 DEFAULT_CWD = b"/"
 DEFAULT_PATH = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -210,7 +217,7 @@ def _as_bytes(name: str, value: object) -> bytes:
 
 def default_env() -> dict[bytes, bytes]:
     """A small clean environment: what a login would give, not corrald's."""
-    return {b"PATH": DEFAULT_PATH, b"HOME": b"/", b"LANG": b"C.UTF-8", b"TERM": b"dumb"}
+    return {b"PATH": DEFAULT_PATH, b"HOME": DEFAULT_HOME, b"LANG": b"C.UTF-8", b"TERM": b"dumb"}
 
 
 def check_tty_size(value: object, name: str = "tty_size") -> tuple[int, int]:
@@ -282,6 +289,10 @@ class JobSpec:
     stdin: bool = False
     tty: bool = False
     tty_size: Sequence[int] = DEFAULT_TTY_SIZE
+    # Root on the host: uid 0 with every capability and no user namespace
+    # (admins alone, when the policy allows). Without it, root is root in
+    # the job's own user namespace, an unprivileged uid on the host.
+    host_root: bool = False
 
     def validate(self) -> ResolvedSpec:
         """Check every field and return the spec in its on-disk form."""
@@ -309,14 +320,16 @@ class JobSpec:
         if not isinstance(self.limits, Limits):
             raise SpecError("limits", f"must be a Limits record, not {describe(self.limits)}")
         writable = self._writable()
-        for name in ("stdin", "tty"):
+        if self.host_root is True and self.user not in ROOT_USERS | {DYNAMIC_USER}:
+            raise SpecError("host_root", f"runs the job as root, not as user {self.user!r}")
+        for name in ("stdin", "tty", "host_root"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(name, f"must be true or false, not {describe(getattr(self, name))}")
         return ResolvedSpec(
             argv=argv,
             env=env,
             cwd=cwd,
-            user=self.user,
+            user="root" if self.host_root is True else self.user,
             limits=self.limits.validate(),
             max_runtime=None if self.max_runtime is None else float(self.max_runtime),
             owner=self.owner,
@@ -327,6 +340,7 @@ class JobSpec:
             stdin=self.stdin,
             tty=self.tty,
             tty_size=check_tty_size(self.tty_size),
+            host_root=self.host_root,
         )
 
     def _writable(self) -> tuple[bytes, ...]:
@@ -389,6 +403,10 @@ class ResolvedSpec:
     stdin: bool = False
     tty: bool = False
     tty_size: tuple[int, int] = DEFAULT_TTY_SIZE
+    host_root: bool = False
+    # The host uid (and gid) from corrald's pool the job runs as, for a
+    # dynamic or root user; None for a host user named by an admin, or host root.
+    uid: int | None = None
     id: str = ""
     created_at: int = 0  # ns since the epoch
 
@@ -412,6 +430,12 @@ class ResolvedSpec:
     @property
     def short_id(self) -> str:
         return self.id[:SHORT_ID]
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the job runs as a uid of corrald's pool (its own user, or
+        root in its user namespace), not as a host user."""
+        return not self.host_root and self.user in ROOT_USERS | {DYNAMIC_USER}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

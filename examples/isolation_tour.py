@@ -111,11 +111,18 @@ async def tour(guide: Tour) -> None:
         f"its own UTS namespace: the hostname is the job's short id, {job.short_id}",
     )
 
-    output, _ = await guide.run(["id"])
+    output, job = await guide.run(
+        ["sh", "-c", "id; cat /proc/self/uid_map"], "id; cat /proc/self/uid_map"
+    )
     guide.show(output)
+    mapping = output.splitlines()[1].split() if output.count("\n") > 1 else []
     guide.explain(
-        output.startswith("uid=65534(nobody)"),
-        "it runs as nobody, the default; only an admin may ask for another user",
+        output.startswith(f"uid={job.uid}(job) gid={job.uid}(job)")
+        and mapping == [str(job.uid), str(job.uid), "1"],
+        f"a uid of its own, {job.uid}, from corrald's range: no other running job has\n"
+        "     it. It lives in a user namespace of its own where that uid is the only one\n"
+        "     mapped (every other id shows as nobody); only an admin may ask for another\n"
+        "     user, or for root, which is root inside the job alone",
     )
 
     output, _ = await guide.run(["cat", "/proc/self/mounts"])

@@ -132,7 +132,8 @@ async def test_a_user_asking_for_root_or_over_a_cap_is_refused_and_an_admin_is_n
         await outcome(alice.start(["true"], max_runtime=7200)),
     ]
     assert refusals == [
-        "permission_denied: only an admin may choose the user a job runs as; yours run as nobody",
+        "permission_denied: only an admin may choose the user a job runs as; "
+        "yours run as a uid of their own (dynamic)",
         "permission_denied: limits.memory: 512M is over the user cap of 256M",
         "permission_denied: max_runtime: 2h is over the user cap of 1h",
     ]
@@ -145,13 +146,14 @@ async def test_a_user_asking_for_root_or_over_a_cap_is_refused_and_an_admin_is_n
     assert big.limits == {"memory": 512 << 20, "pids": 64}
     policy = (await alice.info()).raw["policy"]
     assert policy == {
-        "default_user": "nobody",
+        "default_user": "dynamic",
+        "host_root": False,  # never a user's to ask for
         "defaults": {"pids": 64},
         # The built-in pids cap stays under what the flags set.
         "caps": {"memory": 256 << 20, "pids": USER_PIDS, "max_runtime": 3600.0},
         "writable": [],
     }
-    # Users' jobs share one run-as user: no writable paths unless configured.
+    # No writable paths for users' jobs unless configured.
     with pytest.raises(ServerError) as caught:
         await alice.start(["true"], writable=["/var/tmp"])
     assert caught.value.code is ErrorCode.PERMISSION_DENIED

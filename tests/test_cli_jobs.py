@@ -30,7 +30,7 @@ pytestmark = [
 JOB_KEYS = {
     "id", "owner", "argv", "state", "exit_code", "signal", "oom_killed", "reason",
     "created_at", "started_at", "finished_at", "limits", "usage", "outcome", "user",
-    "max_runtime", "stopped_by", "stdin", "tty",
+    "max_runtime", "stopped_by", "stdin", "tty", "uid", "host_root",
 }  # fmt: skip
 USAGE_KEYS = {"cpu_seconds", "memory_peak_bytes", "io_read_bytes", "io_write_bytes"}
 
@@ -234,7 +234,7 @@ async def test_an_ambiguous_prefix_names_the_candidates(
 def test_info_shows_the_terms_jobs_start_under(as_user: Callable[..., object]) -> None:
     shown = as_user("alice", "info").stdout  # type: ignore[attr-defined]
     assert "you:            alice (user)" in shown
-    assert "jobs run as:    nobody" in shown
+    assert "jobs run as:    a uid of their own (dynamic)" in shown
     # With no configuration a user's job is still bounded: a process count
     # and a share of the host's memory.
     caps = builtin_user_caps()

@@ -135,9 +135,9 @@ def test_isolation_tour_claims_hold(corrald: Daemon, pki_dir: Path) -> None:
         EXAMPLES_DIR / "isolation_tour.py", corrald.tcp, identity(pki_dir, "admin")
     )
     assert "NOT AS EXPECTED" not in output
-    assert re.search(r"^ +1 +0 nobody +corral-init ", output, re.MULTILINE)
+    assert re.search(r"^ +1 +0 job +corral-init ", output, re.MULTILINE)
     assert re.search(r"^    1: lo: <LOOPBACK,UP", output, re.MULTILINE)
-    assert "    uid=65534(nobody)" in output
+    assert re.search(r"^    uid=(\d+)\(job\) gid=\1\(job\)", output, re.MULTILINE)
     hostname = re.search(r"^\$ hostname\n    (\w+)\n.*short id, (\w+)$", output, re.MULTILINE)
     assert hostname is not None
     assert hostname.group(1) == hostname.group(2)

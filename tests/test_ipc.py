@@ -64,7 +64,14 @@ MESSAGES = st.one_of(
         stdin=st.booleans(),
         tty=st.booleans(),
         tty_size=st.tuples(st.integers(1, 2**16), st.integers(1, 2**16)),
+        userns=st.booleans(),
+        inside_uid=counts,
+        inside_gid=counts,
+        passwd=byte_strings,
+        group=byte_strings,
     ),
+    st.builds(ipc.MapUser),
+    st.builds(ipc.UserMapped),
     st.builds(ipc.Started),
     st.builds(ipc.InitFailure, step=texts, errno=st.integers(0, 200), message=texts),
     st.builds(ipc.StartReport.running, statuses),
@@ -108,7 +115,7 @@ def test_every_message_survives_the_wire(message: ipc.MessageBase) -> None:
 
 def test_every_message_type_is_in_the_round_trip() -> None:
     tags = {cls.TAG for cls in EVERY_TYPE}
-    assert len(tags) == len(EVERY_TYPE) == 15 + 8
+    assert len(tags) == len(EVERY_TYPE) == 17 + 8
 
 
 def test_input_the_shim_cannot_read_whole_is_refused() -> None:

@@ -82,9 +82,14 @@ def refused(identity: Identity, **request: object) -> str:
 
 def test_a_user_cannot_choose_the_run_as_user() -> None:
     message = refused(ALICE, user="root", limits=Limits(), max_runtime=None)
-    assert message == "only an admin may choose the user a job runs as; yours run as nobody"
+    assert message == (
+        "only an admin may choose the user a job runs as; yours run as a uid of their own (dynamic)"
+    )
     # Naming the default is no choice at all.
-    assert POLICY.start_terms(ALICE, "nobody", Limits(), None).user == "nobody"
+    assert POLICY.start_terms(ALICE, "dynamic", Limits(), None).user == "dynamic"
+    # Nor is root on the host theirs to ask for.
+    message = refused(ALICE, user=None, limits=Limits(), max_runtime=None, host_root=True)
+    assert message == "only an admin may run a job as root on the host"
 
 
 def test_an_admin_may_run_as_anyone_and_has_no_cap_unless_set() -> None:

@@ -53,6 +53,10 @@ async def cmd_info(client: Client, args: argparse.Namespace, out: TextIO) -> int
     most, per_user = info.raw.get("max_jobs"), info.raw.get("max_jobs_per_user")
     if most is not None or per_user is not None:
         rows.append(("max running", f"{most or 'any'} jobs, {per_user or 'any'} per user"))
+    uids = info.raw.get("uids")
+    if isinstance(uids, dict):
+        start, count = uids.get("start"), uids.get("count")
+        rows.append(("job uids", f"{uids.get('in_use')} of {count} in use ({start}:{count})"))
     lag = info.raw.get("loop_lag")
     if isinstance(lag, dict):
         rows.append(
@@ -66,13 +70,21 @@ async def cmd_info(client: Client, args: argparse.Namespace, out: TextIO) -> int
     policy = info.raw.get("policy")
     if isinstance(policy, dict):
         rows += [
-            ("jobs run as", str(policy.get("default_user", "?"))),
+            ("jobs run as", _runs_as_text(policy)),
             ("default limits", _limits_text(policy.get("defaults"))),
             ("your caps", _limits_text(policy.get("caps"))),
             ("writable", ", ".join(map(str, policy.get("writable") or [])) or "nowhere"),
         ]
     _print_rows(rows, out)
     return 0
+
+
+def _runs_as_text(policy: dict[str, Any]) -> str:
+    user = str(policy.get("default_user", "?"))
+    text = "a uid of their own (dynamic)" if user == "dynamic" else user
+    if policy.get("host_root"):
+        text += "; --host-root allowed"
+    return text
 
 
 SIZE_LIMITS = frozenset({"memory", "io_read_bps", "io_write_bps"})
@@ -112,6 +124,7 @@ async def _start(client: Client, args: argparse.Namespace) -> JobInfo:
             env_clear=args.env_clear,
             cwd=args.cwd,
             user=args.user,
+            host_root=args.host_root,
             limits=limits,
             max_runtime=args.timeout,
             writable=[os.fsencode(path) for path in args.rw],
@@ -424,7 +437,7 @@ async def cmd_status(client: Client, args: argparse.Namespace, out: TextIO) -> i
     rows = [
         ("id", job.id),
         ("owner", job.owner),
-        ("user", job.user or "-"),
+        ("user", job.runs_as),
         ("command", job.command),
         ("state", job.outcome if job.finished else job.state),
         ("reason", job.reason),

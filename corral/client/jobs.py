@@ -40,6 +40,8 @@ class JobInfo:
     usage: dict[str, Any]
     raw: dict[str, Any] = field(compare=False, repr=False)
     user: str = ""  # who the command runs as
+    uid: int | None = None  # the host uid it runs as, from corrald's pool
+    host_root: bool = False  # root on the host (no user namespace)
     max_runtime: float | None = None  # seconds: its timeout, given or imposed by a cap
     stopped_by: str | None = None  # who or what stopped it ("max runtime 2 s", a name)
     already_ended: bool = False  # a stop's reply: the job had ended before it came
@@ -50,6 +52,18 @@ class JobInfo:
     @property
     def short_id(self) -> str:
         return self.id[:SHORT_ID]
+
+    @property
+    def runs_as(self) -> str:
+        """Who the command runs as, in a few words: 'dynamic (uid 1879048192)',
+        'root (uid 0 inside, 1879048193 on the host)', 'root on the host'."""
+        if self.host_root:
+            return "root on the host"
+        if self.uid is None:
+            return self.user or "-"
+        if self.user in {"root", "0"}:
+            return f"root (uid 0 in its user namespace, {self.uid} on the host)"
+        return f"{self.user} (uid {self.uid})"
 
     @property
     def command(self) -> str:
@@ -103,6 +117,8 @@ class JobInfo:
                 usage=dict(record.get("usage") or {}),
                 raw=record,
                 user=str(record.get("user") or ""),
+                uid=_optional_int(record.get("uid")),
+                host_root=bool(record.get("host_root", False)),
                 max_runtime=_seconds(record.get("max_runtime")),
                 stopped_by=_optional_text(record.get("stopped_by")),
                 already_ended=already_ended,
@@ -132,6 +148,8 @@ class JobInfo:
             "max_runtime": self.max_runtime,
             "stopped_by": self.stopped_by,
             "user": self.user,
+            "uid": self.uid,
+            "host_root": self.host_root,
             "stdin": self.stdin,
             "tty": self.tty,
             "usage": {
@@ -157,6 +175,14 @@ def _size(value: object) -> tuple[int, int] | None:
     if not isinstance(value, list) or len(value) != 2:
         raise TypeError("tty_size must be [columns, rows]")
     return int(value[0]), int(value[1])
+
+
+def _optional_int(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"uid must be a whole number, not {type(value).__name__}")
+    return value
 
 
 def _optional_text(value: object) -> str | None:

@@ -302,14 +302,24 @@ def _job_spec_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=f"limit_{dest}", type=kind, metavar="N", help=text)
     parser.add_argument("--timeout", type=_duration, metavar="DURATION",
                         help="stop the job after this long, e.g. 30s, 5m")  # fmt: skip
-    parser.add_argument("--user", help="run as this user (admins only; default nobody)")
+    parser.add_argument(
+        "--user",
+        help="run as this host user, or root: root in the job's own user namespace "
+        "(admins only; default: a uid of the job's own)",
+    )
+    parser.add_argument(
+        "--host-root",
+        action="store_true",
+        help="run as root on the host, with every capability and no user namespace "
+        "(admins only, where the policy allows)",
+    )
     parser.add_argument(
         "--env",
         action="append",
         type=_env_pair,
         metavar="NAME=VALUE",
         help="set an environment variable (repeatable); added to the default set "
-        "(PATH, HOME=/, LANG=C.UTF-8, TERM=dumb), replacing a name it has",
+        "(PATH, HOME=/tmp, LANG=C.UTF-8, TERM=dumb), replacing a name it has",
     )
     parser.add_argument(
         "--env-clear",

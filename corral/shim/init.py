@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from corral import ipc, ipc_fds, ipc_input
-from corral.shim import libc, mounts, terminal
+from corral.shim import libc, mounts, terminal, userns
 from corral.shim.mounts import remount_each
 
 # remount_each is the mounts' fallback before Linux 5.12; tests run it here.
@@ -148,9 +148,14 @@ def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
     host_shm = mounts.open_host_shm()  # before the job's /dev hides it
     _step("dev", mounts.make_dev)
     _step("network", libc.interface_up, "lo")
-    # A new network namespace forbids unprivileged ping; allow it, as hosts do.
+    # The job's network namespace is the host's user namespace's: the job's
+    # root has no rights over it. Let any job ping (a new namespace forbids
+    # unprivileged ping) and bind low ports in it, as Docker does.
     with contextlib.suppress(OSError):
         _write("/proc/sys/net/ipv4/ping_group_range", b"0 2147483647")
+    with contextlib.suppress(OSError):
+        _write("/proc/sys/net/ipv4/ip_unprivileged_port_start", b"0")
+    last_capability = _step("user", userns.last_capability)
     _step("hostname", libc.sethostname, config.hostname)
     # Inherited by the command: setuid bits and file capabilities give nothing.
     _step("no_new_privs", libc.prctl, libc.PR_SET_NO_NEW_PRIVS, 1)
@@ -179,8 +184,16 @@ def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
     # The command is the process the OOM killer should pick; init inherits
     # the score it passes on (only root may lower it later).
     _step("oom_score_adj", _write, "/proc/self/oom_score_adj", COMMAND_OOM_SCORE_ADJ)
+    if job.passwd or job.group:
+        _step("account", mounts.install_account, {"passwd": job.passwd, "group": job.group})
     stdio = _stdio(config, job)  # as root: the terminal's slave is given to the run-as user
-    _step("user", _drop_privileges, job)
+    if job.userns:
+        _step("user", userns.become_host_user, job.uid, job.gid, job.groups)
+        _step("user", _mapped_by_shim, config.input_fd)
+        _step("user", userns.keep_capabilities, job.inside_uid, job.inside_gid, last_capability)
+    else:
+        _step("user", _drop_privileges, job)
+    _hand_over_input(config.input_fd, stdio)
     # Changing credentials cleared the death signal: set it again, then make
     # sure the shim did not die before it was set (the job pipe's only
     # writer is the shim, so a hang-up there means it is gone).
@@ -192,6 +205,24 @@ def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
     os.close(config.job_fd)
     _step("cwd", os.chdir, job.cwd)
     return job, stdio
+
+
+def _mapped_by_shim(channel_fd: int) -> None:
+    """Have the shim map the ids of init's new user namespace, and wait until it has."""
+    channel = socket.socket(fileno=channel_fd)
+    try:
+        ipc_fds.send_message(channel, ipc.MapUser())
+        received = ipc_fds.receive_message(channel, (ipc.UserMapped, ipc.Refusal))
+    except ipc.IPCError as exc:
+        raise _StepError("user", f"unreadable answer from the shim: {exc}") from None
+    finally:
+        channel.detach()  # the channel goes on: the input end is handed over on it
+    if received is None:
+        os._exit(EXIT_SETUP_FAILED)  # the shim is gone
+    answer, fds = received
+    ipc_fds.close_all(fds)
+    if isinstance(answer, ipc.Refusal):
+        raise _StepError("user", answer.message)
 
 
 def _receive_job(fd: int) -> ipc.JobConfig:
@@ -246,19 +277,22 @@ def _reap_until(command: int, result_fd: int) -> int:
 @dataclass(frozen=True, slots=True)
 class _Stdio:
     """The command's stdin, stdout and stderr (posix_spawn file actions),
-    whether it starts a session of its own, and init's descriptors to
-    close once it has spawned."""
+    whether it starts a session of its own, init's descriptors to close
+    once it has spawned, and the job's input end for the shim (its kind
+    and descriptor), if it takes input."""
 
     actions: tuple[tuple[Any, ...], ...]
     setsid: bool = False
     close: tuple[int, ...] = ()
+    input_end: tuple[str, int] | None = None
 
 
 def _stdio(config: InitConfig, job: ipc.JobConfig) -> _Stdio:
     """The command's stdio, as the job asks: a terminal of its own, a stdin
     pipe, or /dev/null and the shim's pipes. The shim gets the job's input
     end (the terminal's master, the pipe's write end) on the input channel
-    now, before init says Started, so it is there when the shim hears that.
+    before init says Started (`_hand_over_input`), so it is there when the
+    shim hears that.
 
     A terminal job's command starts a session (posix_spawn's setsid comes
     before its file actions) and opens the slave without O_NOCTTY, which
@@ -273,27 +307,30 @@ def _stdio(config: InitConfig, job: ipc.JobConfig) -> _Stdio:
     )
     if job.tty:
         master, slave = _step("terminal", terminal.open_terminal, job.tty_size, job.uid, job.gid)
-        _step("terminal", _send_input_end, config.input_fd, ipc_input.TTY, master)
         actions: tuple[tuple[Any, ...], ...] = (
             (os.POSIX_SPAWN_OPEN, 0, slave, os.O_RDWR, 0),
             (os.POSIX_SPAWN_DUP2, 0, 1),
             (os.POSIX_SPAWN_DUP2, 0, 2),
         )
         # Held until the command has the slave open: the last master's close takes the slave.
-        return _Stdio(actions, setsid=True, close=(master,))
+        return _Stdio(actions, setsid=True, close=(master,), input_end=(ipc_input.TTY, master))
     if job.stdin:
         read_end, write_end = _step("stdin", os.pipe2, os.O_CLOEXEC)
-        _step("stdin", _send_input_end, config.input_fd, ipc_input.PIPE, write_end)
         # init keeps neither end: the job's EOF and EPIPE belong to the shim and the command.
-        return _Stdio(((os.POSIX_SPAWN_DUP2, read_end, 0), *output), close=(read_end, write_end))
-    os.close(config.input_fd)
+        return _Stdio(
+            ((os.POSIX_SPAWN_DUP2, read_end, 0), *output),
+            close=(read_end, write_end),
+            input_end=(ipc_input.PIPE, write_end),
+        )
     return _Stdio(((os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0), *output))
 
 
-def _send_input_end(channel_fd: int, kind: str, end: int) -> None:
-    """Hand the shim the job's input end on the input channel, and close the channel."""
+def _hand_over_input(channel_fd: int, stdio: _Stdio) -> None:
+    """Hand the shim the job's input end, if it has one, on the input channel, and close it."""
     with socket.socket(fileno=channel_fd) as channel:
-        ipc_fds.send_message(channel, ipc_input.InputEnd(kind=kind), [end])
+        if stdio.input_end is not None:
+            kind, end = stdio.input_end
+            _step("stdin", ipc_fds.send_message, channel, ipc_input.InputEnd(kind=kind), [end])
 
 
 def _spawn(job: ipc.JobConfig, stdio: _Stdio) -> int:

@@ -20,6 +20,7 @@ _libc.syscall.restype = ctypes.c_long
 
 # <linux/sched.h>
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
@@ -53,6 +54,9 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_SECUREBITS = 28
+# <linux/securebits.h>: keep capabilities across a change of uid
+SECBIT_NO_SETUID_FIXUP = 1 << 2
 
 # <linux/sockios.h>, <linux/if.h>
 SIOCGIFFLAGS = 0x8913
@@ -176,10 +180,25 @@ class _CapData(ctypes.Structure):
 
 def clear_capabilities() -> None:
     """Empty this process's effective, permitted and inheritable sets (and ambient)."""
+    set_capabilities(0)
+
+
+def set_capabilities(mask: int) -> None:
+    """Make this process's effective and permitted sets `mask` (bit n:
+    capability n), its inheritable and ambient sets empty."""
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
+    for i, word in enumerate((mask & 0xFFFFFFFF, mask >> 32)):
+        data[i].effective = data[i].permitted = word
     _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+
+
+def limit_bounding_set(keep: int, last: int) -> None:
+    """Drop every capability up to `last` not in `keep` from the bounding set."""
+    for capability in range(last + 1):
+        if not keep >> capability & 1:
+            prctl(PR_CAPBSET_DROP, capability)
 
 
 def cloexec_from(first: int) -> None:

@@ -16,6 +16,7 @@ from corral.shim import libc
 
 HARDENED = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
 REMOUNT_READ_ONLY = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY
+DEV_FLAGS = libc.MS_NOSUID | libc.MS_NOEXEC  # the job's /dev: devices, nothing to run
 # The job's /dev: character devices (major, minor), as every container has.
 DEVICES = {
     "null": (1, 3),
@@ -90,7 +91,30 @@ def make_dev() -> None:
         "newinstance,ptmxmode=0666,mode=0620",
     )  # fmt: skip
     libc.mount("mqueue", "/dev/mqueue", "mqueue", HARDENED, None)
-    libc.mount(None, "/dev", None, REMOUNT_READ_ONLY | libc.MS_NOSUID | libc.MS_NOEXEC, None)
+    libc.mount(None, "/dev", None, REMOUNT_READ_ONLY | DEV_FLAGS, None)
+
+
+def install_account(files: dict[str, bytes]) -> None:
+    """The job's own /etc files (name -> content: passwd, group), bound
+    read-only over the host's. Written to the job's /dev, made writable for
+    the moment, and unlinked once bound: the job sees them at /etc alone.
+    A file the host lacks is left out (there is nothing to bind over)."""
+    libc.mount(None, "/dev", None, libc.MS_REMOUNT | libc.MS_BIND | DEV_FLAGS, None)
+    for name, content in files.items():
+        target = f"/etc/{name}"
+        if not os.path.isfile(target):
+            continue
+        source = f"/dev/.{name}"
+        fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.fchmod(fd, 0o644)  # whatever the umask
+            os.write(fd, content)
+        finally:
+            os.close(fd)
+        libc.mount(source, target, None, libc.MS_BIND, None)
+        libc.mount(None, target, None, REMOUNT_READ_ONLY | HARDENED, None)
+        os.unlink(source)
+    libc.mount(None, "/dev", None, REMOUNT_READ_ONLY | DEV_FLAGS, None)
 
 
 def keep_sys_read_only() -> None:

@@ -28,12 +28,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import pwd
 import select
 import signal
 import socket
+import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -41,9 +41,10 @@ from corral import ipc, ipc_fds, ipc_input
 from corral.errors import ErrorCode
 from corral.job import ResolvedSpec, SpecError, State, Status, Usage
 from corral.records import STREAM_STDERR, STREAM_STDOUT
-from corral.shim import ending, libc
+from corral.shim import ending, libc, userns
 from corral.shim.cgroup import CgroupError
 from corral.shim.control import ControlSocket, Reply, Request
+from corral.shim.credentials import Credentials, credentials
 from corral.shim.deadlines import Deadlines, Due
 from corral.shim.init import WAIT_STATUS
 from corral.shim.input_relay import INPUT_LOST, NO_INPUT, InputRelay, receive_input_end
@@ -60,27 +61,6 @@ DRAIN_TIMEOUT = 5.0
 # milliseconds; a job stuck longer (a hung mount or NFS cwd) is failed,
 # so `start` always gets an answer, before corrald stops waiting (60 s).
 SETUP_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-
-
-def resolve_user(user: str) -> Credentials:
-    """The uid, gid and groups of a user name or numeric uid; StartFailure
-    (invalid_argument) for a name nobody has."""
-    try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except KeyError:
-        if user.isdigit():  # a uid without a passwd entry is still a uid
-            return Credentials(int(user), int(user), ())
-        message = f"unknown user {user!r}"
-        raise StartFailure("user", message, ErrorCode.INVALID_ARGUMENT) from None
-    groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    return Credentials(entry.pw_uid, entry.pw_gid, groups)
 
 
 class Shim:
@@ -116,6 +96,7 @@ class Shim:
         # The job's input, if it takes any, and its terminal, if it has one.
         self.relay = InputRelay(self.loop, tty=self.spec.tty) if self.spec.stdin else None
         self.terminal: Terminal | None = None
+        self.credentials: Credentials | None = None  # once start() knows them
 
     # -- setup -------------------------------------------------------------------
 
@@ -127,7 +108,7 @@ class Shim:
         """
         if self.sandbox.failure is not None:
             raise init_failure(self.spec, self.sandbox.init_report) or self.sandbox.failure
-        credentials = resolve_user(self.spec.user)
+        self.credentials = credentials(self.spec)
         assert self.cgroup is not None
         try:
             self.cgroup.apply(self.spec.limits, list(self.request.devices))
@@ -138,9 +119,7 @@ class Shim:
             argv=self.spec.argv,
             env=tuple(self.spec.env.items()),
             cwd=self.spec.cwd,
-            uid=credentials.uid,
-            gid=credentials.gid,
-            groups=credentials.groups,
+            **self.credentials.fields(),
             tmp_size=self.spec.tmp_size,
             writable=self.spec.writable,
             stdin=self.spec.stdin,
@@ -162,6 +141,8 @@ class Shim:
         self.pipes = {self.sandbox.out_r, self.sandbox.err_r}
         self.loop.watch(self.sandbox.out_r, lambda fd: self._relay(fd, STREAM_STDOUT))
         self.loop.watch(self.sandbox.err_r, lambda fd: self._relay(fd, STREAM_STDERR))
+        if self.credentials.userns:  # init asks for its maps on the input channel
+            self.loop.watch(self.sandbox.input_channel.fileno(), self._map_user)
         self.exec_r = self.sandbox.exec_r
         self.loop.watch(self.exec_r, self._exec_channel)
         assert self.pidfd is not None
@@ -207,6 +188,35 @@ class Shim:
         self.job_out = self.job_out[written:]
         if not self.job_out:
             self.loop.unwatch(fd)
+
+    def _map_user(self, fd: int) -> None:
+        """init is in the job's user namespace: write its maps, and say so
+        (or why not: then init fails the start). EOF: init is gone, and its
+        exit says why."""
+        self.loop.unwatch(fd)
+        assert self.credentials is not None
+        assert self.init_pid is not None
+        channel = self.sandbox.input_channel
+        try:
+            received = ipc_fds.receive_message(channel, (ipc.MapUser,))
+        except (OSError, ipc.IPCError) as exc:
+            print(f"shim: unreadable request from init: {exc}", file=sys.stderr)
+            return
+        if received is None:
+            return
+        ipc_fds.close_all(received[1])
+        who = self.credentials
+        reply: ipc.UserMapped | ipc.Refusal = ipc.UserMapped()
+        try:
+            userns.write_maps(
+                self.init_pid,
+                uid=userns.Mapping(who.inside_uid, who.uid),
+                gid=userns.Mapping(who.inside_gid, who.gid),
+            )
+        except OSError as exc:
+            reply = ipc.Refusal(message=f"cannot map the job's user namespace: {exc}")
+        with contextlib.suppress(OSError):  # init is gone: its exit says why
+            ipc_fds.send_message(channel, reply)
 
     def _started(self) -> None:
         """The command has exec'd: tell corrald first (it is waiting), then disk."""

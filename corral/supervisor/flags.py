@@ -25,6 +25,7 @@ from corral.supervisor.session import IDLE_TIMEOUT, IO_TIMEOUT
 from corral.units import parse_duration, parse_size
 from corral.worker.admission import MAX_FINISHED_PER_OWNER
 from corral.worker.manager import MAX_JOBS, MAX_JOBS_PER_OWNER
+from corral.worker.uid_pool import UidRange, UidRangeError
 
 DEFAULT_STATE_DIR = Path("/var/lib/corral")
 DEFAULT_TCP = "127.0.0.1:7443"
@@ -59,6 +60,13 @@ MAX_KEEP_FINISHED = 10_000_000
 MAX_HANDSHAKE_TIMEOUT = 3600.0
 MAX_IO_TIMEOUT = 86400.0
 MAX_IDLE_TIMEOUT = 7 * 86400.0
+
+
+def _uid_range(text: str) -> UidRange:
+    try:
+        return UidRange.parse(text)
+    except UidRangeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}: {text!r}") from None
 
 
 def _count(low: int, high: int) -> Callable[[str], int]:
@@ -244,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
         "removes the oldest instead)",
     )
     parser.add_argument(
+        "--uid-range",
+        type=_uid_range,
+        default=UidRange(),
+        metavar="START:COUNT",
+        help="the host uids (and gids) corrald gives jobs, one per running job "
+        f"(default {UidRange()}: above every range hosts give users, subordinate ids "
+        "and containers); corrald refuses one that holds a user or group of the host",
+    )
+    parser.add_argument(
         "--cgroup-parent",
         type=_cgroup_parent,
         metavar="NAME",
@@ -275,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument(
         "--default-user",
         metavar="USER",
-        help="the user jobs run as unless an admin chooses (default nobody)",
+        help="the user jobs run as unless an admin chooses: dynamic (the default), a uid "
+        "of the job's own from --uid-range, or a host user's name",
     )
     policy.add_argument(
         "--default",

@@ -59,6 +59,7 @@ from corral.worker.manager import (
     open_job_manager,
 )
 from corral.worker.spawner import Spawner, SpawnerError
+from corral.worker.uid_pool import UidRange
 
 log = logging.getLogger("corrald")
 
@@ -76,6 +77,18 @@ class StartupError(Exception):
     def __init__(self, message: str, status: int = EXIT_CONFIG) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _check_uid_range(uids: UidRange) -> None:
+    """StartupError if the host has a user, group or subordinate range in
+    `uids`: a job given such a uid would be that user to the host."""
+    collisions = list(uids.collisions())
+    if collisions:
+        more = f" and {len(collisions) - 1} more" if len(collisions) > 1 else ""
+        raise StartupError(
+            f"--uid-range {uids} holds {collisions[0]}{more}: jobs must never be a "
+            "host user; choose a range that holds none"
+        )
 
 
 def _prepare_state_dir(state_dir: Path) -> Path:
@@ -199,6 +212,7 @@ async def serve(
     keep_jobs: bool = False,
     retention: Retention | None = None,
     admission: Admission | None = None,
+    uid_range: UidRange | None = None,
 ) -> str | None:
     """Bind the listeners, then start the job manager, then serve until a
     signal. Returns why corrald could not start serving (having touched no
@@ -228,6 +242,7 @@ async def serve(
                 warm=warm,
                 retention=retention,
                 admission=admission,
+                uid_range=uid_range,
             )
             async with contextlib.AsyncExitStack() as stack:
                 try:
@@ -343,6 +358,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             )
         except PolicyError as exc:
             raise StartupError(str(exc)) from None
+        _check_uid_range(args.uid_range)
         _raise_fd_limit()
         config = ServerConfig(
             policy=policy,
@@ -384,6 +400,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                     max_jobs_per_owner=args.max_jobs_per_user,
                     max_finished_per_owner=args.max_finished_per_user,
                 ),
+                uid_range=args.uid_range,
             )
             failure = trio.run(serving, config, context, spawner, pki_dir)
         finally:

@@ -42,6 +42,8 @@ def job_record(job: Job, status: Status | None = None) -> dict[str, Any]:
         "owner": job.spec.owner,
         "argv": list(job.spec.argv),
         "user": job.spec.user,
+        "uid": job.spec.uid,
+        "host_root": job.spec.host_root,
         "created_at": job.spec.created_at,
         "limits": job.spec.limits.to_wire(),
         "max_runtime": job.spec.max_runtime,
@@ -151,6 +153,7 @@ class JobOperations:
             user=arg(args, "user", str),
             limits=Limits.from_wire(arg(args, "limits", dict, {})),
             max_runtime=arg(args, "max_runtime", (int, float)),
+            host_root=arg(args, "host_root", bool, False),
         )
         writable = arg(args, "writable", list, [])
         self.policy.check_writable(identity, writable)
@@ -167,6 +170,7 @@ class JobOperations:
             stdin=arg(args, "stdin", bool, False),
             tty=arg(args, "tty", bool, False),
             tty_size=arg(args, "tty_size", list, list(DEFAULT_TTY_SIZE)),
+            host_root=terms.host_root,
         )
         job = await self.manager.start(spec)
         return {"id": job.id, "job": job_record(job)}

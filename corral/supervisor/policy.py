@@ -21,8 +21,10 @@ bomb, a share of the host's memory), which the config file and the flags
 raise or lower; admins have no cap unless configured.
 
 A start is checked once more against the `Policy`: which user the job
-runs as (a user's jobs always run as the default, unprivileged user; an
-admin may choose any, root included), and its limits: the defaults fill
+runs as (a user's jobs always run as the default: by default `dynamic`, a
+uid of the job's own; an admin may name any host user, or root, which is
+root inside the job's user namespace alone, and, where the policy allows,
+ask for root on the host with `host_root`), and its limits: the defaults fill
 what the request leaves unset, and each role's caps bound the result. A
 limit over a cap is `permission_denied` naming the cap; a limit left unset
 where a cap exists becomes the cap, so no job of a capped role runs
@@ -45,6 +47,7 @@ from typing import Any
 from corral.errors import OperationError
 from corral.job import (
     DEFAULT_USER,
+    DYNAMIC_USER,
     MAX_RUNTIME,
     MIN_MEMORY,
     MIN_RUNTIME,
@@ -68,6 +71,8 @@ from corral.units import (
 )
 
 ADMIN, USER = "admin", "user"
+# The policy file's top-level settings.
+SETTINGS = ("default_user", "allow_host_root", "defaults", "caps", "writable")
 
 
 class Reach(enum.Enum):
@@ -148,11 +153,15 @@ class StartTerms:
     user: str
     limits: Limits
     max_runtime: float | None
+    host_root: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
     default_user: str = DEFAULT_USER
+    # Whether an admin may run a job as root on the host (`--host-root`);
+    # users never may.
+    allow_host_root: bool = True
     defaults: Caps = field(default_factory=Caps)  # filled in where a start sets nothing
     caps: Mapping[str, Caps] = field(default_factory=dict)  # per role
     # Where each role's jobs may be given writable paths: at or under these.
@@ -178,6 +187,7 @@ class Policy:
         """What `info` tells a client of the terms its jobs start under."""
         return {
             "default_user": self.default_user,
+            "host_root": self.allow_host_root and role == ADMIN,
             "defaults": self.defaults.to_wire(),
             "caps": self.caps.get(role, Caps()).to_wire(),
             "writable": list(self.writable.get(role, ())),
@@ -198,15 +208,35 @@ class Policy:
                 )
 
     def start_terms(
-        self, identity: Identity, user: str | None, limits: Limits, max_runtime: float | None
+        self,
+        identity: Identity,
+        user: str | None,
+        limits: Limits,
+        max_runtime: float | None,
+        *,
+        host_root: bool = False,
     ) -> StartTerms:
         """The run-as user, limits and max runtime of a start by `identity`,
         or permission_denied saying which rule or cap the request breaks."""
+        if host_root and not identity.is_admin:
+            raise OperationError(
+                ErrorCode.PERMISSION_DENIED, "only an admin may run a job as root on the host"
+            )
+        if host_root and not self.allow_host_root:
+            raise OperationError(
+                ErrorCode.PERMISSION_DENIED,
+                "this corrald's policy allows no job root on the host (allow_host_root = false); "
+                "--user root is root in the job's own user namespace",
+            )
         if user is not None and user != self.default_user and not identity.is_admin:
             raise OperationError(
                 ErrorCode.PERMISSION_DENIED,
-                f"only an admin may choose the user a job runs as; yours run as "
-                f"{self.default_user}",
+                "only an admin may choose the user a job runs as; yours run as "
+                + (
+                    "a uid of their own (dynamic)"
+                    if self.default_user == DYNAMIC_USER
+                    else self.default_user
+                ),
             )
         values = self.defaults.to_wire() | Caps(limits, max_runtime).to_wire()
         caps = self.caps.get(identity.role, Caps())
@@ -222,7 +252,10 @@ class Policy:
             values.setdefault(name, cap)  # unset where capped: the cap
         runtime = values.pop("max_runtime", None)
         return StartTerms(
-            user=user or self.default_user, limits=Limits(**values), max_runtime=runtime
+            user=user or self.default_user,
+            limits=Limits(**values),
+            max_runtime=runtime,
+            host_root=host_root,
         )
 
 
@@ -342,7 +375,8 @@ def load_policy(
 
     The file's shape:
 
-        default_user = "nobody"
+        default_user = "dynamic"  # a uid of the job's own; or a host user's name
+        allow_host_root = true    # whether admins may run jobs as root on the host
         [defaults]            # limits a start gets when it sets none
         memory = "512M"
         [caps.user]           # the most a user's job may ask for
@@ -362,16 +396,20 @@ def load_policy(
             raise PolicyError(f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise PolicyError(f"{path}: {exc}") from None
-        unknown = sorted(set(document) - {"default_user", "defaults", "caps", "writable"})
+        unknown = sorted(set(document) - set(SETTINGS))
         if unknown:
             raise PolicyError(
-                f"{path}: unknown setting {quote(unknown[0])}; "
-                "known: default_user, defaults, caps, writable"
+                f"{path}: unknown setting {quote(unknown[0])}; known: {', '.join(SETTINGS)}"
             )
     where = str(path) if path else "policy"
     user = default_user or document.get("default_user", DEFAULT_USER)
     if not isinstance(user, str) or not user or "\0" in user:
         raise PolicyError(f"{where}: default_user must be a user name")
+    allow_host_root = document.get("allow_host_root", True)
+    if not isinstance(allow_host_root, bool):
+        raise PolicyError(
+            f"{where}: allow_host_root must be true or false, not {describe(allow_host_root)}"
+        )
     default_settings = {**_table(document, "defaults", where), **(defaults or {})}
     cap_tables = _table(document, "caps", where)
     roles = sorted(set(cap_tables) | set(caps or {}) | {USER})
@@ -380,6 +418,7 @@ def load_policy(
         raise PolicyError(f"{where}: caps for unknown role {quote(unknown_roles[0])}")
     policy = Policy(
         default_user=user,
+        allow_host_root=allow_host_root,
         defaults=caps_from(default_settings, f"{where}: defaults", cpus=cpus),
         caps={
             role: caps_from(

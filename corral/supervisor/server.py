@@ -231,6 +231,12 @@ class Server:
         authorize(context.identity, "ping")
         return {}
 
+    def _uids(self) -> dict[str, int] | None:
+        if self.jobs is None:
+            return None
+        pool = self.jobs.uids
+        return {"start": pool.range.start, "count": pool.range.count, "in_use": pool.held}
+
     async def _info(self, context: RequestContext) -> dict[str, Any]:
         identity = context.identity
         owner = owner_filter(identity, "info")  # a user's counts are of their own jobs
@@ -249,6 +255,8 @@ class Server:
             # Starts beyond these are refused (resource_exhausted).
             "max_jobs": self.jobs.admission.max_jobs if self.jobs else None,
             "max_jobs_per_user": self.jobs.admission.max_jobs_per_owner if self.jobs else None,
+            # The host uids jobs run as, one per running job.
+            "uids": self._uids(),
             # How late the event loop wakes: what every session waits for.
             "loop_lag": self.heartbeat.statistics(),
             # corrald's own footprint, for admins watching for leaks.

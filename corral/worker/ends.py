@@ -27,6 +27,7 @@ from corral.worker.admission import Slots
 from corral.worker.index import Job
 from corral.worker.output import OutputWatcher
 from corral.worker.retention import Retainer
+from corral.worker.uid_pool import UidPool
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Ends:
         nursery: trio.Nursery,
         *,
         slots: Slots,
+        uids: UidPool,
         retainer: Retainer,
         output: OutputWatcher,
         flavour: Flavour,
@@ -51,6 +53,7 @@ class Ends:
     ) -> None:
         self._nursery = nursery
         self._slots = slots
+        self._uids = uids
         self._retainer = retainer
         self._output = output
         self._flavour = flavour
@@ -128,8 +131,8 @@ class Ends:
             )
 
     def _finish(self, job: Job, status: Status) -> None:
-        """Record the job's end, once: it frees the job's slot and wakes its
-        waiters. A second end (there should be none) changes nothing."""
+        """Record the job's end, once: it frees the job's slot and uid and
+        wakes its waiters. A second end (there should be none) changes nothing."""
         if job.done.is_set():
             log.warning("job %s: a second end ignored: %s", job.short_id, status.reason)
             return
@@ -137,6 +140,7 @@ class Ends:
         job.started.set()
         job.done.set()
         self._slots.free(job.spec.owner)
+        self._uids.release(job.spec.uid)
 
 
 __all__ = ["RECORD_TIMEOUT", "Ends"]

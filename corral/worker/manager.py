@@ -16,7 +16,8 @@ leaves a `lost` job, whose cgroup the watcher removes.
 This module reads in the order a job lives: the manager is opened (its
 pieces: the spawner and its warm sandboxes, `corral.worker.spawner_pool`;
 the jobs a previous corrald left, `corral.worker.recovery`; the caps,
-`corral.worker.admission`; the retention bounds,
+`corral.worker.admission`; the uids jobs run as, `corral.worker.uid_pool`;
+the retention bounds,
 `corral.worker.retention`), a job is admitted, recorded and spawned, its
 shim is watched until it ends, it is asked about, stopped, waited for, and
 removed.
@@ -75,6 +76,7 @@ from corral.worker.sandboxes import SandboxRecords
 from corral.worker.spawner import Spawner, SpawnerError
 from corral.worker.spawner_pool import SpawnerPool
 from corral.worker.starts import Starts
+from corral.worker.uid_pool import UidPool, UidRange
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ async def open_job_manager(
     warm: int = 1,
     retention: Retention | None = None,
     admission: Admission | None = None,
+    uid_range: UidRange | None = None,
 ) -> AsyncIterator[JobManager]:
     """A running job manager on `state_dir`, for the body of the `async with`.
 
@@ -132,6 +135,7 @@ async def open_job_manager(
         warm=warm,
         retention=retention,
         admission=admission,
+        uid_range=uid_range,
     )
     async with manager._run() as running:
         yield running
@@ -157,6 +161,7 @@ class JobManager:
         warm: int = 1,
         retention: Retention | None = None,
         admission: Admission | None = None,
+        uid_range: UidRange | None = None,
     ) -> None:
         """Touches nothing. Raises OperationError failed_precondition if the
         state directory's recorded cgroup parent cannot be read."""
@@ -176,6 +181,7 @@ class JobManager:
         self._sandboxes = SandboxRecords(state_dir)
         self._index = JobIndex()
         self._slots = Slots(self.admission)
+        self.uids = UidPool(uid_range or UidRange())
         self._retainer = Retainer(self.retention, self._index)
         self._devices: list[tuple[int, int]] = []
         self._live: _Running | None = None
@@ -248,6 +254,7 @@ class JobManager:
                 ends = Ends(
                     nursery,
                     slots=self._slots,
+                    uids=self.uids,
                     retainer=self._retainer,
                     output=output,
                     flavour=self.flavour,
@@ -258,6 +265,7 @@ class JobManager:
                     self.jobs_dir,
                     index=self._index,
                     slots=self._slots,
+                    uids=self.uids,
                     pool=pool,
                     ends=ends,
                     sandboxes=self._sandboxes,
@@ -298,6 +306,15 @@ class JobManager:
             self._index.add(found.job)
             if not found.job.done.is_set():
                 self._slots.take(found.job.spec.owner)
+                uid = found.job.spec.uid
+                if uid is not None and not self.uids.hold(uid):
+                    log.warning(
+                        "job %s runs as uid %d, outside --uid-range %s or another's: "
+                        "it is not counted in the pool",
+                        found.job.short_id,
+                        uid,
+                        self.uids.range,
+                    )
                 live.ends.watch(found.job, found.pidfd)
 
     def _running(self) -> _Running:

@@ -1,8 +1,9 @@
 """A job's start: admitted, recorded, its shim made, watched, and heard from.
 
-Theory of operation. A start takes an admission slot and records the job
-(its directory, spec and "starting" status) with no checkpoint between
-the cap's check and the count, so a burst of starts admits exactly up to
+Theory of operation. A start takes an admission slot (and, for a job
+that runs as a pooled uid, a uid of its own) and records the job (its
+directory, spec and "starting" status) with no checkpoint between the
+cap's check and the count, so a burst of starts admits exactly up to
 the cap. It takes a sandbox built ahead if there is one (its job id
 becomes the job's). The spawner makes the shim and hands back its pidfd,
 and a watcher takes it at once. The shim then sends one report over a
@@ -34,6 +35,7 @@ from corral.worker.index import Job, JobIndex
 from corral.worker.sandboxes import SandboxRecords
 from corral.worker.spawner import SpawnerError
 from corral.worker.spawner_pool import SpawnerPool, SpawnTimeout
+from corral.worker.uid_pool import UidPool
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class Starts:
         *,
         index: JobIndex,
         slots: Slots,
+        uids: UidPool,
         pool: SpawnerPool,
         ends: Ends,
         sandboxes: SandboxRecords,
@@ -58,6 +61,7 @@ class Starts:
         self._jobs_dir = jobs_dir
         self._index = index
         self._slots = slots
+        self._uids = uids
         self._pool = pool
         self._ends = ends
         self._sandboxes = sandboxes
@@ -77,14 +81,20 @@ class Starts:
         except SpecError as exc:
             raise OperationError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
         self._slots.check(resolved.owner, self._index.finished(resolved.owner))
+        uid = self._uids.allocate() if resolved.pooled else None
         warm_id = self._pool.take_warm()
         resolved = replace(
             resolved,
             id=warm_id or new_job_id(),
             created_at=time.time_ns(),
             limits=self._default_limits.merged(resolved.limits),
+            uid=uid,
         )
-        directory = self._make_job_directory(resolved, warm=warm_id is not None)
+        try:
+            directory = self._make_job_directory(resolved, warm=warm_id is not None)
+        except OperationError:
+            self._uids.release(uid)
+            raise
         job = Job(spec=resolved, status=Status(state=State.STARTING), directory=directory)
         self._index.add(job)
         self._slots.take(resolved.owner)  # no checkpoint since check()
