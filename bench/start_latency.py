@@ -11,8 +11,10 @@ Measures, with the worker library (what corrald runs):
    and again with 200 ms gaps (cgroup v1 joins are slower after a pause),
    with a warm sandbox (the default) and cold (`warm=0`);
 2. the same command under `unshare --pid --fork --mount --mount-proc --net
-   --uts --ipc`, `bwrap --unshare-all` and `runc run` (a bundle holding
-   /bin/true and its libraries) where installed, spawn to exit;
+   --uts --ipc`, that with `--user --map-root-user` added (the fair pair
+   for corral, whose every job has a user namespace of its own),
+   `bwrap --unshare-all` and `runc run` (a bundle holding /bin/true and
+   its libraries) where installed, spawn to exit;
 3. the private memory (USS) of a shim and of an init, the same for the
    idle warm sandbox, and this process's RSS (what corrald would hold)
    with N jobs running.
@@ -181,20 +183,25 @@ def others(count: int) -> None:
     with tempfile.TemporaryDirectory(prefix="corral-bench-runc-") as directory:
         candidates: list[tuple[str, list[str]]] = [
             ("unshare(1)", [*unshare, "/bin/true"]),
+            # The fair pair for corral's jobs, each in a user namespace of its own.
+            (
+                "unshare(1) --user --map-root-user",
+                [*unshare, "--user", "--map-root-user", "/bin/true"],
+            ),
             ("bwrap --unshare-all", [*bwrap, "/bin/true"]),
         ]
         if shutil.which("runc") is not None:
             bundle = runc_bundle(Path(directory))
             candidates.append(("runc run", ["runc", "run", "--bundle", str(bundle), PARENT]))
         else:
-            print(f"{'runc run':34}not installed")
+            print(f"{'runc run':42}not installed")
         for name, argv in candidates:
             if shutil.which(argv[0]) is None:
-                print(f"{name:34}not installed")
+                print(f"{name:42}not installed")
                 continue
             command_latency(argv, 10)
             samples = command_latency(argv, count)
-            print(f"{name + f' ({count})':34}exited  {percentiles(samples)}")
+            print(f"{name + f' ({count})':42}exited  {percentiles(samples)}")
 
 
 if __name__ == "__main__":

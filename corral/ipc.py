@@ -6,11 +6,13 @@ msgpack map; its key "t" names its type. "t" and "version" are the
 envelope every version keeps, so a peer can always tell what it was sent
 and by whom. The channels, and who speaks first:
 
-    spawner  corrald -> spawner   Prepare | Start (+ the report pipe's write end)
+    spawner  corrald -> spawner   Prepare | Start (+ the report pipe's write end) | Discard
              spawner -> corrald   Spawned (+ the shim's pidfd, for Start) | Refused
     claim    spawner -> warm shim Claim (+ the report pipe's write end)
     job      shim -> init         JobConfig (JOB_HEADER length, then the map)
     exec     init -> shim         Started | InitFailure
+    input    init -> shim         MapUser (shim -> init: UserMapped | Refusal), then
+                                  InputEnd (corral.ipc_input) + the job's input end
     report   shim -> corrald      StartReport
     control  corrald -> shim      Hello, then StatusRequest | StopRequest
              shim -> corrald      Hello, then StatusReply | Stopping | Refusal
@@ -35,7 +37,7 @@ import msgpack
 
 from corral import ipc_fields as fields
 from corral.errors import ErrorCode
-from corral.job import Status
+from corral.job import Limits, SpecError, Status
 from corral.store import pack
 
 # The process name a shim takes (prctl PR_SET_NAME): a restarted corrald
@@ -78,7 +80,7 @@ class _Message:
         name: str
         for name in self.__slots__:
             value = getattr(self, name)
-            if isinstance(value, Status):
+            if isinstance(value, Status | Limits):
                 value = value.to_wire()
             elif isinstance(value, ErrorCode):
                 value = str(value)
@@ -111,6 +113,11 @@ class Prepare(_Message):
     cgroup_root: str
     cgroup_parent: str
     devices: tuple[tuple[int, int], ...] = ()  # (major, minor) of the disks IO limits apply to
+    # The job's owner's slice under the parent, and its limits (the owner's
+    # quota: cpu, memory, pids; None: leave them as they are); "" puts the
+    # job right under the parent.
+    slice: str = ""
+    slice_limits: Limits | None = None
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Prepare:
@@ -130,6 +137,8 @@ class Start(_Message):
     cgroup_root: str
     cgroup_parent: str
     devices: tuple[tuple[int, int], ...] = ()
+    slice: str = ""
+    slice_limits: Limits | None = None
     job_dir: str
 
     @classmethod
@@ -137,6 +146,22 @@ class Start(_Message):
         """The message `wire` stands for; IPCError if it is not one."""
         sandbox = _sandbox_fields(wire, cls.TAG)
         return cls(**sandbox, job_dir=fields.get(wire, "job_dir", str, cls.TAG))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Discard(_Message):
+    """corrald -> spawner: take job `id`'s warm sandbox down, unused (it was
+    built for another owner's slice than the next starts'). Answered with
+    the warm shim's Spawned pid, or Refused if there is none."""
+
+    TAG: ClassVar[str] = "discard"
+    version: int = IPC_VERSION
+    id: str
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Discard:
+        """The message `wire` stands for; IPCError if it is not one."""
+        return cls(version=fields.version(wire, cls.TAG), id=fields.get(wire, "id", str, cls.TAG))
 
 
 def _sandbox_fields(wire: dict[str, Any], tag: str) -> dict[str, Any]:
@@ -157,7 +182,18 @@ def _sandbox_fields(wire: dict[str, Any], tag: str) -> dict[str, Any]:
         "cgroup_root": fields.get(wire, "cgroup_root", str, tag),
         "cgroup_parent": fields.get(wire, "cgroup_parent", str, tag),
         "devices": tuple(devices),
+        "slice": fields.get(wire, "slice", str, tag),
+        "slice_limits": _limits(wire.get("slice_limits"), tag),
     }
+
+
+def _limits(value: object, tag: str) -> Limits | None:
+    if value is None:
+        return None
+    try:
+        return Limits.from_wire(value)
+    except SpecError as exc:
+        raise IPCError(f"field 'slice_limits' of '{tag}': {exc}") from None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -475,21 +511,21 @@ class Refusal(_Message):
         return cls(message=fields.get(wire, "message", str, cls.TAG))
 
 
-SpawnerRequest = Prepare | Start
+SpawnerRequest = Prepare | Start | Discard
 SpawnerReply = Spawned | Refused
 InitWord = Started | InitFailure
 ControlRequest = StatusRequest | StopRequest
 ControlReply = StatusReply | Stopping | Refusal
 Message = (
-    Prepare | Start | Spawned | Refused | Claim | JobConfig | MapUser | UserMapped | Started
-    | InitFailure | StartReport | Hello | StatusRequest | StopRequest | StatusReply | Stopping
-    | Refusal
+    Prepare | Start | Discard | Spawned | Refused | Claim | JobConfig | MapUser | UserMapped
+    | Started | InitFailure | StartReport | Hello | StatusRequest | StopRequest | StatusReply
+    | Stopping | Refusal
 )  # fmt: skip
 
 MESSAGES: dict[str, type[Message]] = {
     cls.TAG: cls
     for cls in (
-        Prepare, Start, Spawned, Refused, Claim, JobConfig, MapUser, UserMapped, Started,
+        Prepare, Start, Discard, Spawned, Refused, Claim, JobConfig, MapUser, UserMapped, Started,
         InitFailure, StartReport, Hello, StatusRequest, StopRequest, StatusReply, Stopping, Refusal,
     )
 }  # fmt: skip

@@ -19,6 +19,7 @@ from corral.ipc import MAX_FDS, MAX_MESSAGE, IPCError, MessageBase, decode_any
 
 _A = TypeVar("_A", bound=MessageBase)
 _B = TypeVar("_B", bound=MessageBase)
+_C = TypeVar("_C", bound=MessageBase)
 
 
 def ancillary_fds(
@@ -78,6 +79,12 @@ def receive_message(
 def receive_message(
     sock: socket.socket, expected: tuple[type[_A], type[_B]], max_size: int = MAX_MESSAGE
 ) -> tuple[_A | _B, list[int]] | None: ...
+@overload
+def receive_message(
+    sock: socket.socket,
+    expected: tuple[type[_A], type[_B], type[_C]],
+    max_size: int = MAX_MESSAGE,
+) -> tuple[_A | _B | _C, list[int]] | None: ...
 def receive_message(
     sock: socket.socket, expected: tuple[type[MessageBase], ...], max_size: int = MAX_MESSAGE
 ) -> tuple[MessageBase, list[int]] | None:

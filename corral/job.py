@@ -404,6 +404,9 @@ class ResolvedSpec:
     tty: bool = False
     tty_size: tuple[int, int] = DEFAULT_TTY_SIZE
     host_root: bool = False
+    # The owner's slice, the cgroup above the job's (corral.shim.cgroup);
+    # "" for jobs from before slices, whose cgroup is right under the parent.
+    slice: str = ""
     # The host uid (and gid) from corrald's pool the job runs as, for a
     # dynamic or root user; None for a host user named by an admin, or host root.
     uid: int | None = None

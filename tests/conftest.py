@@ -24,11 +24,11 @@ import trio
 
 from corral import pki
 from corral.address import Address, TCPAddress, UnixAddress
-from corral.shim.cgroup import Flavour, detect_flavour, open_cgroup, orphans
-from corral.store import read_status
+from corral.shim.cgroup import CGROUP_ROOT, Flavour, detect_flavour, open_cgroup, orphans
+from corral.store import read_spec, read_status
 from corral.supervisor.server import Server, ServerConfig
 from corral.tls import server_context
-from corral.worker.cgroup_parent import default_parent
+from corral.worker.cgroup_parent import default_parent, remove_if_empty
 
 STRICT_SKIPS = "CORRAL_STRICT_SKIPS"
 # Jobs started by tests get cgroups under a parent of their own, never a
@@ -192,19 +192,20 @@ def end_jobs(state_dir: Path, parent: str = TEST_CGROUP_PARENT) -> None:
         if status is not None and status.shim_pid and not status.state.finished:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(status.shim_pid, signal.SIGKILL)
-        open_cgroup(flavour, job_dir.name, parent=parent).remove()
+        slice = ""
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            slice = read_spec(job_dir).slice
+        open_cgroup(flavour, job_dir.name, parent=parent, slice=slice).remove()
 
 
 def clear_cgroup_parent(flavour: Flavour, parent: str) -> list[str]:
     """Remove every cgroup left under a test parent, then the parent itself;
     return the names that were left (a test should have removed them)."""
     left = orphans(flavour, parent=parent)
-    for name in left:
-        open_cgroup(flavour, name, parent=parent).remove()
-    for path in open_cgroup(flavour, "x", parent=parent).paths():
-        with contextlib.suppress(FileNotFoundError):
-            path.parent.rmdir()
-    return left
+    for slice, name in left:
+        open_cgroup(flavour, name, parent=parent, slice=slice).remove()
+    remove_if_empty(flavour, parent, Path(CGROUP_ROOT))
+    return [f"{slice}/{name}" if slice else name for slice, name in left]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,7 +19,7 @@ import pytest
 from corral.client.client import Client, connect
 from corral.client.errors import ServerError
 from corral.protocol import ErrorCode
-from corral.supervisor.policy import USER_PIDS
+from corral.supervisor.policy import USER_PIDS, builtin_user_quota
 
 from .conftest import Daemon, identity, running_corrald
 
@@ -151,6 +151,7 @@ async def test_a_user_asking_for_root_or_over_a_cap_is_refused_and_an_admin_is_n
         "defaults": {"pids": 64},
         # The built-in pids cap stays under what the flags set.
         "caps": {"memory": 256 << 20, "pids": USER_PIDS, "max_runtime": 3600.0},
+        "quota": builtin_user_quota(),  # all of alice's jobs together
         "writable": [],
     }
     # No writable paths for users' jobs unless configured.

@@ -32,6 +32,7 @@ from corral.shim.cgroup import (
     disk_devices,
     open_cgroup,
     orphans,
+    slice_name,
     whole_disk,
 )
 
@@ -246,7 +247,7 @@ def test_create_makes_the_cgroup_in_every_hierarchy_once(cgroup: Cgroup) -> None
         controllers = (cgroup.paths()[0] / "cgroup.controllers").read_text().split()
         assert set(V2_CONTROLLERS) <= set(controllers)
     assert all(path.is_dir() for path in cgroup.paths())
-    assert cgroup.name in orphans(FLAVOUR, parent=PARENT)
+    assert ("", cgroup.name) in orphans(FLAVOUR, parent=PARENT)
 
 
 @pytest.mark.cgroup
@@ -458,7 +459,7 @@ def test_remove_kills_everything_and_leaves_nothing(cgroup: Cgroup, spawn: Spawn
         stray.wait()
     assert sleeper.wait(timeout=10) == -9
     assert not any(path.exists() for path in cgroup.paths())
-    assert cgroup.name not in orphans(FLAVOUR, parent=PARENT)
+    assert ("", cgroup.name) not in orphans(FLAVOUR, parent=PARENT)
     cgroup.remove()  # again: nothing left to do
 
 
@@ -468,6 +469,93 @@ def test_remove_finishes_a_partly_removed_cgroup(cgroup: Cgroup) -> None:
     first, *rest = cgroup.paths()
     first.rmdir()
     if rest:  # v1: what is left is still found, for garbage collection
-        assert cgroup.name in orphans(FLAVOUR, parent=PARENT)
+        assert ("", cgroup.name) in orphans(FLAVOUR, parent=PARENT)
     cgroup.remove()
-    assert cgroup.name not in orphans(FLAVOUR, parent=PARENT)
+    assert ("", cgroup.name) not in orphans(FLAVOUR, parent=PARENT)
+
+
+# -- owners' slices ------------------------------------------------------------------
+
+
+def test_a_slice_name_is_one_component_and_one_owner_each() -> None:
+    assert slice_name("alice") == "owner-alice"
+    assert slice_name("a.b-c_d") == "owner-a.b-c_d"
+    assert slice_name("a/b") == "owner-a%2Fb"
+    assert slice_name("a%2Fb") == "owner-a%252Fb"  # no two names share one
+    assert slice_name("..") == "owner-.."  # a prefix: never "." or ".."
+    assert slice_name("é\n") == "owner-%C3%A9%0A"
+
+
+@pytest.fixture
+def sliced() -> Iterator[tuple[Cgroup, Cgroup]]:
+    """Two job cgroups in one owner's slice, removed (and the slice) after."""
+    if os.geteuid() != 0 or FLAVOUR is Flavour.NONE:
+        pytest.skip("needs root and a mounted cgroup hierarchy")
+    slice = slice_name(f"tenant-{os.getpid()}")
+    groups = tuple(open_cgroup(FLAVOUR, new_job_id(), parent=PARENT, slice=slice) for _ in "ab")
+    for group in groups:
+        group.create()
+    try:
+        yield groups  # type: ignore[misc]
+    finally:
+        for group in groups:
+            group.remove()
+        for path in groups[0].slice_paths():
+            path.rmdir()
+
+
+def slice_file(group: Cgroup, controller: str, name: str) -> str:
+    hierarchy = ROOT / controller if FLAVOUR is Flavour.V1 else ROOT
+    return (hierarchy / group.parent / group.slice / name).read_text().strip()
+
+
+@pytest.mark.cgroup
+def test_jobs_of_one_owner_share_their_slices_limits(
+    sliced: tuple[Cgroup, Cgroup], tmp_path: Path
+) -> None:
+    first, second = sliced
+    assert first.slice_paths() == second.slice_paths()
+    assert {(first.slice, group.name) for group in sliced} <= set(orphans(FLAVOUR, parent=PARENT))
+    first.limit_slice(Limits(pids=6, memory=64 * MiB, cpu=1.5))
+    assert slice_file(first, "pids", "pids.max") == "6"
+    if FLAVOUR is Flavour.V1:
+        assert slice_file(first, "memory", "memory.limit_in_bytes") == str(64 * MiB)
+        assert slice_file(first, "cpu", "cpu.cfs_quota_us") == "150000"
+    else:
+        assert slice_file(first, "", "memory.max") == str(64 * MiB)
+        assert slice_file(first, "", "cpu.max") == f"150000 {CPU_PERIOD_US}"
+        enabled = (first.slice_paths()[0] / "cgroup.subtree_control").read_text().split()
+        assert set(V2_CONTROLLERS) <= set(enabled)
+    # Each job's own cgroup allows more than the slice: together they get six.
+    shells = []
+    try:
+        for group in sliced:
+            group.apply(Limits(pids=100), [])
+            shell = subprocess.Popen(
+                ["sh", "-c", "read -r go; for i in 1 2 3 4 5; do sleep 60 & done; echo done; wait"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            shells.append(shell)
+            group.add(shell.pid)
+            assert shell.stdin is not None
+            assert shell.stdout is not None
+            shell.stdin.write(b"go\n")
+            shell.stdin.flush()
+            shell.stdout.readline()  # "done": it forked what it could; or it died failing to
+        assert len(first.procs()) == 6  # the first shell and its five
+        assert len(second.procs()) <= 1  # the second could fork nothing: the slice was full
+    finally:
+        for group in sliced:
+            group.kill()
+        for shell in shells:
+            shell.communicate()
+    first.limit_slice(Limits())  # no quota: every limit lifted again
+    assert slice_file(first, "pids", "pids.max") == "max"
+    if FLAVOUR is Flavour.V1:
+        assert slice_file(first, "memory", "memory.limit_in_bytes") == V1_UNLIMITED
+        assert slice_file(first, "cpu", "cpu.cfs_quota_us") == "-1"
+    else:
+        assert slice_file(first, "", "memory.max") == "max"
+        assert slice_file(first, "", "cpu.max") == f"max {CPU_PERIOD_US}"

@@ -16,7 +16,7 @@ from corral.client.errors import ServerError
 from corral.job import State
 from corral.protocol import ErrorCode
 from corral.store import read_status
-from corral.supervisor.policy import builtin_user_caps
+from corral.supervisor.policy import builtin_user_caps, builtin_user_quota
 from corral.units import short_size
 
 from .conftest import Daemon, identity, running_corrald
@@ -239,6 +239,8 @@ def test_info_shows_the_terms_jobs_start_under(as_user: Callable[..., object]) -
     # and a share of the host's memory.
     caps = builtin_user_caps()
     assert f"your caps:      memory {short_size(caps['memory'])}, pids {caps['pids']}" in shown
+    quota = builtin_user_quota()
+    assert f"your quota:     memory {short_size(quota['memory'])}, pids {quota['pids']}" in shown
 
 
 def test_ps_keeps_a_multi_line_command_on_one_row(as_user: Callable[..., object]) -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from corral import ipc, ipc_fds, ipc_input
 from corral.errors import OperationError
-from corral.job import State, Status, Usage
+from corral.job import Limits, State, Status, Usage
 from corral.protocol.errors import ErrorCode
 from corral.shim.deadlines import Deadlines, Due
 from corral.store import SOCKET_FILE, pack, unpack
@@ -44,10 +44,14 @@ sandbox = {
     "cgroup_root": texts,
     "cgroup_parent": texts,
     "devices": st.lists(st.tuples(counts, counts), max_size=3).map(tuple),
+    "slice": texts,
+    "slice_limits": st.none()
+    | st.builds(Limits, pids=st.none() | st.integers(2, 4096), memory=st.none() | st.just(1 << 30)),
 }
 MESSAGES = st.one_of(
     st.builds(ipc.Prepare, **sandbox),
     st.builds(ipc.Start, **sandbox, job_dir=texts),
+    st.builds(ipc.Discard, id=texts),
     st.builds(ipc.Spawned, pid=counts),
     st.builds(ipc.Refused, message=texts),
     st.builds(ipc.Claim, job_dir=texts),
@@ -115,7 +119,7 @@ def test_every_message_survives_the_wire(message: ipc.MessageBase) -> None:
 
 def test_every_message_type_is_in_the_round_trip() -> None:
     tags = {cls.TAG for cls in EVERY_TYPE}
-    assert len(tags) == len(EVERY_TYPE) == 17 + 8
+    assert len(tags) == len(EVERY_TYPE) == 18 + 8
 
 
 def test_input_the_shim_cannot_read_whole_is_refused() -> None:

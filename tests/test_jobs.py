@@ -29,7 +29,14 @@ from corral.errors import OperationError
 from corral.job import JobSpec, Limits, State, Status, new_job_id
 from corral.protocol import ErrorCode
 from corral.shim import libc
-from corral.shim.cgroup import CgroupError, Flavour, detect_flavour, open_cgroup, orphans
+from corral.shim.cgroup import (
+    CgroupError,
+    Flavour,
+    detect_flavour,
+    open_cgroup,
+    orphans,
+    slice_name,
+)
 from corral.store import OUTPUT_FILE
 from corral.supervisor.heartbeat import live_tasks
 from corral.worker import spawner_pool
@@ -435,15 +442,19 @@ async def test_job_is_in_its_cgroup_with_its_limits_and_the_cgroup_goes(
     limits = Limits(cpu=0.5, memory=64 << 20, pids=50, io_read_bps=1 << 20, io_write_iops=100)
     job = await jobs.start(JobSpec(argv=["sh", "-c", "cat /proc/self/cgroup; exec sleep 1000"],
                                    limits=limits))  # fmt: skip
-    cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT)
+    cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT, slice=job.spec.slice)
     paths = cgroup.paths()
     if FLAVOUR is Flavour.V1:
-        root = paths[0].parent.parent.parent
-        assert (root / "cpu" / PARENT / job.id / "cpu.cfs_quota_us").read_text().strip() == "50000"
-        memory = root / "memory" / PARENT / job.id
+        root = paths[0].parent.parent.parent.parent
+        assert (
+            root / "cpu" / PARENT / job.spec.slice / job.id / "cpu.cfs_quota_us"
+        ).read_text().strip() == "50000"
+        memory = root / "memory" / PARENT / job.spec.slice / job.id
         assert (memory / "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
-        assert (root / "pids" / PARENT / job.id / "pids.max").read_text().strip() == "50"
-        blkio = root / "blkio" / PARENT / job.id
+        assert (
+            root / "pids" / PARENT / job.spec.slice / job.id / "pids.max"
+        ).read_text().strip() == "50"
+        blkio = root / "blkio" / PARENT / job.spec.slice / job.id
         read_bps = (blkio / "blkio.throttle.read_bps_device").read_text().split("\n")
         write_iops = (blkio / "blkio.throttle.write_iops_device").read_text().split("\n")
         assert jobs.devices, "the state directory sits on a disk on our v1 hosts"
@@ -459,7 +470,7 @@ async def test_job_is_in_its_cgroup_with_its_limits_and_the_cgroup_goes(
         io_max = (path / "io.max").read_text()
         for major, minor in jobs.devices:  # none in the v2 VM: / is an overlay there
             assert f"{major}:{minor} rbps={1 << 20} wbps=max riops=max wiops=100" in io_max
-    own = b"/" + PARENT.encode() + b"/" + job.id.encode()
+    own = f"/{PARENT}/{job.spec.slice}/{job.id}".encode()
     await until(lambda: own in output(job.directory))  # the job names its cgroup
     await until(lambda: len(cgroup.procs()) == 2)  # init and the command (cat has gone)
     status = await jobs.stop(job.id, grace=1, by="test")
@@ -536,7 +547,7 @@ async def test_stop_kills_the_whole_tree(jobs: JobManager) -> None:
             ]
         )
     )
-    cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT)
+    cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT, slice=job.spec.slice)
     await until(lambda: len(cgroup.procs()) >= 5)
     pids = cgroup.procs()
     status = await jobs.stop(job.id, grace=5, by="alice")
@@ -549,7 +560,7 @@ async def test_stop_kills_a_tree_that_ignores_sigterm(jobs: JobManager) -> None:
     # Ignored signals stay ignored across fork and exec: no process here dies of TERM.
     script = "trap '' TERM; sleep 1000 & setsid sh -c 'sleep 1000 & wait' & echo ready; wait"
     job = await start_ready(jobs, script)
-    cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT)
+    cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT, slice=job.spec.slice)
     await until(lambda: len(cgroup.procs()) >= 5)
     pids = cgroup.procs()
     status = await jobs.stop(job.id, grace=0.2, by="alice")
@@ -632,7 +643,7 @@ async def test_log_size_cap_holds_and_says_what_it_dropped(jobs: JobManager) -> 
 @pytest.mark.cgroup
 async def test_a_killed_shim_takes_its_job_and_the_job_is_lost(jobs: JobManager) -> None:
     job = await jobs.start(JobSpec(argv=["sh", "-c", "sleep 1000 & sleep 1000"]))
-    cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT)
+    cgroup = open_cgroup(FLAVOUR, job.id, parent=PARENT, slice=job.spec.slice)
     await until(lambda: len(cgroup.procs()) >= 3)
     pids = cgroup.procs()
     status = (await jobs.status(job.id))[1]
@@ -665,7 +676,7 @@ async def test_no_leaks_after_many_jobs(jobs: JobManager) -> None:
     # its deadline's, blocked on the spawner): a leak is what stays.
     await until(lambda: (open_fds(), live_tasks()) == (fds, tasks))
     # Only the sandbox built ahead of the next start has a cgroup.
-    assert set(orphans(FLAVOUR, parent=PARENT)) <= set(jobs.warm_ids)
+    assert {name for _, name in orphans(FLAVOUR, parent=PARENT)} <= set(jobs.warm_ids)
     assert all(job.done.is_set() for job in jobs.jobs())
     for job in jobs.jobs():
         await jobs.remove(job.id)
@@ -710,7 +721,7 @@ SANDBOX_READY = 60.0
 def sandbox_init(job_id: str) -> int | None:
     """The pid of the init waiting in the sandbox built for `job_id`, once it is in its cgroup."""
     try:
-        procs = open_cgroup(FLAVOUR, job_id, parent=PARENT).procs()
+        procs = open_cgroup(FLAVOUR, job_id, parent=PARENT, slice=slice_name("")).procs()
     except CgroupError:
         return None
     return procs[0] if len(procs) == 1 else None
@@ -938,7 +949,7 @@ async def test_a_dead_spawner_is_replaced_and_running_jobs_never_notice(tmp_path
         assert jobs.spawner_pid not in (None, first)
         assert not os.path.exists(f"/proc/{first}")  # reaped, not a zombie
         # The sandbox it had built ahead died with it; its cgroup is gone.
-        assert not any(name == ahead for name in orphans(FLAVOUR, parent=PARENT))
+        assert not any(name == ahead for _, name in orphans(FLAVOUR, parent=PARENT))
         # Running jobs are untouched; new starts work (a new sandbox is built too).
         assert (await jobs.status(runner.id))[1].state is State.RUNNING
         job = await jobs.start(JobSpec(argv=["sh", "-c", "exit 5"]))

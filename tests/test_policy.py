@@ -15,6 +15,7 @@ from corral.protocol import ErrorCode
 from corral.supervisor.policy import (
     TABLE,
     USER_PIDS,
+    USER_QUOTA_PIDS,
     Caps,
     Policy,
     PolicyError,
@@ -156,7 +157,10 @@ def test_a_policy_from_a_file_with_flags_over_it(tmp_path: Path) -> None:
 
 def test_with_no_configuration_a_users_job_is_still_bounded_and_an_admins_is_not() -> None:
     policy = load_policy(None, memory=8 << 30)
-    assert policy == Policy(caps={"user": Caps(Limits(memory=2 << 30, pids=USER_PIDS))})
+    assert policy == Policy(
+        caps={"user": Caps(Limits(memory=2 << 30, pids=USER_PIDS))},
+        quotas={"user": Limits(memory=4 << 30, pids=USER_QUOTA_PIDS)},
+    )
     assert builtin_user_caps(8 << 30) == {"pids": 1024, "memory": 2 << 30}
     assert builtin_user_caps(10 << 20)["memory"] >= MIN_MEMORY  # a tiny host: still runnable
     # Unset limits of a user's job become the caps; an admin's stay unset.
@@ -195,6 +199,11 @@ def test_with_no_configuration_a_users_job_is_still_bounded_and_an_admins_is_not
         ("", {"defaults": {"pids": "1.5"}}, "defaults: pids must be a whole number, not '1.5'"),
         ("defaults = 3\n", {}, "defaults must be a table, not 3"),
         ("x = [", {}, "corrald.toml: "),
+        ("[quota.user]\nio_read_bps = '1M'\n", {},
+         "quota.user: 'io_read_bps' is no quota; known: cpu, memory, pids"),
+        ("[quota.guest]\npids = 5\n", {}, "quota for unknown role 'guest'"),
+        ("", {"quotas": {"user": {"memory": "a lot"}}}, "quota.user: memory: not a size"),
+        ("allow_host_root = 'yes'\n", {}, "allow_host_root must be true or false, not 'yes'"),
     ],
 )  # fmt: skip
 def test_a_wrong_policy_is_refused_naming_what(
@@ -278,3 +287,16 @@ def test_a_cpu_default_over_the_hosts_cpus_is_refused_at_start() -> None:
     )
     with pytest.raises(PolicyError, match=r"must be at most \d+ cores?, this host's CPUs"):
         load_policy(None, defaults={"cpu": "1000"})
+
+
+def test_a_users_jobs_together_have_a_quota_unless_configured(tmp_path: Path) -> None:
+    policy = load_policy(None, memory=8 << 30)
+    assert policy.quota("user") == Limits(pids=USER_QUOTA_PIDS, memory=4 << 30)
+    assert policy.quota("admin") == Limits()  # none for admins
+    assert policy.for_role("user")["quota"] == {"pids": USER_QUOTA_PIDS, "memory": 4 << 30}
+    config = tmp_path / "corrald.toml"
+    config.write_text("[quota.user]\nmemory = '2G'\ncpu = 8\n[quota.admin]\npids = 100\n")
+    configured = load_policy(config, quotas={"user": {"pids": "50"}}, cpus=2, memory=8 << 30)
+    # A cpu quota over the host's CPUs is their count, as a cap is.
+    assert configured.quota("user") == Limits(pids=50, memory=2 << 30, cpu=2.0)
+    assert configured.quota("admin") == Limits(pids=100)

@@ -89,7 +89,7 @@ async def test_jobs_survive_a_crash_and_the_next_corrald_adopts_them(
         # corrald is down: the jobs' limits stay (their cgroups are the kernel's);
         # one job ends, one loses its shim; the others go on.
         flavour = detect_flavour()
-        limited = open_cgroup(flavour, counter.id, parent=TEST_CGROUP_PARENT)
+        limited = open_cgroup(flavour, counter.id, parent=TEST_CGROUP_PARENT, slice="owner-admin")
         assert all(path.exists() for path in limited.paths())
         assert len(limited.procs()) >= 2  # init and the job's shell
         await trio.to_thread.run_sync(gate.write_bytes, b"go\n")
@@ -114,7 +114,9 @@ async def test_jobs_survive_a_crash_and_the_next_corrald_adopts_them(
                 lost = jobs[loses_its_shim.id]
                 assert lost.state == "lost"
                 assert lost.reason.startswith("lost: its shim ended")
-                cgroup = open_cgroup(detect_flavour(), lost.id, parent=TEST_CGROUP_PARENT)
+                cgroup = open_cgroup(
+                    detect_flavour(), lost.id, parent=TEST_CGROUP_PARENT, slice="owner-admin"
+                )
                 assert not any(path.exists() for path in cgroup.paths())
                 # A new follower: the whole output from byte 0, live on, nothing
                 # missing or doubled across the crash.

@@ -148,7 +148,7 @@ def vm_rss(pid: int) -> int:
 
 def job_runs(job: Job, program: str) -> bool:
     """Whether a process of `program` runs in the job (its cgroup)."""
-    for pid in open_cgroup(FLAVOUR, job.id, parent=PARENT).procs():
+    for pid in open_cgroup(FLAVOUR, job.id, parent=PARENT, slice=job.spec.slice).procs():
         try:
             with open(f"/proc/{pid}/comm") as f:
                 if f.read().strip() == program:

@@ -127,3 +127,47 @@ async def test_one_user_cannot_hold_every_stream_and_an_admin_still_can(
             async with first.logs(job.id) as again:
                 async for _ in again.chunks():
                     pass
+
+
+async def forked_by(client: Client, job_id: str) -> int:
+    """How many processes a FORK_BOMB job made before the kernel refused."""
+    said = b""
+    async with client.logs(job_id, follow=True) as stream:
+        async for record in stream:
+            said += record.data if isinstance(record.data, bytes) else b""
+            if b"forked" in said:
+                break
+    assert b"Resource temporarily unavailable" in said, said
+    return int(said.split(b"forked ")[1].split()[0])
+
+
+@pytest.mark.cgroup  # the v2 lane too
+async def test_a_users_jobs_together_are_held_to_the_users_quota(
+    pki_dir: Path, short_dir: Path
+) -> None:
+    """Each job may fork USER_PIDS processes; a user's jobs together, only
+    the quota. Another user's slice is their own: their jobs start as usual.
+    (50 jobs of one user fare the same: the slice counts every process in it.)"""
+    with running_corrald(pki_dir, short_dir, "--user-quota", "pids=40") as daemon:
+        async with (
+            connect(daemon.tcp, identity(pki_dir, "alice")) as alice,
+            connect(daemon.tcp, identity(pki_dir, "bob")) as bob,
+            connect(daemon.tcp, identity(pki_dir, "admin")) as admin,
+        ):
+            assert (await alice.info()).raw["policy"]["quota"]["pids"] == 40
+            bomb = await alice.start(["python3", "-c", FORK_BOMB])
+            # Its own cap is USER_PIDS; its init and python count too, and
+            # the init of the sandbox built ahead for alice's next job if it
+            # was there first: the slice held them to 40 in all.
+            assert 40 - 3 <= await forked_by(alice, bomb.id) <= 40 - 2
+            with pytest.raises(ServerError) as full:  # nor can another job of hers fork
+                await alice.start(["true"])
+            assert "Resource temporarily unavailable" in str(full.value)
+            seen = await bob.start(["cat", "/proc/self/cgroup"])
+            assert (await bob.wait(seen.id)).exit_code == 0
+            assert "/owner-bob/" in (await output_of(bob, seen.id)).decode()
+            await admin.stop(bomb.id, grace=0)
+            with trio.fail_after(30):  # alice's slice is free again: her next job runs
+                again = await alice.start(["cat", "/proc/self/cgroup"])
+                assert (await alice.wait(again.id)).exit_code == 0
+            assert "/owner-alice/" in (await output_of(alice, again.id)).decode()

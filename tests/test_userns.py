@@ -112,6 +112,7 @@ def capabilities(text: str, name: str) -> set[int]:
     return {bit for bit in range(64) if mask >> bit & 1}
 
 
+@pytest.mark.cgroup  # the v2 lane too: its kernel is another
 async def test_a_job_is_a_uid_of_its_own_mapped_to_itself_alone(alice: Client) -> None:
     job = await alice.start(
         ["sh", "-c", "id -u; id -g; cat /proc/self/uid_map /proc/self/gid_map; "
@@ -129,6 +130,7 @@ async def test_a_job_is_a_uid_of_its_own_mapped_to_itself_alone(alice: Client) -
         assert capabilities(text, name) == set(), name
 
 
+@pytest.mark.cgroup  # the v2 lane too: its kernel is another
 async def test_programs_that_look_their_user_up_find_one(alice: Client) -> None:
     text, code = await run(
         alice,
@@ -140,6 +142,7 @@ async def test_programs_that_look_their_user_up_find_one(alice: Client) -> None:
     assert text.splitlines() == ["job", "job", "job", "/tmp", "home ok", "job /tmp"]
 
 
+@pytest.mark.cgroup  # the v2 lane too: its kernel is another
 async def test_two_users_jobs_have_two_uids_and_two_keyrings(alice: Client, bob: Client) -> None:
     holder = await alice.start(["python3", "-c", KEYRING, "add"], stdin=True)
     assert (await first_line(alice, holder.id)).startswith("added ")
@@ -150,6 +153,7 @@ async def test_two_users_jobs_have_two_uids_and_two_keyrings(alice: Client, bob:
     await alice.stop(holder.id, grace=0)
 
 
+@pytest.mark.cgroup  # the v2 lane too: its kernel is another
 async def test_one_users_job_cannot_take_anothers_inotify_instances(
     alice: Client, bob: Client
 ) -> None:
@@ -162,6 +166,7 @@ async def test_one_users_job_cannot_take_anothers_inotify_instances(
     await alice.stop(hog.id, grace=0)
 
 
+@pytest.mark.cgroup  # the v2 lane too: its kernel is another
 async def test_root_is_root_inside_with_dockers_capabilities_and_a_user_on_the_host(
     admin: Client, short_dir: Path
 ) -> None:

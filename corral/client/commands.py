@@ -73,6 +73,7 @@ async def cmd_info(client: Client, args: argparse.Namespace, out: TextIO) -> int
             ("jobs run as", _runs_as_text(policy)),
             ("default limits", _limits_text(policy.get("defaults"))),
             ("your caps", _limits_text(policy.get("caps"))),
+            ("your quota", _limits_text(policy.get("quota"))),
             ("writable", ", ".join(map(str, policy.get("writable") or [])) or "nowhere"),
         ]
     _print_rows(rows, out)

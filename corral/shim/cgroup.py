@@ -3,8 +3,11 @@
 corral supports the unified v2 tree and the v1 (or hybrid) layout with one
 hierarchy per controller, behind one small interface: `open_cgroup()`
 returns a `Cgroup` whose two subclasses know their files. Jobs live under a
-parent of their own (`<root>[/<controller>]/<parent>/<job id>`), so corral
-never touches cgroups it did not make.
+parent of their own, each in its owner's slice
+(`<root>[/<controller>]/<parent>/<slice>/<job id>`, as systemd gives each
+user a slice), so corral never touches cgroups it did not make, and an
+owner's jobs share the slice's limits (`limit_slice`). Jobs started before
+slices existed have none (`<parent>/<job id>`).
 
 Plain synchronous code with no imports beyond the standard library and
 `corral.job`: the shim (which never imports trio) uses it, and corrald calls
@@ -31,11 +34,13 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 ROOT = Path(CGROUP_ROOT)
 SYSFS = Path("/sys")
 PARENT = "corral"
+SLICE_PREFIX = "owner-"  # an owner's slice, beside jobs from before slices
 
 # The v1 hierarchies a job joins, each mounted at ROOT/<name>. No freezer:
 # kill() does without it (see there), and each hierarchy costs a join.
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "blkio", "pids")
 V2_CONTROLLERS = ("cpu", "memory", "io", "pids")
+V1_NO_LIMIT = 1 << 62  # memory.limit_in_bytes at or above it: no limit
 CPU_PERIOD_US = 100_000  # the kernel's default CFS period
 MIN_CPU_QUOTA_US = 1_000  # the kernel rejects a smaller quota (EINVAL)
 # kill() and remove(): how long the kernel may take to empty a cgroup of
@@ -101,6 +106,11 @@ def _write(path: Path, value: str | int) -> None:
             os.close(fd)
     except OSError as exc:
         raise CgroupError(f"cannot write {value} to {path}: {exc.strerror}") from None
+
+
+def _write_if_changed(path: Path, value: str | int) -> None:
+    if _read(path).strip() != str(value):
+        _write(path, value)
 
 
 def _mkdir(path: Path) -> None:
@@ -216,19 +226,38 @@ class Cgroup:
     method raises CgroupError naming the file that failed.
     """
 
-    def __init__(self, name: str, root: Path, parent: str) -> None:
+    def __init__(self, name: str, root: Path, parent: str, slice: str = "") -> None:
         check_component("name", name)
         check_component("parent", parent)
+        if slice:
+            check_component("slice", slice)
         self.name = name
         self.root = root
         self.parent = parent
+        self.slice = slice
+
+    @property
+    def under(self) -> str:
+        """Where the job's directory is below the hierarchy's root."""
+        return f"{self.parent}/{self.slice}" if self.slice else self.parent
 
     def paths(self) -> list[Path]:
         """The job's directory in each hierarchy (one on v2)."""
         raise NotImplementedError
 
+    def slice_paths(self) -> list[Path]:
+        """The slice's directory in each hierarchy (none without a slice)."""
+        return [path.parent for path in self.paths()] if self.slice else []
+
     def create(self) -> None:
-        """Make the cgroup (and its parent); fine if it exists."""
+        """Make the cgroup (and its parent and slice); fine if it exists."""
+        raise NotImplementedError
+
+    def limit_slice(self, limits: Limits) -> None:
+        """Write the slice's cpu, memory and pids limits (None: no limit),
+        each only if it is not the value there already: a lower memory
+        limit than the slice uses now would be refused, and a slice is
+        shared by every job of its owner. Nothing without a slice."""
         raise NotImplementedError
 
     def apply(self, limits: Limits, devices: Sequence[tuple[int, int]]) -> None:
@@ -282,7 +311,7 @@ class Cgroup:
         while pids := self.procs():
             if time.monotonic() > deadline:
                 raise CgroupError(
-                    f"cgroup {self.parent}/{self.name} still holds processes {pids} "
+                    f"cgroup {self.under}/{self.name} still holds processes {pids} "
                     f"{KILL_TIMEOUT:g} s after SIGKILL"
                 )
             for start in range(0, len(pids), KILL_BATCH):
@@ -326,12 +355,12 @@ class Cgroup:
 
 
 class CgroupV1(Cgroup):
-    def __init__(self, name: str, root: Path, parent: str) -> None:
-        super().__init__(name, root, parent)
+    def __init__(self, name: str, root: Path, parent: str, slice: str = "") -> None:
+        super().__init__(name, root, parent, slice)
         # Co-mounted controllers (systemd's cpu,cpuacct) share a directory:
         # each hierarchy is joined, created and removed once.
         self._dirs = {
-            controller: Path(os.path.realpath(root / controller)) / parent / name
+            controller: Path(os.path.realpath(root / controller)) / self.under / name
             for controller in V1_CONTROLLERS
         }
 
@@ -341,6 +370,22 @@ class CgroupV1(Cgroup):
     def create(self) -> None:
         for path in self.paths():
             _mkdir(path)
+
+    def limit_slice(self, limits: Limits) -> None:
+        if not self.slice:
+            return
+        cpu, memory, pids = (self._dirs[name].parent for name in ("cpu", "memory", "pids"))
+        quota = -1 if limits.cpu is None else _cpu_quota(limits.cpu)
+        if limits.cpu is not None:
+            _write_if_changed(cpu / "cpu.cfs_period_us", CPU_PERIOD_US)
+        _write_if_changed(cpu / "cpu.cfs_quota_us", quota)
+        # v1 says "no limit" as the largest page-aligned number (written -1).
+        limit = memory / "memory.limit_in_bytes"
+        if limits.memory is not None:
+            _write_if_changed(limit, limits.memory)
+        elif int(_read(limit).strip() or 0) < V1_NO_LIMIT:
+            _write(limit, -1)
+        _write_if_changed(pids / "pids.max", "max" if limits.pids is None else limits.pids)
 
     def apply(self, limits: Limits, devices: Sequence[tuple[int, int]]) -> None:
         if limits.cpu is not None:
@@ -401,19 +446,32 @@ class CgroupV1(Cgroup):
 
 class CgroupV2(Cgroup):
     def paths(self) -> list[Path]:
-        return [self.root / self.parent / self.name]
+        return [self.root / self.under / self.name]
 
     def create(self) -> None:
-        parent = self.root / self.parent
-        _mkdir(parent)
         # Controllers flow down: enable them for the root's children (our
-        # parent) and for our parent's children (the jobs).
+        # parent), our parent's (the slices) and the slice's (the jobs).
         wanted = " ".join(f"+{name}" for name in V2_CONTROLLERS)
-        for directory in (self.root, parent):
+        directory = self.root
+        for part in self.under.split("/"):
             enabled = set(_read(directory / "cgroup.subtree_control").split())
             if not set(V2_CONTROLLERS) <= enabled:
                 _write(directory / "cgroup.subtree_control", wanted)
-        _mkdir(parent / self.name)
+            directory /= part
+            _mkdir(directory)
+        enabled = set(_read(directory / "cgroup.subtree_control").split())
+        if not set(V2_CONTROLLERS) <= enabled:
+            _write(directory / "cgroup.subtree_control", wanted)
+        _mkdir(directory / self.name)
+
+    def limit_slice(self, limits: Limits) -> None:
+        if not self.slice:
+            return
+        (path,) = self.slice_paths()
+        quota = "max" if limits.cpu is None else _cpu_quota(limits.cpu)
+        _write_if_changed(path / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+        _write_if_changed(path / "memory.max", "max" if limits.memory is None else limits.memory)
+        _write_if_changed(path / "pids.max", "max" if limits.pids is None else limits.pids)
 
     def apply(self, limits: Limits, devices: Sequence[tuple[int, int]]) -> None:
         (path,) = self.paths()
@@ -474,25 +532,50 @@ class CgroupV2(Cgroup):
                 _write(path / "cgroup.kill", 1)
 
 
-def open_cgroup(flavour: Flavour, name: str, root: Path = ROOT, parent: str = PARENT) -> Cgroup:
-    """The cgroup of job `name` (nothing is created until `create()`).
+def open_cgroup(
+    flavour: Flavour, name: str, root: Path = ROOT, parent: str = PARENT, slice: str = ""
+) -> Cgroup:
+    """The cgroup of job `name`, in `slice` if it has one (nothing is
+    created until `create()`).
 
-    Raises CgroupError for a name or parent that is not one path component,
-    or when no cgroup hierarchy is mounted.
+    Raises CgroupError for a name, parent or slice that is not one path
+    component, or when no cgroup hierarchy is mounted.
     """
     if flavour is Flavour.V1:
-        return CgroupV1(name, root, parent)
+        return CgroupV1(name, root, parent, slice)
     if flavour is Flavour.V2:
-        return CgroupV2(name, root, parent)
+        return CgroupV2(name, root, parent, slice)
     raise CgroupError(f"no cgroup hierarchy is mounted at {root}")
 
 
-def orphans(flavour: Flavour, root: Path = ROOT, parent: str = PARENT) -> list[str]:
-    """Names of the job cgroups under `parent`, in any hierarchy (a killed shim
-    may leave some of its v1 directories and not others): after a crash,
-    whatever has no live shim is to be removed."""
-    names: set[str] = set()
+def slice_name(owner: str) -> str:
+    """The slice of `owner`'s jobs: `owner-` and the name, every byte but
+    letters, digits, `-`, `_` and `.` written `%XX`, so any name is one path
+    component and no two names share a slice."""
+    safe = "".join(
+        char if char.isascii() and (char.isalnum() or char in "-_.") else
+        "".join(f"%{byte:02X}" for byte in char.encode())
+        for char in owner
+    )  # fmt: skip
+    return f"{SLICE_PREFIX}{safe}"
+
+
+def orphans(flavour: Flavour, root: Path = ROOT, parent: str = PARENT) -> list[tuple[str, str]]:
+    """The job cgroups under `parent`, as (slice, name), in any hierarchy (a
+    killed shim may leave some of its v1 directories and not others): after
+    a crash, whatever has no live shim is to be removed. Slices themselves
+    are not listed; a job from before slices has slice ""."""
+    found: set[tuple[str, str]] = set()
     for path in open_cgroup(flavour, "probe", root, parent).paths():
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            names.update(child.name for child in path.parent.iterdir() if child.is_dir())
-    return sorted(names)
+        for child in _directories(path.parent):
+            if child.name.startswith(SLICE_PREFIX):
+                found.update((child.name, job.name) for job in _directories(child))
+            else:
+                found.add(("", child.name))
+    return sorted(found)
+
+
+def _directories(path: Path) -> list[Path]:
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        return [child for child in path.iterdir() if child.is_dir()]
+    return []

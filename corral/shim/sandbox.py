@@ -129,6 +129,8 @@ class Sandbox:
             self.cgroup = _open_cgroup(request)
             try:
                 self.cgroup.create()
+                if request.slice_limits is not None:  # the owner's quota
+                    self.cgroup.limit_slice(request.slice_limits)
                 assert self.init_pid is not None
                 self.cgroup.add(self.init_pid)
             except CgroupError as exc:
@@ -186,6 +188,7 @@ def _open_cgroup(request: ipc.Prepare | ipc.Start) -> Cgroup:
             request.id,
             root=Path(request.cgroup_root),
             parent=request.cgroup_parent,
+            slice=request.slice,
         )
     except (CgroupError, ValueError) as exc:  # ValueError: a flavour we do not know
         raise StartFailure("cgroup", str(exc), ErrorCode.INTERNAL) from None

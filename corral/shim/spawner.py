@@ -91,6 +91,16 @@ class Spawner:
         self.warm[job_id] = Warm(pid, pidfd, ours)
         return pid
 
+    def discard(self, request: ipc.Discard) -> int:
+        """Take job `request.id`'s warm sandbox down (EOF on its claim
+        socket); return its shim's pid. ValueError if there is none."""
+        warm = self.warm.pop(_job_id(request), None)
+        if warm is None:
+            raise ValueError(f"job {request.id} has no warm sandbox")
+        warm.claim.close()
+        os.close(warm.pidfd)
+        return warm.pid
+
     def start(self, request: ipc.Start, report_fd: int) -> tuple[int, int]:
         """Start job `request.id` in its warm sandbox, or a cold one; return
         the shim's pid and a pidfd for it."""
@@ -154,7 +164,7 @@ class Spawner:
         self.warm.clear()
 
 
-def _job_id(request: ipc.Prepare | ipc.Start) -> str:
+def _job_id(request: ipc.Prepare | ipc.Start | ipc.Discard) -> str:
     if not is_job_id(request.id):
         raise ValueError(f"invalid job id {request.id!r}")
     return request.id
@@ -192,7 +202,7 @@ def _serve_requests(control: socket.socket, spawner: Spawner) -> None:
     """Answer corrald's requests until it hangs up."""
     while True:
         try:
-            received = ipc_fds.receive_message(control, (ipc.Prepare, ipc.Start))
+            received = ipc_fds.receive_message(control, (ipc.Prepare, ipc.Start, ipc.Discard))
         except (OSError, ipc.IPCError) as exc:  # its descriptors are closed
             ipc_fds.send_message(control, ipc.Refused(message=f"bad request: {exc}"))
             continue
@@ -210,7 +220,7 @@ def _serve(
 ) -> None:
     """Answer one request: a warm shim for a Prepare, a started one (and its
     pidfd) for a Start with the report pipe's end, or why not."""
-    wanted = 0 if isinstance(request, ipc.Prepare) else 1
+    wanted = 1 if isinstance(request, ipc.Start) else 0
     if len(fds) != wanted:
         message = f"bad request {request.TAG!r} with {len(fds)} descriptors"
         ipc_fds.send_message(control, ipc.Refused(message=message))
@@ -218,6 +228,9 @@ def _serve(
     try:
         if isinstance(request, ipc.Prepare):
             ipc_fds.send_message(control, ipc.Spawned(pid=spawner.prepare(request)))
+            return
+        if isinstance(request, ipc.Discard):
+            ipc_fds.send_message(control, ipc.Spawned(pid=spawner.discard(request)))
             return
         pid, pidfd = spawner.start(request, fds[0])
     except (OSError, ValueError) as exc:

@@ -14,7 +14,12 @@ from corral import pki
 from corral.address import Address, AddressError, parse_address
 from corral.shim.cgroup import CgroupError, check_component
 from corral.supervisor.operations import MAX_STREAMS_PER_USER
-from corral.supervisor.policy import USER_MEMORY_SHARE, USER_PIDS
+from corral.supervisor.policy import (
+    USER_MEMORY_SHARE,
+    USER_PIDS,
+    USER_QUOTA_MEMORY_SHARE,
+    USER_QUOTA_PIDS,
+)
 from corral.supervisor.server import (
     HANDSHAKE_TIMEOUT,
     MAX_CONNECTIONS,
@@ -22,8 +27,8 @@ from corral.supervisor.server import (
     MAX_REQUESTS_PER_CONNECTION,
 )
 from corral.supervisor.session import IDLE_TIMEOUT, IO_TIMEOUT
-from corral.units import parse_duration, parse_size
-from corral.worker.admission import MAX_FINISHED_PER_OWNER
+from corral.units import parse_duration, parse_size, short_size
+from corral.worker.admission import MAX_FINISHED_PER_OWNER, MAX_LOG_BYTES_PER_OWNER
 from corral.worker.manager import MAX_JOBS, MAX_JOBS_PER_OWNER
 from corral.worker.uid_pool import UidRange, UidRangeError
 
@@ -252,6 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
         "removes the oldest instead)",
     )
     parser.add_argument(
+        "--max-log-size-per-user",
+        type=_parsed(parse_size),
+        metavar="SIZE",
+        help="output.log bytes one user's finished jobs may keep together; beyond it "
+        "their starts are refused until they remove some (default "
+        f"{short_size(MAX_LOG_BYTES_PER_OWNER)}, or a quarter of the state directory's "
+        "filesystem if less; --keep-log-size removes the oldest instead)",
+    )
+    parser.add_argument(
         "--uid-range",
         type=_uid_range,
         default=UidRange(),
@@ -325,6 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
             + (
                 f"; built in, until set: pids={USER_PIDS} and memory "
                 f"1/{USER_MEMORY_SHARE} of the RAM"
+                if role == "user"
+                else ""
+            ),
+        )
+        policy.add_argument(
+            f"--{role}-quota",
+            action="append",
+            type=_setting,
+            default=[],
+            metavar="LIMIT=VALUE",
+            dest=f"{role}_quotas",
+            help=f"what all of one {role}'s jobs together may use: cpu, memory, pids "
+            "(repeatable)"
+            + (
+                f"; built in, until set: pids={USER_QUOTA_PIDS} and memory "
+                f"1/{USER_QUOTA_MEMORY_SHARE} of the RAM"
                 if role == "user"
                 else ""
             ),

@@ -44,6 +44,7 @@ from corral.supervisor.server import (
     ServerConfig,
 )
 from corral.tls import TLSConfigError, server_context
+from corral.worker.admission import log_quota
 from corral.worker.cgroup_parent import (
     ParentClaim,
     ParentError,
@@ -350,6 +351,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 default_user=args.default_user,
                 defaults=dict(args.defaults),
                 caps={role: dict(getattr(args, f"{role}_caps")) for role in pki.ROLES},
+                quotas={role: dict(getattr(args, f"{role}_quotas")) for role in pki.ROLES},
                 writable={
                     role: getattr(args, f"{role}_writable")
                     for role in pki.ROLES
@@ -399,6 +401,11 @@ def run(argv: Sequence[str] | None = None) -> int:
                     max_jobs=args.max_jobs,
                     max_jobs_per_owner=args.max_jobs_per_user,
                     max_finished_per_owner=args.max_finished_per_user,
+                    max_log_bytes_per_owner=(
+                        log_quota(state_dir)
+                        if args.max_log_size_per_user is None
+                        else int(args.max_log_size_per_user)
+                    ),
                 ),
                 uid_range=args.uid_range,
             )

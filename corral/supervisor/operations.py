@@ -6,6 +6,13 @@ its result into a plain map. Who may do what is not decided here but in
 asks it first, and finds jobs only through `visible`, which looks a job
 up among those the caller may reach, so another user's job answers
 exactly like a job that does not exist.
+
+A finished job's spec is kept compact in memory (no env, at most 4 KiB of
+argv; `corral.worker.index.Job.compact`). The replies about one job
+(start, stop, status, wait) carry its whole argv, read back from its
+spec.msgpack when it was cut; `list` and a stream's end carry the part
+kept, with `argv_cut`, the bytes left out, so a page of a thousand jobs
+costs no disk reads.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import trio
 from corral.errors import OperationError
 from corral.job import DEFAULT_STOP_GRACE, DEFAULT_TTY_SIZE, JobSpec, Limits, Status, check_grace
 from corral.protocol import ErrorCode
-from corral.store import OUTPUT_FILE, pack
+from corral.store import OUTPUT_FILE, pack, read_spec
+from corral.supervisor.descriptors import Descriptors
 from corral.supervisor.policy import Policy, authorize, owner_filter
 from corral.supervisor.session import Handler, RequestContext, StreamEnd
 from corral.tls import Identity
@@ -34,13 +42,21 @@ from corral.worker.output import CHUNK, misplaced_offset
 LIST_PAGE_BYTES = 256 * 1024
 
 
-def job_record(job: Job, status: Status | None = None) -> dict[str, Any]:
-    """A job as the wire carries it (times in ns since the epoch, argv as bytes)."""
+def job_record(
+    job: Job, status: Status | None = None, *, argv: tuple[bytes, ...] | None = None
+) -> dict[str, Any]:
+    """A job as the wire carries it (times in ns since the epoch, argv as bytes).
+
+    A finished job's argv is the part its compact spec keeps (see
+    `corral.worker.index.Job.compact`), and `argv_cut` says how many bytes
+    of it were left out, unless `argv` gives the whole (`whole_record`)."""
     status = status or job.status
+    cut = {"argv_cut": job.argv_cut} if argv is None and job.argv_cut else {}
     return {
         "id": job.id,
         "owner": job.spec.owner,
-        "argv": list(job.spec.argv),
+        "argv": list(job.spec.argv if argv is None else argv),
+        **cut,
         "user": job.spec.user,
         "uid": job.spec.uid,
         "host_root": job.spec.host_root,
@@ -53,6 +69,20 @@ def job_record(job: Job, status: Status | None = None) -> dict[str, Any]:
         "tty_size": list(job.spec.tty_size),
         **status.to_wire(),
     }
+
+
+async def whole_record(job: Job, status: Status | None = None) -> dict[str, Any]:
+    """The job's record with its whole argv: for a finished job whose compact
+    spec has it cut, read from its spec.msgpack (in a thread: it may be
+    256 KiB). A spec that cannot be read (the job removed meanwhile) leaves
+    the cut argv, said so by `argv_cut`."""
+    if not job.argv_cut:
+        return job_record(job, status)
+    try:
+        spec = await trio.to_thread.run_sync(read_spec, job.directory)
+    except (OSError, ValueError, TypeError, KeyError):
+        return job_record(job, status)
+    return job_record(job, status, argv=spec.argv)
 
 
 def arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -93,17 +123,27 @@ class JobOperations:
         policy: Policy | None = None,
         *,
         max_streams_per_user: int | None = MAX_STREAMS_PER_USER,
+        descriptors: Descriptors | None = None,
     ) -> None:
+        """`descriptors`: corrald's, whose reserve for admins a user's
+        streams and starts may not take (None: not counted)."""
         self.manager = manager
         self.policy = policy or Policy()
         self.max_streams_per_user = max_streams_per_user
+        self.descriptors = descriptors
         self._streams: collections.Counter[str] = collections.Counter()  # open, by user
+
+    @property
+    def streams_open(self) -> int:
+        """Output streams open now, on every connection."""
+        return sum(self._streams.values())
 
     @contextlib.contextmanager
     def stream_slot(self, identity: Identity) -> Iterator[None]:
         """Count an open stream of `identity`'s while the block runs;
-        resource_exhausted if a user has as many as they may. Admins are
-        counted, never refused: an admin can always look."""
+        resource_exhausted if a user has as many as they may, or corrald's
+        descriptors are down to the admins' reserve. Admins are counted,
+        never refused: an admin can always look."""
         cap = self.max_streams_per_user
         if cap is not None and not identity.is_admin and self._streams[identity.name] >= cap:
             raise OperationError(
@@ -111,6 +151,8 @@ class JobOperations:
                 f"{identity.name} has {cap} output streams open (logs -f, attach), the most "
                 "one user may have; end one to open another",
             )
+        if self.descriptors is not None:
+            self.descriptors.check(identity, "output streams")
         self._streams[identity.name] += 1
         try:
             yield
@@ -145,6 +187,8 @@ class JobOperations:
         args = context.request.args
         identity = context.identity
         authorize(identity, "start")
+        if self.descriptors is not None:  # a running job holds a descriptor of corrald's
+            self.descriptors.check(identity, "jobs")
         # Errors (SpecError, the policy's, the manager's) are OperationErrors
         # with their code and details: the session answers with them as they
         # are. A start that failed after its job was recorded names the job.
@@ -172,8 +216,8 @@ class JobOperations:
             tty_size=arg(args, "tty_size", list, list(DEFAULT_TTY_SIZE)),
             host_root=terms.host_root,
         )
-        job = await self.manager.start(spec)
-        return {"id": job.id, "job": job_record(job)}
+        job = await self.manager.start(spec, quota=self.policy.quota(identity.role))
+        return {"id": job.id, "job": await whole_record(job)}
 
     async def stop(self, context: RequestContext) -> dict[str, Any]:
         args = context.request.args
@@ -182,25 +226,25 @@ class JobOperations:
         # Stopping a job that has ended is done already, as `docker stop`
         # has it: the reply says so, with how it ended.
         if job.done.is_set():
-            return {"job": job_record(job), "already_ended": True}
+            return {"job": await whole_record(job), "already_ended": True}
         try:
             status = await self.manager.stop(job.id, grace, by=context.identity.name)
         except OperationError:
             if job.done.is_set():  # it ended on its own meanwhile
-                return {"job": job_record(job), "already_ended": True}
+                return {"job": await whole_record(job), "already_ended": True}
             raise
-        return {"job": job_record(job, status), "already_ended": False}
+        return {"job": await whole_record(job, status), "already_ended": False}
 
     async def status(self, context: RequestContext) -> dict[str, Any]:
         job = self.visible(context)
         _, status = await self.manager.status(job.id)
-        return {"job": job_record(job, status)}
+        return {"job": await whole_record(job, status)}
 
     async def wait(self, context: RequestContext) -> dict[str, Any]:
         """Answer once the job has ended, with its final state."""
         job = self.visible(context)
         status = await self.manager.wait(job.id)
-        return {"job": job_record(job, status)}
+        return {"job": await whole_record(job, status)}
 
     async def list(self, context: RequestContext) -> dict[str, Any]:
         identity = context.identity

@@ -72,7 +72,7 @@ from corral.units import (
 
 ADMIN, USER = "admin", "user"
 # The policy file's top-level settings.
-SETTINGS = ("default_user", "allow_host_root", "defaults", "caps", "writable")
+SETTINGS = ("default_user", "allow_host_root", "defaults", "caps", "quota", "writable")
 
 
 class Reach(enum.Enum):
@@ -121,6 +121,15 @@ USER_PIDS = 1024  # a fork bomb stops here; a parallel build (make -j64) fits we
 # A quarter of the host's RAM, the job's /tmp and /dev/shm included (tmpfs
 # pages are charged to the job's cgroup as it writes them).
 USER_MEMORY_SHARE = 4
+# A user's jobs together (their slice, corral.shim.cgroup): four jobs' worth
+# of processes and half the RAM, so a user running 250 jobs at once still
+# leaves the host to the others. CPU has no quota by default: every
+# owner's slice weighs the same, so under contention each owner gets an
+# equal share, and an idle host is one user's to use. [quota.user] or
+# --user-quota changes each.
+USER_QUOTA_PIDS = 4 * USER_PIDS
+USER_QUOTA_MEMORY_SHARE = 2
+QUOTA_NAMES = ("cpu", "memory", "pids")
 
 LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 BYTE_LIMITS = {"memory", "io_read_bps", "io_write_bps"}
@@ -170,6 +179,12 @@ class Policy:
     writable: Mapping[str, tuple[str, ...]] = field(
         default_factory=lambda: {ADMIN: ("/",), USER: ()}
     )
+    # What all of an owner's jobs together may use, per role (their slice).
+    quotas: Mapping[str, Limits] = field(default_factory=dict)
+
+    def quota(self, role: str) -> Limits:
+        """The limits on all the jobs of one owner of `role` together."""
+        return self.quotas.get(role, Limits())
 
     def check(self) -> Policy:
         """Self if coherent; PolicyError if a default is over a role's cap."""
@@ -190,6 +205,7 @@ class Policy:
             "host_root": self.allow_host_root and role == ADMIN,
             "defaults": self.defaults.to_wire(),
             "caps": self.caps.get(role, Caps()).to_wire(),
+            "quota": self.quota(role).to_wire(),
             "writable": list(self.writable.get(role, ())),
         }
 
@@ -257,6 +273,14 @@ class Policy:
             max_runtime=runtime,
             host_root=host_root,
         )
+
+
+def builtin_user_quota(memory: int | None = None) -> dict[str, int]:
+    """What a user's jobs together may use before any configuration:
+    USER_QUOTA_PIDS processes and 1/USER_QUOTA_MEMORY_SHARE of `memory`
+    (default: the host's RAM), in whole MiB."""
+    share = (host_memory() if memory is None else memory) // USER_QUOTA_MEMORY_SHARE
+    return {"pids": USER_QUOTA_PIDS, "memory": max(MIN_MEMORY, share >> 20 << 20)}
 
 
 def builtin_user_caps(memory: int | None = None) -> dict[str, int]:
@@ -361,6 +385,7 @@ def load_policy(
     defaults: Mapping[str, str] | None = None,
     caps: Mapping[str, Mapping[str, str]] | None = None,
     writable: Mapping[str, Sequence[str]] | None = None,
+    quotas: Mapping[str, Mapping[str, str]] | None = None,
     cpus: int | None = None,
     memory: int | None = None,
 ) -> Policy:
@@ -385,6 +410,10 @@ def load_policy(
         max_runtime = "1h"
         [caps.admin]
         memory = "16G"
+        [quota.user]          # what all of one user's jobs together may use
+        memory = "8G"
+        pids = 4096
+        cpu = 4
         [writable]            # where jobs may be given writable paths (admin: "/")
         user = ["/srv/scratch"]
     """
@@ -434,8 +463,35 @@ def load_policy(
             for role in roles
         },
         writable=_writable(_table(document, "writable", where), writable or {}, where),
+        quotas=_quotas(_table(document, "quota", where), quotas or {}, where, cpus, memory),
     )
     return policy.check()
+
+
+def _quotas(
+    table: Mapping[str, Any],
+    flags: Mapping[str, Mapping[str, str]],
+    where: str,
+    cpus: int | None,
+    memory: int | None,
+) -> dict[str, Limits]:
+    quotas: dict[str, Limits] = {}
+    for role in sorted(set(table) | set(flags) | {USER}):
+        if role not in ROLES:
+            raise PolicyError(f"{where}: quota for unknown role {quote(role)}")
+        settings = {
+            **(builtin_user_quota(memory) if role == USER else {}),
+            **_table(table, role, f"{where}: quota"),
+            **flags.get(role, {}),
+        }
+        unknown = sorted(set(settings) - set(QUOTA_NAMES))
+        if unknown:
+            raise PolicyError(
+                f"{where}: quota.{role}: {quote(unknown[0])} is no quota; "
+                f"known: {', '.join(QUOTA_NAMES)}"
+            )
+        quotas[role] = caps_from(settings, f"{where}: quota.{role}", cpus=cpus, cap=True).limits
+    return quotas
 
 
 def _writable(

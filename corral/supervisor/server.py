@@ -3,7 +3,9 @@
 Theory of operation. Every accepted socket gets its own task. The task runs
 the TLS handshake under a deadline (a silent peer cannot hold a slot), then
 reads the identity from the verified client certificate. A peer with no
-acceptable identity, or one beyond the connection cap, gets one
+acceptable identity, a user beyond a connection cap (an admin is held
+only to their own), or a user when corrald's descriptors are down to the
+admins' reserve (`corral.supervisor.descriptors`), gets one
 connection-level error frame saying why and is closed; everyone else gets a
 `Session`. A handshake the TLS layer itself refuses (unknown CA, expired,
 wrong key usage, TLS 1.2) has its alert flushed to the peer, so the client
@@ -36,10 +38,12 @@ import trio
 
 import corral
 from corral.address import Address
+from corral.errors import OperationError
 from corral.protocol import Connection, Error, ErrorCode, Role
 from corral.shim.cgroup import Flavour, detect_flavour
 from corral.streams import CLOSE_TIMEOUT, GONE, close_stream
 from corral.supervisor.attach import AttachOperations
+from corral.supervisor.descriptors import FD_DIR, Descriptors
 from corral.supervisor.heartbeat import Heartbeat, process_statistics
 from corral.supervisor.listeners import listener_address, open_listener, remove_unix_sockets
 from corral.supervisor.operations import MAX_STREAMS_PER_USER, JobOperations
@@ -97,8 +101,12 @@ class ServerConfig:
     io_timeout: float = IO_TIMEOUT
     idle_timeout: float = IDLE_TIMEOUT
     shutdown_grace: float = SHUTDOWN_GRACE
+    # Descriptors below RLIMIT_NOFILE only admins may take (None: the
+    # default share, see corral.supervisor.descriptors).
+    fd_reserve: int | None = None
     policy: Policy = field(default_factory=Policy)
     mountinfo: Path = field(default=Path("/proc/self/mountinfo"))
+    fd_dir: Path = field(default=FD_DIR)
 
 
 def _peer_name(stream: trio.SocketStream) -> str:
@@ -149,6 +157,8 @@ class Server:
         self._listeners: list[trio.SocketListener] | None = None
         self.addresses: list[Address] = []
         self.jobs: JobManager | None = None
+        self._job_operations: JobOperations | None = None
+        self.descriptors = Descriptors(config.fd_reserve, fd_dir=config.fd_dir, held=self._held)
         self.heartbeat = Heartbeat()
         self._requests = 0  # being served, on every session
         self._no_requests = trio.Event()
@@ -163,8 +173,12 @@ class Server:
         now on; before `serve()`, so that no session sees them come."""
         self.jobs = jobs
         operations = JobOperations(
-            jobs, self.config.policy, max_streams_per_user=self.config.max_streams_per_user
+            jobs,
+            self.config.policy,
+            max_streams_per_user=self.config.max_streams_per_user,
+            descriptors=self.descriptors,
         )
+        self._job_operations = operations
         self._add_operations(operations.handlers())
         self._add_operations(AttachOperations(operations).handlers())
 
@@ -189,6 +203,16 @@ class Server:
 
     def _live(self) -> int:
         return len(self._sessions) + self._connecting
+
+    def _held(self) -> int:
+        """The descriptors this server knows it holds: a socket per
+        connection, about one per output stream, a pidfd per running job."""
+        held = self._live()
+        if self._job_operations is not None:
+            held += self._job_operations.streams_open
+        if self.jobs is not None:
+            held += self.jobs.running()
+        return held
 
     async def wait_idle(self) -> None:
         """Return once no connection is open or being set up."""
@@ -219,6 +243,7 @@ class Server:
 
     def _process(self) -> dict[str, Any]:
         statistics: dict[str, Any] = process_statistics()
+        statistics["descriptors"] = self.descriptors.statistics()
         if self.jobs is not None:
             statistics["spawner"] = {
                 "pid": self.jobs.spawner_pid,
@@ -352,8 +377,10 @@ class Server:
         # One exception escaping here would end serve_listeners: each
         # connection's failures stay with it.
         peer = _peer_name(stream)
-        if self.shutting_down or (
-            self._connecting >= self.config.max_handshakes + self.config.max_waiting
+        if (
+            self.shutting_down
+            or self._connecting >= self.config.max_handshakes + self.config.max_waiting
+            or self._unknown_in_reserve()
         ):
             log.info("%s: closed at accept: %d peers before it", peer, self._connecting)
             await trio.aclose_forcefully(stream)
@@ -429,12 +456,27 @@ class Server:
         except IdentityError as exc:
             return exc
 
+    def _unknown_in_reserve(self) -> bool:
+        """Whether a new peer is to be closed at accept because peers not
+        yet identified already hold half the admins' reserve of descriptors
+        (see corral.supervisor.descriptors)."""
+        return (
+            self._connecting >= self.descriptors.reserve // 2 and self.descriptors.within_reserve()
+        )
+
     def _refusal(self, identity: Identity | IdentityError) -> Error | None:
-        """Why this peer may not have a session, if it may not."""
+        """Why this peer may not have a session, if it may not. An admin is
+        refused only beyond their own cap: neither the cap on all sessions
+        nor the descriptors' reserve keeps them out, so an admin can always
+        look at a corrald its users have filled."""
         if isinstance(identity, IdentityError):
             return Error(id=None, code=ErrorCode.PERMISSION_DENIED, message=str(identity))
+        try:
+            self.descriptors.check(identity, "connections")
+        except OperationError as exc:
+            return Error(id=None, code=exc.code, message=str(exc))
         limit = self.config.max_connections
-        if len(self._sessions) >= limit:
+        if len(self._sessions) >= limit and not identity.is_admin:
             message = f"corrald is serving its maximum of {limit} connections; try again later"
             return Error(id=None, code=ErrorCode.RESOURCE_EXHAUSTED, message=message)
         limit = self.config.max_connections_per_user

@@ -1,4 +1,5 @@
-"""Admission: how many jobs may be starting or running at once.
+"""Admission: how many jobs may be starting or running at once, and
+what an owner's finished jobs may keep before their starts are refused.
 
 Each running job is a shim, an init and its command's processes: a
 manager refuses starts beyond its caps (`resource_exhausted`) rather than
@@ -10,10 +11,13 @@ shutting down: `unavailable`). A job holds its slot from its admission
 from __future__ import annotations
 
 import collections
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from corral.errors import OperationError
 from corral.protocol.errors import ErrorCode
+from corral.units import format_size, short_size
 
 # A shim and an init are ~15 MiB of private memory between them: a thousand
 # jobs is a large host's worth; one owner may take a quarter of it.
@@ -23,6 +27,14 @@ MAX_JOBS_PER_OWNER = 250
 # removed or retention takes them): a day of a busy user's short jobs;
 # beyond it, one user's history would grow corrald and its disk unbounded.
 MAX_FINISHED_PER_OWNER = 5000
+# Bytes of output.log one owner's finished jobs may hold together: ten logs
+# at the per-job cap (DEFAULT_LOG_LIMIT, 1 GiB), or 2 MiB a job at the
+# finished cap. corrald takes less on a small disk (`log_quota`).
+MAX_LOG_BYTES_PER_OWNER = 10 << 30
+# corrald's default is at most this share of the state directory's
+# filesystem: the quarter one user gets of the jobs and the connections,
+# so one user's logs cannot fill the disk every job writes to.
+LOG_SHARE = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +45,15 @@ class Admission:
     max_jobs: int | None = MAX_JOBS
     max_jobs_per_owner: int | None = MAX_JOBS_PER_OWNER
     max_finished_per_owner: int | None = MAX_FINISHED_PER_OWNER
+    max_log_bytes_per_owner: int | None = MAX_LOG_BYTES_PER_OWNER
+
+
+def log_quota(state_dir: Path) -> int:
+    """corrald's default for `max_log_bytes_per_owner`: MAX_LOG_BYTES_PER_OWNER,
+    or a LOG_SHARE of the filesystem `state_dir` is on if that is less.
+    Raises OSError if that filesystem cannot be asked."""
+    info = os.statvfs(state_dir)
+    return min(MAX_LOG_BYTES_PER_OWNER, info.f_blocks * info.f_frsize // LOG_SHARE)
 
 
 def _jobs(count: int) -> str:
@@ -51,11 +72,12 @@ class Slots:
         """Refuse every later `take` (`unavailable`, saying `reason`)."""
         self._refusing = reason
 
-    def check(self, owner: str, finished: int = 0) -> None:
+    def check(self, owner: str, finished: int = 0, log_bytes: int = 0) -> None:
         """Raise OperationError unless `owner`, who has `finished` finished
-        jobs kept, may start a job now: unavailable once starts are refused,
-        resource_exhausted beyond a cap. Takes nothing: `take` does, with no
-        checkpoint in between."""
+        jobs kept, their output.log files `log_bytes` together, may start a
+        job now: unavailable once starts are refused, resource_exhausted
+        beyond a cap. Takes nothing: `take` does, with no checkpoint in
+        between."""
         if self._refusing is not None:
             raise OperationError(ErrorCode.UNAVAILABLE, self._refusing)
         limit = self.caps.max_jobs
@@ -80,6 +102,14 @@ class Slots:
                 f"the most one user may keep ({limit}); remove some "
                 "(`corral rm --finished`) to start more",
             )
+        limit = self.caps.max_log_bytes_per_owner
+        if limit is not None and log_bytes >= limit:
+            raise OperationError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"{owner or 'this owner'}'s finished jobs keep {format_size(log_bytes)} of "
+                f"output logs, the most one user may keep ({short_size(limit)}); remove some "
+                "(`corral rm --finished`) to start more",
+            )
 
     def take(self, owner: str) -> None:
         """Count one more job of `owner` (admitted, or adopted at a restart)."""
@@ -98,4 +128,13 @@ class Slots:
         return sum(self._active.values())
 
 
-__all__ = ["MAX_FINISHED_PER_OWNER", "MAX_JOBS", "MAX_JOBS_PER_OWNER", "Admission", "Slots"]
+__all__ = [
+    "LOG_SHARE",
+    "MAX_FINISHED_PER_OWNER",
+    "MAX_JOBS",
+    "MAX_JOBS_PER_OWNER",
+    "MAX_LOG_BYTES_PER_OWNER",
+    "Admission",
+    "Slots",
+    "log_quota",
+]

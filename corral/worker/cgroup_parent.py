@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 
 from corral.pidlock import LockHeld, take_lock
-from corral.shim.cgroup import CgroupError, Flavour, check_component, open_cgroup
+from corral.shim.cgroup import SLICE_PREFIX, CgroupError, Flavour, check_component, open_cgroup
 from corral.store import read_status, write_atomically
 
 PARENT_FILE = "cgroup-parent"
@@ -153,13 +153,19 @@ def claim_parent(parent: str, run_dir: Path = RUN_DIR) -> ParentClaim:
 
 
 def remove_if_empty(flavour: Flavour, parent: str, root: Path) -> None:
-    """Remove the parent's directory in every hierarchy where it holds no
-    cgroup and no process (the kernel refuses otherwise); keep the rest."""
+    """Remove the parent's directory, and its owners' slices, in every
+    hierarchy where they hold no job and no process (the kernel refuses
+    otherwise); keep the rest."""
     try:
         paths = open_cgroup(flavour, "probe", root, parent).paths()
     except CgroupError:
         return
     for path in paths:
+        with contextlib.suppress(OSError):
+            for child in path.parent.iterdir():
+                if child.name.startswith(SLICE_PREFIX) and child.is_dir():
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
         with contextlib.suppress(OSError):
             path.parent.rmdir()
 

@@ -4,9 +4,10 @@ Theory of operation. A shim owns its job and records its end in the job's
 status file, then exits. The watcher awaits the shim's pidfd (no
 polling), then takes the status the shim left; a shim that died without
 one leaves a `lost` job, whose cgroup the watcher removes. Recording an
-end frees the job's admission slot, wakes its waiters and followers, and
-tells retention. An end is recorded once; a start that failed before it
-had a shim is recorded here too (`fail`).
+end frees the job's admission slot, counts it (and its log's size) as its
+owner's finished, wakes its waiters and followers, and tells retention.
+An end is recorded once; a start that failed before it had a shim is
+recorded here too (`fail`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from corral.job import State, Status
 from corral.shim.cgroup import CgroupError, Flavour, open_cgroup
 from corral.store import RESERVE_FILE, read_status, write_status
 from corral.worker.admission import Slots
-from corral.worker.index import Job
+from corral.worker.index import Job, JobIndex
 from corral.worker.output import OutputWatcher
-from corral.worker.retention import Retainer
+from corral.worker.retention import Retainer, log_size
 from corral.worker.uid_pool import UidPool
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Ends:
         self,
         nursery: trio.Nursery,
         *,
+        index: JobIndex,
         slots: Slots,
         uids: UidPool,
         retainer: Retainer,
@@ -52,6 +54,7 @@ class Ends:
         cgroup_parent: str,
     ) -> None:
         self._nursery = nursery
+        self._index = index
         self._slots = slots
         self._uids = uids
         self._retainer = retainer
@@ -95,7 +98,9 @@ class Ends:
 
     async def _lost(self, job: Job, last: Status | None) -> Status:
         """The shim vanished without recording an end: kill what is left, say so."""
-        cgroup = open_cgroup(self._flavour, job.id, self._cgroup_root, self._cgroup_parent)
+        cgroup = open_cgroup(
+            self._flavour, job.id, self._cgroup_root, self._cgroup_parent, job.spec.slice
+        )
         reason = "lost: its shim ended without recording how the job ended"
         try:
             await trio.to_thread.run_sync(cgroup.remove)
@@ -131,14 +136,17 @@ class Ends:
             )
 
     def _finish(self, job: Job, status: Status) -> None:
-        """Record the job's end, once: it frees the job's slot and uid and
-        wakes its waiters. A second end (there should be none) changes nothing."""
+        """Record the job's end, once: it frees the job's slot and uid,
+        compacts its spec (`Job.record_end`), counts it and its log's size
+        as its owner's finished (one stat: the shim has written its last),
+        and wakes its waiters. A second end (there should be none) changes
+        nothing."""
         if job.done.is_set():
             log.warning("job %s: a second end ignored: %s", job.short_id, status.reason)
             return
         job.advance(status)
-        job.started.set()
-        job.done.set()
+        job.record_end(log_size(job.directory))
+        self._index.ended(job)
         self._slots.free(job.spec.owner)
         self._uids.release(job.spec.uid)
 

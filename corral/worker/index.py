@@ -7,6 +7,8 @@ are removed. It does no I/O and never waits.
 
 from __future__ import annotations
 
+import collections
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -15,6 +17,31 @@ from corral.errors import OperationError
 from corral.job import ResolvedSpec, State, Status
 from corral.protocol.errors import ErrorCode, shorten
 
+# What a finished job keeps of its argv in memory: a `list` row needs no
+# more, and a spec may hold 256 KiB of argv (and as much env), which a
+# thousand finished jobs would keep for ever. The whole spec stays in
+# spec.msgpack. Arguments are counted too: each is a Python object of ~40
+# bytes whatever its length, and 4 KiB of 2-byte arguments would be 57 KiB.
+KEPT_ARGV_BYTES = 4096  # arguments' bytes and their NULs, as MAX_ARGV_BYTES counts them
+KEPT_ARGS = 64
+
+
+def cut_argv(argv: tuple[bytes, ...]) -> tuple[tuple[bytes, ...], int]:
+    """The first arguments of `argv` within KEPT_ARGS and KEPT_ARGV_BYTES (the
+    last of them cut short if it is what does not fit), and how many bytes
+    of argv that leaves out (counting a NUL per argument): 0 when it is whole."""
+    kept: list[bytes] = []
+    room = KEPT_ARGV_BYTES
+    for arg in argv[:KEPT_ARGS]:
+        if len(arg) + 1 > room:
+            if room > 1:
+                kept.append(arg[: room - 1])
+            break
+        kept.append(arg)
+        room -= len(arg) + 1
+    left_out = sum(len(arg) + 1 for arg in argv) - sum(len(arg) + 1 for arg in kept)
+    return tuple(kept), left_out
+
 
 def _rank(state: State) -> int:
     """Where a state comes in a job's life: starting, running, then its end."""
@@ -22,12 +49,18 @@ def _rank(state: State) -> int:
 
 
 class Job:
-    """One job as the manager knows it. `status` is the latest recorded one."""
+    """One job as the manager knows it. `status` is the latest recorded one.
 
-    __slots__ = ("_status", "directory", "done", "spec", "started")
+    Once its end is recorded (`record_end`), `spec` is compact: `argv_cut`
+    says how many bytes of its argv that left out, and `log_bytes` is the
+    size of its output.log, which no longer changes."""
+
+    __slots__ = ("_status", "argv_cut", "directory", "done", "log_bytes", "spec", "started")
 
     def __init__(self, spec: ResolvedSpec, status: Status, directory: Path) -> None:
         self.spec = spec
+        self.argv_cut = 0
+        self.log_bytes = 0
         self.directory = directory
         self._status = status
         self.started = trio.Event()  # set once start() knows how the start went
@@ -47,6 +80,20 @@ class Job:
         self._status = status
         return True
 
+    def record_end(self, log_bytes: int) -> None:
+        """Mark the job ended (its status holds the end), its output.log
+        `log_bytes` long. From now on its spec is compact: a finished job is
+        only shown, so it keeps its spec without env and cwd (nothing shows
+        them) and at most KEPT_ARGV_BYTES of its argv; the whole spec stays
+        in its spec.msgpack (`corral.store.read_spec`). A running job's
+        spec is kept whole."""
+        argv, left_out = cut_argv(self.spec.argv)
+        self.argv_cut += left_out  # a second end leaves out nothing more
+        self.spec = replace(self.spec, argv=argv, env={}, cwd=b"")
+        self.log_bytes = log_bytes
+        self.started.set()
+        self.done.set()
+
     @property
     def id(self) -> str:
         return self.spec.id
@@ -62,17 +109,42 @@ class Job:
 
 
 class JobIndex:
-    """Every job of one manager, by id."""
+    """Every job of one manager, by id, and what each owner's finished jobs
+    hold: how many, and their output.log bytes (counted as jobs end and
+    are removed, never by a scan: admission asks at every start)."""
 
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
+        self._finished: collections.Counter[str] = collections.Counter()
+        self._log_bytes: collections.Counter[str] = collections.Counter()
 
     def add(self, job: Job) -> None:
+        """Index the job; one whose end is recorded already (found at a
+        restart) is counted as finished at once."""
+        self.forget(job)
         self._jobs[job.id] = job
+        if job.done.is_set():
+            self._count(job, 1)
+
+    def ended(self, job: Job) -> None:
+        """Count the job as finished: its end is recorded (`Job.record_end`).
+        Called once per job, for a job in the index."""
+        if self._jobs.get(job.id) is job and job.done.is_set():
+            self._count(job, 1)
 
     def forget(self, job: Job) -> None:
         """Drop the job from the index (its files are the caller's)."""
-        self._jobs.pop(job.id, None)
+        known = self._jobs.pop(job.id, None)
+        if known is not None and known.done.is_set():
+            self._count(known, -1)
+
+    def _count(self, job: Job, sign: int) -> None:
+        owner = job.spec.owner
+        self._finished[owner] += sign
+        self._log_bytes[owner] += sign * job.log_bytes
+        if self._finished[owner] <= 0:
+            del self._finished[owner]
+            self._log_bytes.pop(owner, None)
 
     def resolve(self, job_id: str, *, owner: str | None = None) -> Job:
         """The job with this id or unique id prefix.
@@ -105,9 +177,11 @@ class JobIndex:
 
     def finished(self, owner: str) -> int:
         """How many of `owner`'s jobs have their end recorded."""
-        return sum(
-            1 for job in self._jobs.values() if job.spec.owner == owner and job.done.is_set()
-        )
+        return self._finished[owner]
+
+    def log_bytes(self, owner: str) -> int:
+        """The output.log bytes of `owner`'s jobs whose end is recorded, together."""
+        return self._log_bytes[owner]
 
     def finished_oldest_first(self) -> list[Job]:
         """The jobs whose end is recorded, the earliest end first."""
@@ -118,4 +192,4 @@ class JobIndex:
         return [job for job in self._jobs.values() if owner is None or job.spec.owner == owner]
 
 
-__all__ = ["Job", "JobIndex"]
+__all__ = ["KEPT_ARGS", "KEPT_ARGV_BYTES", "Job", "JobIndex", "cut_argv"]

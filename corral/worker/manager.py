@@ -61,6 +61,7 @@ from corral.shim.cgroup import (
     detect_flavour,
     disk_devices,
     open_cgroup,
+    slice_name,
 )
 from corral.store import (
     read_status,
@@ -82,6 +83,10 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SHIM_TIMEOUT = 10.0  # for one status or stop exchange with a shim
+
+
+def _created(job: Job) -> int:
+    return job.spec.created_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +258,7 @@ class JobManager:
             else:
                 ends = Ends(
                     nursery,
+                    index=self._index,
                     slots=self._slots,
                     uids=self.uids,
                     retainer=self._retainer,
@@ -274,6 +280,10 @@ class JobManager:
                 self._live = _Running(pool, output, ends, starts)
                 try:
                     self._adopt()
+                    # Sandboxes built ahead are in an owner's slice: until a
+                    # start says whose, the owner of the newest job's.
+                    newest = max(self._index.jobs(), key=_created, default=None)
+                    pool.aim(slice_name(newest.spec.owner if newest else ""), None)
                     nursery.start_soon(self._retainer.run, self.remove)
                     yield self
                 finally:
@@ -367,9 +377,10 @@ class JobManager:
         the jobs running now are all there will be (corrald shutting down)."""
         self._slots.refuse_all(reason)
 
-    async def start(self, spec: JobSpec) -> Job:
+    async def start(self, spec: JobSpec, *, quota: Limits | None = None) -> Job:
         """Start a job and return once its command is running (see
-        `corral.worker.starts`).
+        `corral.worker.starts`), in its owner's slice, limited to `quota`
+        (what all the owner's jobs together may use; None: no limit).
 
         Raises OperationError: invalid_argument for a bad spec, or a command that
         cannot be found; resource_exhausted beyond the admission caps;
@@ -378,7 +389,7 @@ class JobManager:
         not running. A job that failed to start stays recorded as `failed`,
         and the error's `job_id` names it.
         """
-        return await self._running().starts.start(spec)
+        return await self._running().starts.start(spec, quota or Limits())
 
     # -- asking a running job ------------------------------------------------------------
 

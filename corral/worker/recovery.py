@@ -23,6 +23,7 @@ from corral.ipc import SHIM_COMM
 from corral.job import State, Status
 from corral.store import read_spec, read_status
 from corral.worker.index import Job
+from corral.worker.retention import log_size
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,9 @@ class Found:
 
 def load(jobs_dir: Path) -> list[Found]:
     """Every job in `jobs_dir`, oldest directory name first; finished jobs
-    come with their `done` set. Logs how many running jobs were adopted and
-    how many lost. Unreadable job directories are logged and skipped."""
+    come with their end recorded (`Job.record_end`: compact). Logs
+    how many running jobs were adopted and how many lost. Unreadable job
+    directories are logged and skipped."""
     found: list[Found] = []
     adopted = lost = 0
     for directory in sorted(jobs_dir.iterdir()):
@@ -101,7 +103,7 @@ def load(jobs_dir: Path) -> list[Found]:
         job = Job(spec=spec, status=status, directory=directory)
         job.started.set()
         if status.state.finished:
-            job.done.set()
+            job.record_end(log_size(directory))
             found.append(Found(job, None))
             continue
         pidfd = find_shim(directory, status)

@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
@@ -44,9 +45,12 @@ class Retention:
         return any(bound is not None for bound in bounds)
 
 
-def _log_size(job: Job) -> int:
+def log_size(directory: Path) -> int:
+    """The size of the job's output.log in `directory` (0 if it has none).
+    Taken once, when a job's end is recorded (`Job.log_bytes`): a finished
+    job's log no longer changes."""
     try:
-        return (job.directory / OUTPUT_FILE).stat().st_size
+        return (directory / OUTPUT_FILE).stat().st_size
     except OSError:
         return 0
 
@@ -77,13 +81,12 @@ def _over(jobs: list[Job], count: int | None, log_bytes: int | None) -> list[Job
     if count is not None:
         doomed += jobs[: max(0, len(jobs) - count)]
     if log_bytes is not None:
-        sizes = [(job, _log_size(job)) for job in jobs]
-        total = sum(size for _, size in sizes)
-        for job, size in sizes:
+        total = sum(job.log_bytes for job in jobs)
+        for job in jobs:
             if total <= log_bytes:
                 break
             doomed.append(job)
-            total -= size
+            total -= job.log_bytes
     return doomed
 
 
@@ -125,4 +128,4 @@ class Retainer:
         return trio.current_time() + max(0.0, (expires_ns - time.time_ns()) / 1e9)
 
 
-__all__ = ["Retainer", "Retention", "beyond"]
+__all__ = ["Retainer", "Retention", "beyond", "log_size"]

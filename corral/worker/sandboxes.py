@@ -9,7 +9,8 @@ or the sandbox is gone, and at start-up removes only recorded sandboxes.
 
 A record has to outlive corrald, not the machine: a cgroup does not
 survive a reboot, so a record lost with the page cache loses nothing. It
-is an empty file, created without fsync.
+is a file holding the name of the slice the sandbox is built in (empty
+for none, as records from before slices are), written without fsync.
 """
 
 from __future__ import annotations
@@ -35,15 +36,25 @@ class SandboxRecords:
         self.directory = state_dir / SANDBOXES_DIR
         self.jobs_dir = state_dir / "jobs"
 
-    def record(self, job_id: str) -> None:
-        """Record that a sandbox is about to be built for `job_id`.
+    def record(self, job_id: str, slice: str = "") -> None:
+        """Record that a sandbox is about to be built for `job_id`, in `slice`.
 
         Raises OSError if the record cannot be written: then the sandbox
         must not be built.
         """
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.directory / job_id, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.close(fd)
+        try:
+            os.write(fd, slice.encode())
+        finally:
+            os.close(fd)
+
+    def slice_of(self, job_id: str) -> str:
+        """The slice the sandbox of `job_id` was recorded in ("" if none or unreadable)."""
+        try:
+            return (self.directory / job_id).read_text()
+        except (OSError, UnicodeDecodeError):
+            return ""
 
     def drop(self, job_id: str) -> None:
         """Forget the sandbox of `job_id` (a job now, or gone); fine if unrecorded."""
@@ -73,14 +84,14 @@ class SandboxRecords:
         for name in self.recorded():
             if not (self.jobs_dir / name).exists():
                 try:
-                    open_cgroup(flavour, name, root, parent).remove()
+                    open_cgroup(flavour, name, root, parent, self.slice_of(name)).remove()
                 except CgroupError as exc:
                     log.warning("cannot remove the cgroup of an unused sandbox %s: %s", name, exc)
                     continue
             self.drop(name)
         strangers = [
-            name
-            for name in orphans(flavour, root, parent)
+            f"{slice}/{name}" if slice else name
+            for slice, name in orphans(flavour, root, parent)
             if not (self.jobs_dir / name).exists() and name not in building
         ]
         if strangers:

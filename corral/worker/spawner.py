@@ -71,6 +71,13 @@ class Spawner:
         ipc_fds.close_all(fds)  # a Prepare is answered with none
         return reply.pid
 
+    async def discard(self, request: ipc.Discard) -> int:
+        """Have job `request.id`'s warm sandbox taken down, unused; return
+        the warm shim's pid. SpawnerError if there is none, or the spawner is gone."""
+        reply, fds = await self._exchange(request, None)
+        ipc_fds.close_all(fds)
+        return reply.pid
+
     async def spawn(self, request: ipc.Start, report_fd: int) -> tuple[int, int]:
         """Ask for a shim (in the job's warm sandbox if there is one); return
         its pid and a pidfd (ours to close). SpawnerError if the spawner

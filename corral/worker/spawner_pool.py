@@ -12,7 +12,13 @@ restarted less and less often, up to every SPAWNER_BACKOFF_MAX seconds.
 Warm sandboxes: `warm` of them are kept built ahead of the next starts
 (init jailed and in its cgroup), by the job ids they are for, recorded
 before they are asked for so that a later sweep may remove them. A start
-takes one (`take_warm`) and only fills the job in.
+takes one (`take_warm`) and only fills the job in. A sandbox's cgroup is
+in an owner's slice, so it is built for one owner: the pool builds them
+for the owner of the last start (`aim`), whose next start is the likely
+one, and takes down those built for another (a cgroup cannot move to
+another slice, and moving init into a new one would cost the start the
+cgroup join that warm sandboxes are there to save). Before the first
+start, and for an owner who starts after another, a start is cold.
 
 Every exchange with the spawner has a deadline, SPAWN_TIMEOUT. The
 spawner's end of the exchange is never torn apart by a cancel (a reply left
@@ -34,7 +40,7 @@ from typing import TypeVar
 import trio
 
 from corral import ipc
-from corral.job import new_job_id
+from corral.job import Limits, new_job_id
 from corral.shim.cgroup import Flavour
 from corral.worker.sandboxes import SandboxRecords
 from corral.worker.spawner import Spawner, SpawnerError
@@ -83,7 +89,9 @@ class SpawnerPool:
         self._spawner = spawner
         self._own_spawner = spawner is None  # ours to close
         self.restarts = 0
-        self._warm: list[str] = []
+        self._warm: list[tuple[str, str]] = []  # (job id, slice)
+        self._slice: str | None = None  # whose sandboxes to build: the last starter's
+        self._slice_limits: Limits | None = None
         self._warming = False
         self._nursery: trio.Nursery | None = None  # run()'s, for warm-ups
 
@@ -149,7 +157,7 @@ class SpawnerPool:
 
     async def _sweep(self) -> None:
         """Remove the sandboxes this pool recorded that never became jobs."""
-        building = list(self._warm)
+        building = list(self.warm_ids)
         await trio.to_thread.run_sync(
             lambda: self._records.sweep(
                 self._flavour, self._cgroup_root, self._cgroup_parent, building=building
@@ -164,46 +172,81 @@ class SpawnerPool:
         if self._nursery is not None:
             self._nursery.start_soon(self._warm_up)
 
+    def aim(self, slice: str, limits: Limits | None) -> None:
+        """Build the sandboxes ahead for the owner of `slice` (its quota
+        `limits`; None: as the slice has it) from now on, and kick."""
+        self._slice, self._slice_limits = slice, limits
+        self.kick()
+
     async def _warm_up(self) -> None:
-        """Keep `warm` sandboxes built ahead of the next starts."""
-        if self._warming or self._spawner is None:
+        """Keep `warm` sandboxes built ahead of the next starts, for the
+        slice aimed at; take down those built for another."""
+        if self._warming or self._spawner is None or self._slice is None:
             return
         self._warming = True
         try:
+            while stale := [entry for entry in self._warm if entry[1] != self._slice]:
+                job_id, _ = stale[0]
+                self._warm.remove(stale[0])
+                await self._discard(job_id)
             while len(self._warm) < self.warm:
+                slice = self._slice
                 job_id = new_job_id()
                 try:  # before it exists, so that a later sweep may remove it
-                    self._records.record(job_id)
+                    self._records.record(job_id, slice)
                 except OSError as exc:
                     log.warning("cannot record a sandbox, so none is built ahead: %s", exc)
                     return
-                self._warm.append(job_id)
+                self._warm.append((job_id, slice))
                 spawner = self._spawner
+                request = self.request(job_id, slice, self._slice_limits)
                 try:
                     await self._within_deadline(
-                        spawner, functools.partial(spawner.prepare, self.request(job_id))
+                        spawner, functools.partial(spawner.prepare, request)
                     )
                 except SpawnerError as exc:
                     # Its record stays: the sweep after a dead spawner takes it.
                     log.warning("cannot build a sandbox ahead of a start: %s", exc)
                     with contextlib.suppress(ValueError):
-                        self._warm.remove(job_id)
+                        self._warm.remove((job_id, slice))
                     return
         finally:
             self._warming = False
 
-    def take_warm(self) -> str | None:
-        """The job id of a sandbox built ahead, now the caller's; None if none is."""
-        return self._warm.pop(0) if self._warm else None
+    async def _discard(self, job_id: str) -> None:
+        """Have the spawner take the sandbox of `job_id` down, and forget it.
+        If the spawner cannot, its record stays for the next sweep."""
+        spawner = self._spawner
+        if spawner is None:
+            return
+        try:
+            await self._within_deadline(
+                spawner, functools.partial(spawner.discard, ipc.Discard(id=job_id))
+            )
+        except SpawnerError as exc:
+            log.warning("cannot take down the sandbox built ahead for %s: %s", job_id, exc)
+            return
+        # The warm shim removes its cgroup as it exits; the record goes now:
+        # a sweep would find no cgroup, or one the shim is removing.
+        self._records.drop(job_id)
 
-    def give_back(self, job_id: str) -> None:
+    def take_warm(self, slice: str) -> str | None:
+        """The job id of a sandbox built ahead in `slice`, now the caller's;
+        None if none is."""
+        for entry in self._warm:
+            if entry[1] == slice:
+                self._warm.remove(entry)
+                return entry[0]
+        return None
+
+    def give_back(self, job_id: str, slice: str) -> None:
         """Return a sandbox `take_warm` gave, unused: the next start takes it."""
-        self._warm.insert(0, job_id)
+        self._warm.insert(0, (job_id, slice))
 
     @property
     def warm_ids(self) -> tuple[str, ...]:
         """The job ids sandboxes are built (or being built) for."""
-        return tuple(self._warm)
+        return tuple(job_id for job_id, _ in self._warm)
 
     # -- shims -----------------------------------------------------------------------
 
@@ -211,25 +254,32 @@ class SpawnerPool:
     def pid(self) -> int | None:
         return self._spawner.pid if self._spawner is not None else None
 
-    def request(self, job_id: str) -> ipc.Prepare:
-        """What the spawner needs to build job `job_id`'s sandbox."""
+    def request(self, job_id: str, slice: str = "", limits: Limits | None = None) -> ipc.Prepare:
+        """What the spawner needs to build job `job_id`'s sandbox, in
+        `slice`, whose quota is `limits`."""
         return ipc.Prepare(
             id=job_id,
             flavour=str(self._flavour),
             cgroup_root=str(self._cgroup_root),
             cgroup_parent=self._cgroup_parent,
             devices=tuple(self._devices),
+            slice=slice,
+            slice_limits=limits,
         )
 
-    def start_request(self, job_id: str, job_dir: Path) -> ipc.Start:
+    def start_request(
+        self, job_id: str, job_dir: Path, slice: str = "", limits: Limits | None = None
+    ) -> ipc.Start:
         """What the spawner needs to start job `job_id` in `job_dir`."""
-        prepared = self.request(job_id)
+        prepared = self.request(job_id, slice, limits)
         return ipc.Start(
             id=job_id,
             flavour=prepared.flavour,
             cgroup_root=prepared.cgroup_root,
             cgroup_parent=prepared.cgroup_parent,
             devices=prepared.devices,
+            slice=prepared.slice,
+            slice_limits=prepared.slice_limits,
             job_dir=str(job_dir),
         )
 

@@ -27,6 +27,7 @@ from corral import ipc
 from corral.errors import OperationError
 from corral.job import JobSpec, Limits, ResolvedSpec, SpecError, State, Status, new_job_id
 from corral.protocol.errors import ErrorCode
+from corral.shim.cgroup import slice_name
 from corral.store import FULL_ERRNOS, SPEC_FILE, pack, read_status, write_atomically, write_status
 from corral.worker import recovery, shim_link
 from corral.worker.admission import Slots
@@ -67,7 +68,7 @@ class Starts:
         self._sandboxes = sandboxes
         self._default_limits = default_limits
 
-    async def start(self, spec: JobSpec) -> Job:
+    async def start(self, spec: JobSpec, quota: Limits) -> Job:
         """Start a job and return once its command is running.
 
         Raises OperationError: invalid_argument for a bad spec, or a command that
@@ -80,15 +81,18 @@ class Starts:
             resolved = spec.validate()
         except SpecError as exc:
             raise OperationError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-        self._slots.check(resolved.owner, self._index.finished(resolved.owner))
+        owner = resolved.owner
+        self._slots.check(owner, self._index.finished(owner), self._index.log_bytes(owner))
         uid = self._uids.allocate() if resolved.pooled else None
-        warm_id = self._pool.take_warm()
+        slice = slice_name(resolved.owner)
+        warm_id = self._pool.take_warm(slice)
         resolved = replace(
             resolved,
             id=warm_id or new_job_id(),
             created_at=time.time_ns(),
             limits=self._default_limits.merged(resolved.limits),
             uid=uid,
+            slice=slice,
         )
         try:
             directory = self._make_job_directory(resolved, warm=warm_id is not None)
@@ -99,7 +103,7 @@ class Starts:
         self._index.add(job)
         self._slots.take(resolved.owner)  # no checkpoint since check()
         try:
-            report = await self._spawn(job)
+            report = await self._spawn(job, quota)
         finally:
             job.started.set()
         if report.ok:
@@ -136,7 +140,7 @@ class Starts:
             with contextlib.suppress(OSError):
                 shutil.rmtree(directory)
             if warm:
-                self._pool.give_back(spec.id)
+                self._pool.give_back(spec.id, spec.slice)
             code = ErrorCode.RESOURCE_EXHAUSTED if exc.errno in FULL_ERRNOS else ErrorCode.INTERNAL
             raise OperationError(
                 code, f"cannot record the job in corrald's state directory: {exc.strerror}"
@@ -153,14 +157,14 @@ class Starts:
     # its report (bounded by START_TIMEOUT) and the processes holding the
     # job directory tell, and such a shim is watched like any other. Only
     # a start with no shim is recorded failed here.
-    async def _spawn(self, job: Job) -> ipc.StartReport:
+    async def _spawn(self, job: Job, quota: Limits) -> ipc.StartReport:
         """Have the job's shim made and watched; return the shim's report.
 
         Raises OperationError unavailable, the job recorded failed, when no
         shim was made.
         """
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        request = self._pool.start_request(job.id, job.directory)
+        request = self._pool.start_request(job.id, job.directory, job.spec.slice, quota)
         try:
             with trio.CancelScope(shield=True):  # deadline: SPAWN_TIMEOUT (the pool's)
                 try:
@@ -183,7 +187,9 @@ class Starts:
         try:
             return await shim_link.read_start_report(report_r, START_TIMEOUT)
         finally:
-            self._pool.kick()  # after this start: it had the CPU first
+            # After this start (it had the CPU first): the next is likely
+            # this owner's again, so the sandboxes built ahead are for them.
+            self._pool.aim(job.spec.slice, quota)
 
     async def _watch_stray(self, job: Job, report: ipc.StartReport, exc: SpawnTimeout) -> None:
         """After a spawner that did not answer: watch the job's shim if one
