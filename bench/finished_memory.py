@@ -35,6 +35,11 @@ from corral.job import JobSpec, State, Status, new_job_id
 from corral.worker.index import Job
 
 
+def typed_env(env: dict[str, str]) -> dict[str | bytes, str | bytes]:
+    """`env` as JobSpec takes it (names and values, str or bytes)."""
+    return {name: value for name, value in env.items()}
+
+
 def spec(
     index: int, argv_bytes: int, env_bytes: int, arg_bytes: int
 ) -> tuple[list[str], dict[str, str]]:
@@ -76,7 +81,7 @@ def kept_per_job(args: argparse.Namespace) -> float:
     for index in range(args.jobs):
         argv, env = spec(index, args.argv_kib << 10, args.env_kib << 10, args.arg_bytes)
         resolved = replace(
-            JobSpec(argv=argv, env=env, owner="alice").validate(),
+            JobSpec(argv=argv, env=typed_env(env), owner="alice").validate(),
             id=new_job_id(),
             created_at=time.time_ns(),
         )

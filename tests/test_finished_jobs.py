@@ -112,7 +112,8 @@ async def test_a_running_job_keeps_its_whole_spec(tmp_path: Path) -> None:
         tmp_path / "state", cgroup_parent=TEST_CGROUP_PARENT, warm=0
     ) as jobs:
         argv = [b"sh", b"-c", b"exec sleep 1000", *BIG_ARGV]
-        job = await jobs.start(JobSpec(argv=argv, env=BIG_ENV, owner="alice"))
+        env: dict[str | bytes, str | bytes] = {k: v for k, v in BIG_ENV.items()}
+        job = await jobs.start(JobSpec(argv=argv, env=env, owner="alice"))
         try:
             assert job.spec.argv == tuple(argv)
             assert job.spec.env[b"V99"] == b"y" * 1000
