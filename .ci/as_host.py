@@ -1,24 +1,28 @@
-"""Run a command at the root of a mount namespace of its own, out of a chroot.
+"""Run a command as on a host: at the root of a mount namespace, with loopback up.
 
-The cgroup v2 lane's VM runs CI's command in a chroot (its initramfs
-mounts the host's tree and chroots into it), and the kernel refuses to
-create a user namespace from inside a chroot (unshare(2): EPERM), which
-every corral job does: a real host, whose root is its mount namespace's,
-has no such limit. So, as switch_root does: leave the chroot for the
-initramfs's root (PID 1's), make a mount namespace of our own, move the
-tree we were chrooted in onto its root, and enter it; then run the
-command in the directory we started in.
+The cgroup v2 lane's VM is no host in two ways that matter to corral's
+tests. Its init runs CI's command in a chroot (it mounts the host's tree
+and chroots into it), and the kernel refuses to create a user namespace
+from inside a chroot (unshare(2): EPERM), which every corral job does;
+and nothing brings its loopback interface up, so a client cannot reach a
+corrald on 127.0.0.1. A real host has neither limit. So, as switch_root
+does: leave the chroot for the initramfs's root (PID 1's), make a mount
+namespace of our own, move the tree we were chrooted in onto its root,
+and enter it; bring `lo` up; then run the command in the directory we
+started in.
 
-    python .ci/unchroot.py COMMAND [ARG...]
+    python .ci/as_host.py COMMAND [ARG...]
 
-Outside a chroot it runs the command as it is.
+On a host it only runs the command.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 CLONE_NEWNS = 0x00020000
 MS_MOVE = 8192
@@ -49,6 +53,8 @@ def main() -> None:
         _check(libc.mount(b".", b"/", None, MS_MOVE, None), "mount --move . /")
         os.chroot(".")
         os.chdir(here)
+    if Path("/sys/class/net/lo/operstate").read_text().strip() == "down":
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     os.execvp(command[0], command)
 
 
