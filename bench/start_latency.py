@@ -36,6 +36,8 @@ from pathlib import Path
 import trio
 
 from corral.job import JobSpec
+from corral.shim.cgroup import detect_flavour
+from corral.worker.cgroup_parent import remove_if_empty
 from corral.worker.manager import JobManager, open_job_manager
 
 PARENT = f"corral-bench-{os.getpid()}"
@@ -155,8 +157,7 @@ async def main(count: int) -> None:
             warm_sandbox_uss()
         async with open_job_manager(Path(state), cgroup_parent=PARENT, warm=0) as jobs:
             await latency(jobs, "corral cold", count)
-    for path in Path("/sys/fs/cgroup").glob(f"*/{PARENT}"):
-        path.rmdir()
+    remove_if_empty(detect_flavour(), PARENT, Path("/sys/fs/cgroup"))  # its slices, then it
 
 
 def runc_bundle(directory: Path) -> Path:

@@ -61,6 +61,9 @@ DRAIN_TIMEOUT = 5.0
 # milliseconds; a job stuck longer (a hung mount or NFS cwd) is failed,
 # so `start` always gets an answer, before corrald stops waiting (60 s).
 SETUP_TIMEOUT = 30.0
+# How long start() waits for init to ask for its user namespace's maps
+# (about a millisecond after the job came) before the poll loop takes over.
+MAP_WAIT = 0.1
 
 
 class Shim:
@@ -147,9 +150,29 @@ class Shim:
         self.loop.watch(self.exec_r, self._exec_channel)
         assert self.pidfd is not None
         self.loop.watch(self.pidfd, self._init_exited)
+        if self.credentials.userns:
+            self._map_when_asked()
         # Who holds the job, on disk while init finishes: a corrald that
         # restarts now finds this shim rather than a job it thinks lost.
         self._record()
+
+    def _map_when_asked(self) -> None:
+        """Wait up to MAP_WAIT for init's MapUser and serve it, unless init
+        exits first; later, the poll loop serves it.
+
+        init asks about a millisecond after the job came, when this shim is
+        about done with its own setup; served only from the poll loop, after
+        the status write, init waited 1-2 ms more (measured). The wait is
+        short: a shim blocked here answers no stop (init may hang on a
+        mount), and the setup deadline is the loop's."""
+        fd = self.sandbox.input_channel.fileno()
+        assert self.pidfd is not None
+        waiting = select.poll()
+        waiting.register(fd, select.POLLIN)
+        waiting.register(self.pidfd, select.POLLIN)
+        ready = {ready_fd for ready_fd, _ in waiting.poll(MAP_WAIT * 1000)}
+        if fd in ready and self.pidfd not in ready:
+            self._map_user(fd)
 
     def _open_log(self) -> None:
         """output.log, and room for the job's end; StartFailure if the disk is full.
