@@ -60,6 +60,28 @@ sys.stdin.read()
 """
 INOTIFY_ONE = "import ctypes; print('inotify', ctypes.CDLL(None).inotify_init() >= 0)"
 
+# POSIX message queues through ctypes: RLIMIT_MSGQUEUE is a budget of bytes
+# per uid. Opens 64 KiB queues until the budget is spent (EMFILE), says how
+# many, and waits; or opens one and says whether it could.
+MQUEUES = """
+import ctypes, os, sys
+rt = ctypes.CDLL("librt.so.1", use_errno=True)
+class Attr(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_long), ("maxmsg", ctypes.c_long),
+                ("msgsize", ctypes.c_long), ("curmsgs", ctypes.c_long), ("pad", ctypes.c_long * 4)]
+attr = Attr(0, 8, 8192, 0)
+opened = 0
+while opened < 1000:
+    if rt.mq_open(b"/corral-%d" % opened, os.O_CREAT | os.O_RDWR, 0o600, ctypes.byref(attr)) < 0:
+        break
+    opened += 1
+    if sys.argv[1] == "one":
+        break
+print("opened", opened, os.strerror(ctypes.get_errno()) if opened < 1000 else "", flush=True)
+if sys.argv[1] == "all":
+    sys.stdin.read()
+"""
+
 
 @pytest.fixture
 def small(pki_dir: Path, short_dir: Path) -> Iterator[Daemon]:
@@ -163,6 +185,19 @@ async def test_one_users_job_cannot_take_anothers_inotify_instances(
     assert said == f"held {limit} Too many open files"
     text, code = await run(bob, ["python3", "-c", INOTIFY_ONE])
     assert (text, code) == ("inotify True\n", 0)
+    await alice.stop(hog.id, grace=0)
+
+
+async def test_one_users_job_cannot_take_anothers_message_queue_bytes(
+    alice: Client, bob: Client
+) -> None:
+    hog = await alice.start(["python3", "-c", MQUEUES, "all"], stdin=True)
+    said = await first_line(alice, hog.id)
+    assert said.startswith("opened "), said
+    assert said.endswith("Too many open files"), said  # EMFILE: the bytes ran out
+    assert 0 < int(said.split()[1]) < 1000  # its uid's RLIMIT_MSGQUEUE ran out
+    text, code = await run(bob, ["python3", "-c", MQUEUES, "one"])
+    assert (text.split()[:2], code) == (["opened", "1"], 0)
     await alice.stop(hog.id, grace=0)
 
 
