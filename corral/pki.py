@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from corral.directories import make_directories
+
 ROLES: tuple[str, ...] = ("admin", "user")
 DEFAULT_CLIENTS: tuple[tuple[str, str], ...] = (
     ("admin", "admin"),
@@ -245,7 +247,7 @@ def make_client_cert(
 
 def _mkdir(path: Path) -> None:
     try:
-        path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        make_directories(path, _DIR_MODE)
     except OSError as e:
         raise PKIError(f"cannot create directory {path}: {e.strerror}") from e
 

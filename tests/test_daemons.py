@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from corral.worker.cgroup_parent import (
 )
 
 from .conftest import (
+    CORRALD,
     TEST_CGROUP_PARENT,
     Daemon,
     clear_cgroup_parent,
@@ -386,3 +389,42 @@ def test_an_absurd_flag_value_is_refused_saying_why(
         build_parser().parse_args([flag, value])
     assert exit_info.value.code == 2
     assert f"argument {flag}: {words}" in capsys.readouterr().err
+
+
+# -- modes, whatever the umask -------------------------------------------------------
+
+
+def test_modes_do_not_depend_on_the_umask(pki_dir: Path, short_dir: Path) -> None:
+    """Under umask 0, what corral creates keeps its own modes: the PKI's and
+    the state directory's missing parents 0700, corrald's unix socket 0600
+    (at 0777 a job could reach corrald's TLS layer through it)."""
+    pki = short_dir / "a" / "b" / "pki"
+    made = subprocess.run(
+        [sys.executable, "-m", "corral.client.cli", "certs", "init", str(pki)],
+        preexec_fn=lambda: os.umask(0),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    for directory in (short_dir / "a", short_dir / "a" / "b", pki):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    state = short_dir / "c" / "d" / "state"
+    socket_path = short_dir / "e" / "corrald.sock"
+    process = subprocess.Popen(
+        [*CORRALD, "--state-dir", str(state), "--pki", str(pki_dir),
+         "--listen", f"unix:{socket_path}", "--cgroup-parent", TEST_CGROUP_PARENT],
+        preexec_fn=lambda: os.umask(0),  # noqa: PLW1509
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        assert "listening on" in process.stdout.readline()
+        for directory in (short_dir / "c", short_dir / "c" / "d", state, short_dir / "e"):
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+        assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)

@@ -12,9 +12,12 @@ from pathlib import Path
 import trio
 
 from corral.address import Address, TCPAddress, UnixAddress
+from corral.directories import make_directories
 
 # Enough for a burst of clients connecting at once; the kernel caps it at somaxconn.
 BACKLOG = 1024
+# Only root may connect to the unix socket (see open_unix_listener).
+SOCKET_MODE = 0o600
 
 
 class ListenError(Exception):
@@ -38,7 +41,7 @@ async def open_tcp(address: TCPAddress) -> list[trio.SocketListener]:
 def _clear_the_way(path: Path) -> None:
     """Make the socket's directory (0700), and remove a stale socket file
     there; ListenError for a live one, or a file that is not a socket."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_directories(path.parent, 0o700)
     try:
         info = path.lstat()
     except FileNotFoundError:
@@ -70,12 +73,14 @@ async def open_unix_listener(path: Path) -> trio.SocketListener:
 
     A stale socket file left by a dead daemon is replaced; a live one, or a
     file that is not a socket, is refused. The socket's directory is created
-    0700 if missing: the file itself takes the umask's mode, so its directory
-    is what guards it (TLS still authenticates every peer).
+    0700 if missing, and the socket 0600 whatever the umask (its mode is
+    set on the socket before bind makes the file): only root may connect,
+    as only root may read the PKI (TLS still authenticates every peer).
     """
     await trio.to_thread.run_sync(_clear_the_way, path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        os.fchmod(sock.fileno(), SOCKET_MODE)
         await sock.bind(os.fspath(path))
         sock.listen(BACKLOG)
     except OSError as exc:

@@ -28,6 +28,7 @@ import trio
 import corral
 from corral import pki
 from corral.address import Address, TCPAddress, UnixAddress, parse_address
+from corral.directories import make_directories
 from corral.errors import OperationError
 from corral.pidlock import LockHeld, take_lock
 from corral.shim.cgroup import CgroupError, Flavour, check_host, detect_flavour
@@ -97,7 +98,7 @@ def _prepare_state_dir(state_dir: Path) -> Path:
     state_dir = state_dir.absolute()
     try:
         for directory in (state_dir, state_dir / "jobs"):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_directories(directory, 0o700)
             if not directory.is_dir():
                 raise StartupError(f"state directory {directory} is not a directory")
     except OSError as exc:

@@ -26,6 +26,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from corral.directories import make_directories
 from corral.pidlock import LockHeld, take_lock
 from corral.shim.cgroup import SLICE_PREFIX, CgroupError, Flavour, check_component, open_cgroup
 from corral.store import read_status, write_atomically
@@ -132,7 +133,7 @@ def claim_parent(parent: str, run_dir: Path = RUN_DIR) -> ParentClaim:
     path = run_dir / f"cgroup-{parent}.lock"
     while True:
         try:
-            run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+            make_directories(run_dir, 0o755)
             fd = take_lock(path)
         except OSError as exc:
             raise ParentError(

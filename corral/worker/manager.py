@@ -43,6 +43,7 @@ from typing import Self
 import trio
 
 from corral import ipc
+from corral.directories import make_directories
 from corral.errors import OperationError
 from corral.job import (
     DEFAULT_STOP_GRACE,
@@ -209,7 +210,7 @@ class JobManager:
             raise OperationError(
                 ErrorCode.INVALID_ARGUMENT, f"warm must be 0 or more, not {self.warm}"
             )
-        self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_directories(self.jobs_dir, 0o700)
         try:
             previous = record_parent(self.state_dir, self.cgroup_parent)
         except OSError as exc:  # the next run may choose another default; say so

@@ -21,6 +21,7 @@ import os
 from collections.abc import Collection
 from pathlib import Path
 
+from corral.directories import make_directories
 from corral.job import is_job_id
 from corral.shim.cgroup import CgroupError, Flavour, open_cgroup, orphans
 
@@ -42,7 +43,7 @@ class SandboxRecords:
         Raises OSError if the record cannot be written: then the sandbox
         must not be built.
         """
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_directories(self.directory, 0o700)
         fd = os.open(self.directory / job_id, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, slice.encode())
