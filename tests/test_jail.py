@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -316,3 +317,52 @@ def test_corral_start_names_sizes_and_cpus_as_a_person_would(
     assert f"limits.cpu: must be at most {host_cpus()} {cores}, this host's CPUs, not 1000" in (
         cpu.stderr
     )
+
+
+# -- what a job may not see of the kernel, nor reach of the host's daemons -----------
+
+KERNEL_PROBE = (
+    "wc -c < /proc/keys; wc -c < /proc/timer_list; ls -A /sys/firmware | wc -l; "
+    "{ echo corral > /proc/sys/kernel/domainname; } 2>&1 || true"
+)
+
+
+@pytest.mark.parametrize("writable", [(), ("/",)], ids=["host-read-only", "rw-everything"])
+async def test_the_kernels_files_are_masked_and_read_only_even_to_host_root(
+    jobs: JobManager, writable: tuple[str, ...]
+) -> None:
+    """Host root (every capability, no user namespace) is the strongest
+    job: it still reads nothing of the host's keys and timers, and its
+    sysctls are read-only, even with the whole host writable."""
+    assert Path("/proc/keys").read_bytes()  # the host has some: the job sees none
+    status, directory = await run(
+        jobs, "sh", "-c", KERNEL_PROBE, host_root=True, writable=list(writable)
+    )
+    assert status.exit_code == 0, output(directory, 2)
+    lines = output(directory).decode().splitlines()
+    assert lines[:3] == ["0", "0", "0"]
+    assert lines[3].endswith("Read-only file system"), lines
+
+
+async def test_a_job_cannot_reach_the_hosts_daemons_sockets(jobs: JobManager) -> None:
+    """/run, where daemons put their sockets, is an empty read-only mount:
+    a socket there that anyone may connect to is out of the job's reach
+    (a read-only mount would not stop a connect)."""
+    path = Path("/run") / f"corral-test-{os.getpid()}.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        path.chmod(0o777)
+        listener.listen()
+        probe = (
+            "import socket, os; s = socket.socket(socket.AF_UNIX); "
+            f"print(os.listdir('/run')); s.connect({str(path)!r})"
+        )
+        for spec in ({}, {"host_root": True}):
+            status, directory = await run(jobs, "python3", "-c", probe, **spec)
+            assert status.exit_code == 1, spec
+            assert output(directory) == b"[]\n"
+            assert b"FileNotFoundError" in output(directory, 2)
+    finally:
+        listener.close()
+        path.unlink(missing_ok=True)

@@ -3,7 +3,8 @@
 The shim forks init after `unshare(CLONE_NEWPID)`, so init is PID 1 of a
 new PID namespace. init builds the jail (new mount, network, UTS and IPC
 namespaces; private mounts, every host mount read-only, a fresh /proc and
-/sys, a size-limited /tmp and /dev/shm, the paths the job may write bound
+/sys with the kernel's host-wide files masked or read-only and /run
+hidden (`masks`), a size-limited /tmp and /dev/shm, the paths the job may write bound
 writable (a host path under /tmp or /dev/shm carried into the job's own
 one), `lo` up, the job's hostname, no_new_privs) while the shim puts it in the
 job's cgroup, becomes what the command must be (the run-as user, its cwd,
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from corral import ipc, ipc_fds, ipc_input
-from corral.shim import libc, mounts, terminal, userns
+from corral.shim import libc, masks, mounts, terminal, userns
 from corral.shim.mounts import remount_each
 
 # remount_each is the mounts' fallback before Linux 5.12; tests run it here.
@@ -148,14 +149,11 @@ def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
     host_shm = mounts.open_host_shm()  # before the job's /dev hides it
     _step("dev", mounts.make_dev)
     _step("network", libc.interface_up, "lo")
-    # The job's network namespace is the host's user namespace's: the job's
-    # root has no rights over it. Let any job ping (a new namespace forbids
-    # unprivileged ping) and bind low ports in it, as Docker does.
-    with contextlib.suppress(OSError):
-        _write("/proc/sys/net/ipv4/ping_group_range", b"0 2147483647")
-    with contextlib.suppress(OSError):
-        _write("/proc/sys/net/ipv4/ip_unprivileged_port_start", b"0")
+    _open_network()
     last_capability = _step("user", userns.last_capability)
+    # After the sysctls of _open_network: /proc/sys is read-only from here on.
+    _step("mounts", masks.mask_kernel_files)
+    _step("mounts", masks.hide_daemon_sockets)
     _step("hostname", libc.sethostname, config.hostname)
     # Inherited by the command: setuid bits and file capabilities give nothing.
     _step("no_new_privs", libc.prctl, libc.PR_SET_NO_NEW_PRIVS, 1)
@@ -168,8 +166,9 @@ def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
             carried[path] = _step("writable", mounts.open_host_path, path, host_shm)
         else:
             _step("writable", mounts.make_writable, path)
-    if b"/" in job.writable:  # all of it, but sysfs stays as it was mounted
+    if b"/" in job.writable:  # all of it, but sysfs and the kernel's files stay as they were
         _step("mounts", mounts.keep_sys_read_only)
+        _step("mounts", masks.keep_kernel_files_read_only)
     # The job's own /tmp and /dev/shm, unless it was given the host's whole.
     if b"/tmp" not in carried:
         _step("mounts", mounts.mount_private_tmp, job.tmp_size, shm=False)
@@ -205,6 +204,16 @@ def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
     os.close(config.job_fd)
     _step("cwd", os.chdir, job.cwd)
     return job, stdio
+
+
+def _open_network() -> None:
+    """The job's network namespace is the host's user namespace's: the
+    job's root has no rights over it. Let any job ping (a new namespace
+    forbids unprivileged ping) and bind low ports in it, as Docker does."""
+    with contextlib.suppress(OSError):
+        _write("/proc/sys/net/ipv4/ping_group_range", b"0 2147483647")
+    with contextlib.suppress(OSError):
+        _write("/proc/sys/net/ipv4/ip_unprivileged_port_start", b"0")
 
 
 def _mapped_by_shim(channel_fd: int) -> None:
