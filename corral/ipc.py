@@ -269,6 +269,7 @@ class JobConfig(_Message):
     inside_gid: int = 0
     passwd: bytes = b""
     group: bytes = b""
+    seccomp: bool = False  # load the syscall filter (corral.shim.seccomp)
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> JobConfig:
@@ -299,6 +300,7 @@ class JobConfig(_Message):
             inside_gid=fields.count(wire, "inside_gid", tag),
             passwd=fields.get(wire, "passwd", bytes, tag),
             group=fields.get(wire, "group", bytes, tag),
+            seccomp=fields.get(wire, "seccomp", bool, tag),
         )
 
     def frame(self) -> bytes:

@@ -33,6 +33,10 @@ SHORT_ID = 12
 DYNAMIC_USER = "dynamic"
 DEFAULT_USER = DYNAMIC_USER
 ROOT_USERS = frozenset({"root", "0"})
+# The job's syscall filter (corral.shim.seccomp): Docker's default list,
+# or none (admins alone may ask).
+SECCOMP_DEFAULT, SECCOMP_UNCONFINED = "default", "unconfined"
+SECCOMP_MODES = (SECCOMP_DEFAULT, SECCOMP_UNCONFINED)
 # The job's home: its private /tmp is the one directory it surely may write.
 DEFAULT_HOME = b"/tmp"
 DEFAULT_CWD = b"/"
@@ -293,6 +297,7 @@ class JobSpec:
     # (admins alone, when the policy allows). Without it, root is root in
     # the job's own user namespace, an unprivileged uid on the host.
     host_root: bool = False
+    seccomp: str = SECCOMP_DEFAULT
 
     def validate(self) -> ResolvedSpec:
         """Check every field and return the spec in its on-disk form."""
@@ -322,6 +327,9 @@ class JobSpec:
         writable = self._writable()
         if self.host_root is True and self.user not in ROOT_USERS | {DYNAMIC_USER}:
             raise SpecError("host_root", f"runs the job as root, not as user {self.user!r}")
+        if self.seccomp not in SECCOMP_MODES:
+            modes = ", ".join(SECCOMP_MODES)
+            raise SpecError("seccomp", f"must be one of {modes}, not {describe(self.seccomp)}")
         for name in ("stdin", "tty", "host_root"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(name, f"must be true or false, not {describe(getattr(self, name))}")
@@ -341,6 +349,7 @@ class JobSpec:
             tty=self.tty,
             tty_size=check_tty_size(self.tty_size),
             host_root=self.host_root,
+            seccomp=self.seccomp,
         )
 
     def _writable(self) -> tuple[bytes, ...]:
@@ -404,6 +413,7 @@ class ResolvedSpec:
     tty: bool = False
     tty_size: tuple[int, int] = DEFAULT_TTY_SIZE
     host_root: bool = False
+    seccomp: str = SECCOMP_DEFAULT
     # The owner's slice, the cgroup above the job's (corral.shim.cgroup);
     # "" for jobs from before slices, whose cgroup is right under the parent.
     slice: str = ""

@@ -181,12 +181,14 @@ class Client:
         tty: bool = False,
         tty_size: tuple[int, int] | None = None,
         host_root: bool = False,
+        seccomp: str | None = None,
     ) -> JobInfo:
         """Start a job; return once its command runs (ServerError if it cannot).
 
         The job runs as `user` (admins only): by default a uid of its own;
         "root" is root in the job's own user namespace; `host_root` (admins,
-        where the policy allows) is root on the host.
+        where the policy allows) is root on the host. `seccomp` "unconfined"
+        (admins) runs it without the syscall filter.
 
         `env` adds to the default environment (PATH, HOME, LANG, TERM),
         replacing the names it gives; with `env_clear`, it is all there is.
@@ -224,6 +226,8 @@ class Client:
             args["tty_size"] = list(tty_size)
         if host_root:
             args["host_root"] = True
+        if seccomp is not None:
+            args["seccomp"] = seccomp
         return JobInfo.from_wire((await self.call("start", args, undo=self._undo_start))["job"])
 
     async def _undo_start(self, reply: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ class JobInfo:
     user: str = ""  # who the command runs as
     uid: int | None = None  # the host uid it runs as, from corrald's pool
     host_root: bool = False  # root on the host (no user namespace)
+    seccomp: str = "default"  # its syscall filter: "default" or "unconfined"
     max_runtime: float | None = None  # seconds: its timeout, given or imposed by a cap
     stopped_by: str | None = None  # who or what stopped it ("max runtime 2 s", a name)
     already_ended: bool = False  # a stop's reply: the job had ended before it came
@@ -119,6 +120,7 @@ class JobInfo:
                 user=str(record.get("user") or ""),
                 uid=_optional_int(record.get("uid")),
                 host_root=bool(record.get("host_root", False)),
+                seccomp=str(record.get("seccomp") or "default"),
                 max_runtime=_seconds(record.get("max_runtime")),
                 stopped_by=_optional_text(record.get("stopped_by")),
                 already_ended=already_ended,
@@ -150,6 +152,7 @@ class JobInfo:
             "user": self.user,
             "uid": self.uid,
             "host_root": self.host_root,
+            "seccomp": self.seccomp,
             "stdin": self.stdin,
             "tty": self.tty,
             "usage": {

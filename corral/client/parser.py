@@ -314,6 +314,12 @@ def _job_spec_options(parser: argparse.ArgumentParser) -> None:
         "(admins only, where the policy allows)",
     )
     parser.add_argument(
+        "--seccomp",
+        choices=("default", "unconfined"),
+        help="the job's syscall filter: default (Docker's list: keyctl, bpf, mount, "
+        "unshare of namespaces, ... refused) or unconfined (admins only)",
+    )
+    parser.add_argument(
         "--env",
         action="append",
         type=_env_pair,

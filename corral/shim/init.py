@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from corral import ipc, ipc_fds, ipc_input
-from corral.shim import libc, masks, mounts, terminal, userns
+from corral.shim import libc, masks, mounts, seccomp, terminal, userns
 from corral.shim.mounts import remount_each
 
 # remount_each is the mounts' fallback before Linux 5.12; tests run it here.
@@ -151,6 +151,7 @@ def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
     _step("network", libc.interface_up, "lo")
     _open_network()
     last_capability = _step("user", userns.last_capability)
+    syscalls = _step("seccomp", seccomp.Filter)  # built now, loaded last
     # After the sysctls of _open_network: /proc/sys is read-only from here on.
     _step("mounts", masks.mask_kernel_files)
     _step("mounts", masks.hide_daemon_sockets)
@@ -186,12 +187,7 @@ def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
     if job.passwd or job.group:
         _step("account", mounts.install_account, {"passwd": job.passwd, "group": job.group})
     stdio = _stdio(config, job)  # as root: the terminal's slave is given to the run-as user
-    if job.userns:
-        _step("user", userns.become_host_user, job.uid, job.gid, job.groups)
-        _step("user", _mapped_by_shim, config.input_fd)
-        _step("user", userns.keep_capabilities, job.inside_uid, job.inside_gid, last_capability)
-    else:
-        _step("user", _drop_privileges, job)
+    _become_the_user(config, job, last_capability)
     _hand_over_input(config.input_fd, stdio)
     # Changing credentials cleared the death signal: set it again, then make
     # sure the shim did not die before it was set (the job pipe's only
@@ -203,7 +199,20 @@ def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
         os._exit(EXIT_SETUP_FAILED)
     os.close(config.job_fd)
     _step("cwd", os.chdir, job.cwd)
+    # Last: init and the command it spawns run under the filter.
+    _step("seccomp", syscalls.load) if job.seccomp else syscalls.release()
     return job, stdio
+
+
+def _become_the_user(config: InitConfig, job: ipc.JobConfig, last_capability: int) -> None:
+    """The job's user, in its own user namespace (see corral.shim.userns),
+    with the capabilities it may have; or root on the host, as it is."""
+    if job.userns:
+        _step("user", userns.become_host_user, job.uid, job.gid, job.groups)
+        _step("user", _mapped_by_shim, config.input_fd)
+        _step("user", userns.keep_capabilities, job.inside_uid, job.inside_gid, last_capability)
+    else:
+        _step("user", _drop_privileges, job)
 
 
 def _open_network() -> None:

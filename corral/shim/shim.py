@@ -39,7 +39,7 @@ from typing import NoReturn
 
 from corral import ipc, ipc_fds, ipc_input
 from corral.errors import ErrorCode
-from corral.job import ResolvedSpec, SpecError, State, Status, Usage
+from corral.job import SECCOMP_DEFAULT, ResolvedSpec, SpecError, State, Status, Usage
 from corral.records import STREAM_STDERR, STREAM_STDOUT
 from corral.shim import ending, libc, userns
 from corral.shim.cgroup import CgroupError
@@ -123,6 +123,7 @@ class Shim:
             env=tuple(self.spec.env.items()),
             cwd=self.spec.cwd,
             **self.credentials.fields(),
+            seccomp=self.spec.seccomp == SECCOMP_DEFAULT,
             tmp_size=self.spec.tmp_size,
             writable=self.spec.writable,
             stdin=self.spec.stdin,

@@ -60,6 +60,7 @@ def job_record(
         "user": job.spec.user,
         "uid": job.spec.uid,
         "host_root": job.spec.host_root,
+        "seccomp": job.spec.seccomp,
         "created_at": job.spec.created_at,
         "limits": job.spec.limits.to_wire(),
         "max_runtime": job.spec.max_runtime,
@@ -198,6 +199,7 @@ class JobOperations:
             limits=Limits.from_wire(arg(args, "limits", dict, {})),
             max_runtime=arg(args, "max_runtime", (int, float)),
             host_root=arg(args, "host_root", bool, False),
+            seccomp=arg(args, "seccomp", str),
         )
         writable = arg(args, "writable", list, [])
         self.policy.check_writable(identity, writable)
@@ -215,6 +217,7 @@ class JobOperations:
             tty=arg(args, "tty", bool, False),
             tty_size=arg(args, "tty_size", list, list(DEFAULT_TTY_SIZE)),
             host_root=terms.host_root,
+            seccomp=terms.seccomp,
         )
         job = await self.manager.start(spec, quota=self.policy.quota(identity.role))
         return {"id": job.id, "job": await whole_record(job)}

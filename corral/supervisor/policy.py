@@ -51,6 +51,8 @@ from corral.job import (
     MAX_RUNTIME,
     MIN_MEMORY,
     MIN_RUNTIME,
+    SECCOMP_DEFAULT,
+    SECCOMP_UNCONFINED,
     Limits,
     SpecError,
     host_cpus,
@@ -163,6 +165,7 @@ class StartTerms:
     limits: Limits
     max_runtime: float | None
     host_root: bool = False
+    seccomp: str = SECCOMP_DEFAULT
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +206,9 @@ class Policy:
         return {
             "default_user": self.default_user,
             "host_root": self.allow_host_root and role == ADMIN,
+            # The syscall filter jobs get, and whether this role may go without.
+            "seccomp": SECCOMP_DEFAULT,
+            "seccomp_unconfined": role == ADMIN,
             "defaults": self.defaults.to_wire(),
             "caps": self.caps.get(role, Caps()).to_wire(),
             "quota": self.quota(role).to_wire(),
@@ -231,6 +237,7 @@ class Policy:
         max_runtime: float | None,
         *,
         host_root: bool = False,
+        seccomp: str | None = None,
     ) -> StartTerms:
         """The run-as user, limits and max runtime of a start by `identity`,
         or permission_denied saying which rule or cap the request breaks."""
@@ -243,6 +250,11 @@ class Policy:
                 ErrorCode.PERMISSION_DENIED,
                 "this corrald's policy allows no job root on the host (allow_host_root = false); "
                 "--user root is root in the job's own user namespace",
+            )
+        if seccomp == SECCOMP_UNCONFINED and not identity.is_admin:
+            raise OperationError(
+                ErrorCode.PERMISSION_DENIED,
+                "only an admin may run a job without the syscall filter (seccomp unconfined)",
             )
         if user is not None and user != self.default_user and not identity.is_admin:
             raise OperationError(
@@ -272,6 +284,7 @@ class Policy:
             limits=Limits(**values),
             max_runtime=runtime,
             host_root=host_root,
+            seccomp=seccomp or SECCOMP_DEFAULT,
         )
 
 
