@@ -148,6 +148,8 @@ async def test_a_user_asking_for_root_or_over_a_cap_is_refused_and_an_admin_is_n
     assert policy == {
         "default_user": "dynamic",
         "host_root": False,  # never a user's to ask for
+        "seccomp": "default",
+        "seccomp_unconfined": False,  # nor going without the syscall filter
         "defaults": {"pids": 64},
         # The built-in pids cap stays under what the flags set.
         "caps": {"memory": 256 << 20, "pids": USER_PIDS, "max_runtime": 3600.0},

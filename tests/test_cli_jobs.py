@@ -30,7 +30,7 @@ pytestmark = [
 JOB_KEYS = {
     "id", "owner", "argv", "state", "exit_code", "signal", "oom_killed", "reason",
     "created_at", "started_at", "finished_at", "limits", "usage", "outcome", "user",
-    "max_runtime", "stopped_by", "stdin", "tty", "uid", "host_root",
+    "max_runtime", "stopped_by", "stdin", "tty", "uid", "host_root", "seccomp",
 }  # fmt: skip
 USAGE_KEYS = {"cpu_seconds", "memory_peak_bytes", "io_read_bytes", "io_write_bytes"}
 
