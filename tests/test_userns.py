@@ -169,12 +169,11 @@ async def test_two_jobs_have_two_uids_and_two_keyrings(admin: Client) -> None:
     """The syscall filter refuses keyrings to users' jobs altogether (see
     test_seccomp.py); without it, as an admin may run jobs, the uids still
     keep two jobs' keyrings apart."""
-    unfiltered = {"seccomp": "unconfined"}
-    holder = await admin.start(["python3", "-c", KEYRING, "add"], stdin=True, **unfiltered)
+    holder = await admin.start(["python3", "-c", KEYRING, "add"], stdin=True, seccomp="unconfined")
     said = await first_line(admin, holder.id)
     assert said.startswith("added "), said
     assert not said.startswith("added -"), said  # a serial, not an error
-    searcher = await admin.start(["python3", "-c", KEYRING, "search"], **unfiltered)
+    searcher = await admin.start(["python3", "-c", KEYRING, "search"], seccomp="unconfined")
     assert searcher.uid != holder.uid
     text = await output_of(admin, searcher.id)
     assert text.strip() == "Required key not available"  # ENOKEY: not its key
