@@ -11,11 +11,11 @@ new namespace (their flags argument), so fork and threads work. The
 filter is for this architecture alone: a call of another ABI (x32 on
 x86_64, i386) kills the process (libseccomp's bad-arch action).
 
-init builds the filter while the sandbox is built ahead (`Filter()`),
-and loads it last, after no_new_privs and the capability drop, just
-before it spawns the command (`load`): init and the whole job tree run
-under it, the shim and corrald do not. libseccomp compiles the filter
-at load: the rules cost the start nothing, the load ~0.1 ms.
+init builds the filter while the sandbox is built ahead (`Filter()`:
+libseccomp compiles the rules to a BPF program, ~1 ms, which is kept),
+and installs the program last, after no_new_privs and the capability
+drop, just before it spawns the command (`load`: one prctl): init and
+the whole job tree run under it, the shim and corrald do not.
 
 libseccomp rather than a BPF program of our own: it resolves syscall
 numbers per architecture, orders the rules and handles the ABI check,
@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
+
+from corral.shim import libc
 
 # <seccomp.h>
 SCMP_ACT_ALLOW = 0x7FFF0000
@@ -77,8 +80,19 @@ def _errno_action(error: int) -> int:
     return SCMP_ACT_ERRNO_BASE | (error & 0xFFFF)
 
 
+class _SockFprog(ctypes.Structure):
+    """struct sock_fprog: a BPF program for PR_SET_SECCOMP."""
+
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+BPF_INSTRUCTION = 8  # bytes of one struct sock_filter
+
+
 class Filter:
-    """Docker's default filter, built (not loaded) in this process.
+    """Docker's default filter, compiled (not installed) in this process.
 
     Raises OSError if libseccomp is missing or refuses a rule."""
 
@@ -95,7 +109,7 @@ class Filter:
             ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
             ctypes.POINTER(_ArgCmp),
         )  # fmt: skip
-        lib.seccomp_load.argtypes = (ctypes.c_void_p,)
+        lib.seccomp_export_bpf.argtypes = (ctypes.c_void_p, ctypes.c_int)
         lib.seccomp_release.argtypes = (ctypes.c_void_p,)
         self._ctx: int | None = lib.seccomp_init(SCMP_ACT_ALLOW)
         if not self._ctx:
@@ -112,6 +126,25 @@ class Filter:
                 if NAMESPACE_FLAGS & flag:
                     flags[0] = _ArgCmp(0, SCMP_CMP_MASKED_EQ, flag, flag)
                     self._refuse(name, errno.EPERM, flags)
+        self._program: bytes | None = self._compile()
+
+    def _compile(self) -> bytes:
+        """The filter as the kernel takes it (libseccomp's export), and the
+        rules freed."""
+        fd = os.memfd_create("corral-seccomp", os.MFD_CLOEXEC)
+        try:
+            result = self._lib.seccomp_export_bpf(self._ctx, fd)
+            if result < 0:
+                raise OSError(-result, f"seccomp_export_bpf: {errno.errorcode.get(-result)}")
+            size = os.lseek(fd, 0, os.SEEK_END)
+            program = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+            self._lib.seccomp_release(self._ctx)
+            self._ctx = None
+        if not program or len(program) % BPF_INSTRUCTION:
+            raise OSError(errno.EINVAL, f"libseccomp exported {len(program)} bytes of filter")
+        return program
 
     def _refuse(self, name: str, error: int, args: ctypes.Array[_ArgCmp] | None = None) -> None:
         number = self._lib.seccomp_syscall_resolve_name(name.encode())
@@ -127,16 +160,15 @@ class Filter:
     def load(self) -> None:
         """Install the filter on this process (no_new_privs must be set);
         its children inherit it. OSError if the kernel refuses."""
-        result = self._lib.seccomp_load(self._ctx)
-        if result < 0:
-            raise OSError(-result, f"seccomp_load: {errno.errorcode.get(-result)}")
+        assert self._program is not None, "a filter is installed once"
+        code = ctypes.create_string_buffer(self._program, len(self._program))
+        program = _SockFprog(len(self._program) // BPF_INSTRUCTION, ctypes.addressof(code))
+        libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(program))
         self.release()
 
     def release(self) -> None:
-        """Free the filter's memory (an unconfined job's, or once loaded)."""
-        if self._ctx:
-            self._lib.seccomp_release(self._ctx)
-            self._ctx = None
+        """Drop the program (an unconfined job's, or once installed)."""
+        self._program = None
 
 
 __all__ = ["DENIED", "MISSING", "NO_NEW_NAMESPACES", "Filter"]
