@@ -453,16 +453,12 @@ class CgroupV2(Cgroup):
         # parent), our parent's (the slices) and the slice's (the jobs).
         wanted = " ".join(f"+{name}" for name in V2_CONTROLLERS)
         directory = self.root
-        for part in self.under.split("/"):
+        for part in [*self.under.split("/"), self.name]:
             enabled = set(_read(directory / "cgroup.subtree_control").split())
             if not set(V2_CONTROLLERS) <= enabled:
                 _write(directory / "cgroup.subtree_control", wanted)
             directory /= part
             _mkdir(directory)
-        enabled = set(_read(directory / "cgroup.subtree_control").split())
-        if not set(V2_CONTROLLERS) <= enabled:
-            _write(directory / "cgroup.subtree_control", wanted)
-        _mkdir(directory / self.name)
 
     def limit_slice(self, limits: Limits) -> None:
         if not self.slice:
