@@ -24,6 +24,7 @@ import trio
 
 from corral import pki
 from corral.address import Address, TCPAddress, UnixAddress
+from corral.client.client import Client
 from corral.shim.cgroup import CGROUP_ROOT, Flavour, detect_flavour, open_cgroup, orphans
 from corral.store import read_spec, read_status
 from corral.supervisor.server import Server, ServerConfig
@@ -83,6 +84,12 @@ async def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+async def job_output(client: Client, job_id: str) -> bytes:
+    """A job's whole output (stdout and stderr, as written), once it has ended."""
+    async with client.logs(job_id, follow=True) as stream:
+        return b"".join([r.data async for r in stream if isinstance(r.data, bytes)])
 
 
 def identity(pki_dir: Path, name: str) -> Path:

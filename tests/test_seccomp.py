@@ -15,7 +15,7 @@ from corral.client.client import Client, connect
 from corral.client.errors import ServerError
 from corral.protocol import ErrorCode
 
-from .conftest import Daemon, identity, running_corrald
+from .conftest import Daemon, identity, job_output, running_corrald
 
 pytestmark = [
     pytest.mark.jobs,
@@ -84,8 +84,7 @@ async def alice(daemon: Daemon, pki_dir: Path) -> AsyncIterator[Client]:
 
 
 async def output_of(client: Client, job_id: str) -> str:
-    async with client.logs(job_id, follow=True) as stream:
-        return b"".join([r.data async for r in stream if isinstance(r.data, bytes)]).decode()
+    return (await job_output(client, job_id)).decode()
 
 
 async def probe(client: Client, **options: object) -> dict[str, str]:

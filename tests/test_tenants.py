@@ -15,7 +15,7 @@ from corral.client.errors import ServerError
 from corral.protocol import ErrorCode
 from corral.supervisor.policy import USER_PIDS, builtin_user_caps
 
-from .conftest import Daemon, identity, running_corrald
+from .conftest import Daemon, identity, job_output, running_corrald
 
 pytestmark = [
     pytest.mark.jobs,
@@ -51,11 +51,6 @@ async def alice(bare: Daemon, pki_dir: Path) -> AsyncIterator[Client]:
         yield client
 
 
-async def output_of(client: Client, job_id: str) -> bytes:
-    async with client.logs(job_id, follow=True) as stream:
-        return b"".join([r.data async for r in stream if isinstance(r.data, bytes)])
-
-
 async def test_with_no_configuration_a_users_job_is_bounded_and_an_admins_is_not(
     bare: Daemon, pki_dir: Path, alice: Client
 ) -> None:
@@ -83,7 +78,7 @@ async def test_a_fork_bomb_under_the_default_policy_is_contained(alice: Client) 
     with trio.fail_after(30):
         after = await alice.start(["echo", "fine"])
         assert (await alice.wait(after.id)).exit_code == 0
-    assert await output_of(alice, after.id) == b"fine\n"
+    assert await job_output(alice, after.id) == b"fine\n"
     stopped = await alice.stop(bomb.id, grace=0)
     assert stopped.state == "stopped"
 
@@ -165,9 +160,9 @@ async def test_a_users_jobs_together_are_held_to_the_users_quota(
             assert "Resource temporarily unavailable" in str(full.value)
             seen = await bob.start(["cat", "/proc/self/cgroup"])
             assert (await bob.wait(seen.id)).exit_code == 0
-            assert "/owner-bob/" in (await output_of(bob, seen.id)).decode()
+            assert "/owner-bob/" in (await job_output(bob, seen.id)).decode()
             await admin.stop(bomb.id, grace=0)
             with trio.fail_after(30):  # alice's slice is free again: her next job runs
                 again = await alice.start(["cat", "/proc/self/cgroup"])
                 assert (await alice.wait(again.id)).exit_code == 0
-            assert "/owner-alice/" in (await output_of(alice, again.id)).decode()
+            assert "/owner-alice/" in (await job_output(alice, again.id)).decode()

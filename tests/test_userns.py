@@ -22,7 +22,7 @@ from corral.protocol import ErrorCode
 from corral.shim.userns import ROOT_CAPABILITIES
 from corral.worker.uid_pool import UidRange
 
-from .conftest import Daemon, end_jobs, identity, running_corrald, start_corrald
+from .conftest import Daemon, end_jobs, identity, job_output, running_corrald, start_corrald
 
 pytestmark = [
     pytest.mark.jobs,
@@ -108,8 +108,7 @@ async def bob(small: Daemon, pki_dir: Path) -> AsyncIterator[Client]:
 
 
 async def output_of(client: Client, job_id: str) -> str:
-    async with client.logs(job_id, follow=True) as stream:
-        return b"".join([r.data async for r in stream if isinstance(r.data, bytes)]).decode()
+    return (await job_output(client, job_id)).decode()
 
 
 async def first_line(client: Client, job_id: str) -> str:
