@@ -1,11 +1,12 @@
 """Mutual TLS for corral: the contexts both ends use and the identity in a certificate.
 
-TLS 1.3 only, on both sides. The server asks for a client certificate and
-verifies any it is given against the corral CA; a missing certificate is let
-through the handshake (CERT_OPTIONAL) only so that the session can answer
-with a clear `permission_denied` instead of a bare TLS failure. Identity
-comes from the verified certificate alone: name = CN, role = OU. Key
-exchange: X25519, P-256 or P-384 only (see GROUPS).
+TLS 1.3 only, on both sides. The server requires a client certificate
+signed by the corral CA in the handshake itself (CERT_REQUIRED): a peer
+with none, another CA's or an expired one never gets past it, let alone to
+the session code and the msgpack decoder. Identity comes from the verified
+certificate alone: name = CN, role = OU; what the handshake cannot check
+(a known role, a valid name) the server checks after it. Key exchange:
+X25519, P-256 or P-384 only (see GROUPS).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _load(context: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> None:
 def server_context(pki_dir: Path) -> ssl.SSLContext:
     """The server's context from PKI_DIR/{ca.crt,server.crt,server.key}."""
     context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    context.verify_mode = ssl.CERT_OPTIONAL
+    context.verify_mode = ssl.CERT_REQUIRED
     _load(context, pki_dir / "ca.crt", pki_dir / "server.crt", pki_dir / "server.key")
     return context
 
@@ -120,6 +121,45 @@ def client_context(identity_dir: Path) -> ssl.SSLContext:
         context, identity_dir / "ca.crt", identity_dir / "client.crt", identity_dir / "client.key"
     )
     return context
+
+
+# OpenSSL's verify codes (X509_V_ERR_*) the server meets in client
+# certificates, grouped by what the refusal should say.
+_UNTRUSTED = frozenset({2, 18, 19, 20, 21})  # no chain to our CA, self-signed
+_EXPIRED = 10
+_NOT_YET_VALID = 9
+
+
+def handshake_refusal(exc: BaseException | None) -> tuple[str, str]:
+    """Why a server-side handshake failed: (reason, what to log).
+
+    The reason is one of a few fixed words, for counting; the text names
+    it for a person reading corrald's log.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code in _UNTRUSTED:
+            return "untrusted_certificate", (
+                f"client certificate not signed by our CA ({exc.verify_message})"
+            )
+        if code == _EXPIRED:
+            return "expired_certificate", "client certificate expired"
+        if code == _NOT_YET_VALID:
+            return "invalid_certificate", "client certificate not valid yet"
+        return "invalid_certificate", f"client certificate refused: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no_certificate", "no client certificate"
+        if exc.reason in {"UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE"}:
+            return "protocol", "the client does not speak TLS 1.3"
+        if exc.reason in {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"}:
+            return "protocol", f"not TLS ({exc.reason.lower().replace('_', ' ')})"
+        if isinstance(exc, ssl.SSLEOFError) or exc.reason == "UNEXPECTED_EOF_WHILE_READING":
+            return "closed", "the client closed the connection"
+        return "other", str(exc.reason or exc).lower().replace("_", " ")
+    if exc is None or isinstance(exc, ConnectionError):
+        return "closed", "the client closed the connection"
+    return "other", str(exc)
 
 
 def identity_from_certificate(der: bytes | None) -> Identity:

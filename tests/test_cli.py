@@ -104,7 +104,9 @@ def test_certificate_from_another_ca(corrald: Daemon, pki_dir: Path, tmp_path: P
     (stranger / pki.CA_CERT_FILE).write_bytes((pki_dir / pki.CA_CERT_FILE).read_bytes())
     result = corral("--addr", corrald.tcp, "--identity", str(stranger), "info")
     assert result.returncode == 77
-    assert "rejected our client certificate: unknown ca" in error_line(result)
+    assert "rejected our client certificate: it is not signed by a CA this corrald trusts" in (
+        error_line(result)
+    )
 
 
 def test_server_from_another_ca(corrald: Daemon, tmp_path: Path) -> None:

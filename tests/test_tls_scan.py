@@ -11,6 +11,8 @@ Mozilla "modern" (v5.7, the version sslyze ships) asks for, and this file checks
 - sslyze's own checker runs everything above plus its checks for compression, Heartbleed,
   CCS injection, ROBOT, TLS_FALLBACK_SCSV, renegotiation and extended master secret:
   test_mozilla_modern_checker_passes_with_private_ca_exemptions.
+- Mutual TLS, which modern does not ask for: the scanner, probing with no certificate, finds
+  one required in the handshake (test_client_certificate_is_required).
 
 Left out or relaxed, and why:
 - A 90-day maximum leaf lifetime. It is meant for publicly trusted certificates that ACME
@@ -26,6 +28,7 @@ Left out or relaxed, and why:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,7 @@ from sslyze import (
     CertificateInfoScanResult,
     CipherSuitesScanResult,
     ClientAuthenticationCredentials,
+    ClientAuthRequirementEnum,
     ScanCommand,
     ScanCommandAttemptStatusEnum,
     ScanCommandsExtraArguments,
@@ -56,6 +60,7 @@ from sslyze.mozilla_tls_profile.tls_config_checker import (
     TlsConfigurationEnum,
     check_server_against_tls_configuration,
 )
+from sslyze.server_connectivity import check_connectivity_to_server
 
 from corral import pki
 from corral.address import TCPAddress
@@ -200,6 +205,22 @@ async def test_key_exchange_uses_only_strong_groups(server: Server, pki_dir: Pat
         # OpenSSL reports X25519 as 253 bits; Mozilla's checker adds the same 3.
         size = key.size + 3 if key.curve_name == "X25519" else key.size
         assert size >= MODERN.ecdh_param_size, (suite.cipher_suite.name, key.curve_name)
+
+
+async def test_client_certificate_is_required(server: Server) -> None:
+    # The scanner tells "required" from "optional" only when it has no
+    # certificate to give: it probes without one, and a server that lets it
+    # through the handshake (CERT_OPTIONAL) is "optional".
+    address = tcp(server)
+    probe = functools.partial(
+        check_connectivity_to_server,
+        ServerNetworkLocation(SERVER_NAME, address.port, ip_address=address.host),
+        ServerNetworkConfiguration(tls_server_name_indication=SERVER_NAME),
+    )
+    result = await trio.to_thread.run_sync(probe)
+    assert result.client_auth_requirement is ClientAuthRequirementEnum.REQUIRED
+    assert server.statistics()["opened"] == 0  # none of its probes reached a session
+    assert server.refused().get("no_certificate", 0) >= 1
 
 
 async def test_server_chain_validates_against_the_dev_ca(server: Server, pki_dir: Path) -> None:

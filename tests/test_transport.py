@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import ssl
 import tempfile
@@ -146,15 +147,30 @@ def write_client(
     return directory
 
 
-# Refused by the TLS layer: the server's alert reaches the client.
+# Refused by the TLS layer: the server's alert reaches the client, which says
+# what it means; the server logs why and counts the reason.
 TLS_REFUSALS = {
-    "other CA claiming admin": ({"foreign_ca": True}, "unknown ca"),
-    "expired": ({"not_after": NOW - timedelta(days=1)}, "certificate expired"),
+    "other CA claiming admin": (
+        {"foreign_ca": True},
+        "it is not signed by a CA this corrald trusts (TLS alert 'unknown ca')",
+        "untrusted_certificate",
+    ),
+    "expired": (
+        {"not_after": NOW - timedelta(days=1)},
+        "it has expired (TLS alert 'certificate expired')",
+        "expired_certificate",
+    ),
     "not yet valid": (
         {"not_before": NOW + timedelta(days=1), "not_after": NOW + timedelta(days=30)},
-        "bad certificate",
+        "it is not valid (not valid yet, or malformed) (TLS alert 'bad certificate')",
+        "invalid_certificate",
     ),
-    "serverAuth only": ({"eku": (ExtendedKeyUsageOID.SERVER_AUTH,)}, "unsupported certificate"),
+    "serverAuth only": (
+        {"eku": (ExtendedKeyUsageOID.SERVER_AUTH,)},
+        "it is not for client authentication (extendedKeyUsage) "
+        "(TLS alert 'unsupported certificate')",
+        "invalid_certificate",
+    ),
 }
 
 # Verified, but no acceptable identity: corrald's own permission_denied.
@@ -166,9 +182,15 @@ IDENTITY_REFUSALS = {
 }
 
 
-@pytest.mark.parametrize(("flaws", "alert"), TLS_REFUSALS.values(), ids=TLS_REFUSALS.keys())
-async def test_tls_layer_refuses_bad_certificates(
-    server: Server, pki_dir: Path, tmp_path: Path, flaws: dict[str, object], alert: str
+@pytest.mark.parametrize(("flaws", "why", "reason"), TLS_REFUSALS.values(), ids=TLS_REFUSALS.keys())
+async def test_tls_layer_refuses_bad_certificates(  # noqa: PLR0917 - fixtures
+    server: Server,
+    pki_dir: Path,
+    tmp_path: Path,
+    flaws: dict[str, object],
+    why: str,
+    reason: str,
+    server_log: pytest.LogCaptureFixture,
 ) -> None:
     bad = write_client(tmp_path / "bad", pki_dir, **flaws)  # type: ignore[arg-type]
     # A context, not the directory: connect() would refuse an out-of-date
@@ -176,8 +198,30 @@ async def test_tls_layer_refuses_bad_certificates(
     with pytest.raises(AuthenticationError) as caught:
         async with connect(tcp(server), client_context(bad)) as client:
             await client.info()
-    assert f"rejected our client certificate: {alert}" in str(caught.value)
+    assert str(caught.value).endswith(f"rejected our client certificate: {why}")
+    assert "\n" not in str(caught.value)
+    assert_refused_in_handshake(server, reason, server_log)
     await assert_serves(server, pki_dir)
+
+
+@pytest.fixture
+def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """What the server logs at INFO, where it says whom it refused and why."""
+    caplog.set_level(logging.INFO, logger="corral.supervisor.server")
+    return caplog
+
+
+def assert_refused_in_handshake(
+    server: Server, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server refused one handshake for `reason`, logged it in one line
+    naming the peer, and opened no session."""
+    assert server.refused() == {reason: 1}
+    assert server.statistics()["opened"] == 0
+    said = [record.getMessage() for record in caplog.records]
+    lines = [line for line in said if "refused in the TLS handshake" in line]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("127.0.0.1:"), lines
 
 
 @pytest.mark.parametrize(
@@ -219,22 +263,32 @@ async def test_certificates_without_an_identity_are_refused(  # noqa: PLR0917 - 
     await assert_serves(server, pki_dir)
 
 
-async def test_no_client_certificate_is_refused(server: Server, pki_dir: Path) -> None:
+async def test_no_client_certificate_is_refused_in_the_handshake(
+    server: Server, pki_dir: Path, server_log: pytest.LogCaptureFixture
+) -> None:
     context = ssl.create_default_context(cafile=pki_dir / pki.CA_CERT_FILE)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    with pytest.raises(AuthenticationError, match="a client certificate is required"):
+    with pytest.raises(AuthenticationError) as caught:
         async with connect(tcp(server), context) as client:
             await client.info()
+    assert str(caught.value).endswith(
+        "rejected our client certificate: we sent none, and corrald requires one "
+        "(TLS alert 'certificate required')"
+    )
+    assert_refused_in_handshake(server, "no_certificate", server_log)
     await assert_serves(server, pki_dir)
 
 
-async def test_tls12_is_refused(server: Server, pki_dir: Path) -> None:
+async def test_tls12_is_refused(
+    server: Server, pki_dir: Path, server_log: pytest.LogCaptureFixture
+) -> None:
     context = client_context(identity(pki_dir, "admin"))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.maximum_version = ssl.TLSVersion.TLSv1_2
     with pytest.raises(TLSError, match="protocol version"):
         async with connect(tcp(server), context) as client:
             await client.info()
+    assert_refused_in_handshake(server, "protocol", server_log)
     await assert_serves(server, pki_dir)
 
 

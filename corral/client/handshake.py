@@ -182,11 +182,24 @@ def _server_refusal(address: Address, error: Error) -> CorralError:
     return ServerError(error.code, f"corrald at {address}: {error.message}")
 
 
+# What the alert a server sends in its handshake says of our certificate.
+_REJECTIONS = {
+    "certificate required": "we sent none, and corrald requires one",
+    "unknown ca": "it is not signed by a CA this corrald trusts",
+    "certificate expired": "it has expired",
+    "bad certificate": "it is not valid (not valid yet, or malformed)",
+    "unsupported certificate": "it is not for client authentication (extendedKeyUsage)",
+    "certificate revoked": "it has been revoked",
+}
+
+
 def _refusal(address: Address, cause: BaseException | None) -> CorralError:
     """A server that ends the connection before the welcome has refused us."""
     if isinstance(cause, ssl.SSLError) and _is_alert(cause):
+        alert = _alert_text(cause)
+        why = _REJECTIONS.get(alert, alert)
         return AuthenticationError(
-            f"corrald at {address} rejected our client certificate: {_alert_text(cause)}"
+            f"corrald at {address} rejected our client certificate: {why} (TLS alert '{alert}')"
         )
     return AuthenticationError(
         f"corrald at {address} closed the connection before accepting us; "

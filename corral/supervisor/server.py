@@ -25,6 +25,7 @@ what is left. `shutdown()` alone does both at once.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import ssl
@@ -56,7 +57,7 @@ from corral.supervisor.session import (
     Session,
     StreamEnd,
 )
-from corral.tls import Identity, IdentityError, identity_from_certificate
+from corral.tls import Identity, IdentityError, handshake_refusal, identity_from_certificate
 from corral.worker.manager import JobManager
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,8 @@ class Server:
         self._connecting = 0  # waiting for or in the TLS handshake, or being refused
         self._handshaking = trio.Semaphore(config.max_handshakes)
         self._accepted = 0
+        self._opened = 0  # sessions, ever
+        self._refused: collections.Counter[str] = collections.Counter()  # handshakes, by reason
         self._idle = trio.Event()
         self._idle.set()
         self._accept_scope = trio.CancelScope()
@@ -199,7 +202,14 @@ class Server:
             "sessions": len(self._sessions),
             "connecting": self._connecting,
             "accepted": self._accepted,
+            "opened": self._opened,
+            "refused": sum(self._refused.values()),
         }
+
+    def refused(self) -> dict[str, int]:
+        """TLS handshakes refused or dropped, by reason (see
+        corral.tls.handshake_refusal; "timeout" for a peer too slow)."""
+        return dict(self._refused)
 
     def _live(self) -> int:
         return len(self._sessions) + self._connecting
@@ -413,6 +423,7 @@ class Server:
                 idle_timeout=self.config.idle_timeout,
             )
             self._connecting -= 1
+            self._opened += 1
             self._sessions.add(session)
             if self._goodbye.is_set():
                 session.shutdown("corrald is shutting down")
@@ -445,10 +456,13 @@ class Server:
                 try:
                     await tls.do_handshake()
                 except trio.BrokenResourceError as exc:
-                    log.info("%s: TLS handshake failed: %s", peer, exc.__cause__ or exc)
+                    reason, why = handshake_refusal(exc.__cause__)
+                    self._refused[reason] += 1
+                    log.info("%s: refused in the TLS handshake: %s", peer, why)
                     await _flush_alert(tls)
                     return None
         if scope.cancelled_caught:
+            self._refused["timeout"] += 1
             log.info("%s: dropped: TLS handshake not done in %.0f s", peer, timeout)
             return None
         try:
