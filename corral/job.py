@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from corral.errors import ErrorCode, OperationError
+from corral.identity import ROLES, USER, Identity
 from corral.units import describe, quote, short_duration, short_number, short_size
 
 # Job ids: 128 random bits as 32 hex digits. The first 12 are the hostname
@@ -280,7 +281,9 @@ class JobSpec:
     user: str = DEFAULT_USER
     limits: Limits = field(default_factory=Limits)
     max_runtime: float | None = None  # seconds; then it is stopped
+    # Whose job it is: a name and a role together (corral.identity).
     owner: str = ""
+    owner_role: str = USER
     stop_grace: float = DEFAULT_STOP_GRACE  # between SIGTERM and SIGKILL at max runtime
     log_limit: int = DEFAULT_LOG_LIMIT  # bytes of output.log
     tmp_size: int = DEFAULT_TMP_SIZE  # bytes of the private /tmp
@@ -327,6 +330,8 @@ class JobSpec:
         writable = self._writable()
         if self.host_root is True and self.user not in ROOT_USERS | {DYNAMIC_USER}:
             raise SpecError("host_root", f"runs the job as root, not as user {self.user!r}")
+        if self.owner_role not in ROLES:
+            raise SpecError("owner_role", f"must be one of {', '.join(ROLES)}")
         if self.seccomp not in SECCOMP_MODES:
             modes = ", ".join(SECCOMP_MODES)
             raise SpecError("seccomp", f"must be one of {modes}, not {describe(self.seccomp)}")
@@ -341,6 +346,7 @@ class JobSpec:
             limits=self.limits.validate(),
             max_runtime=None if self.max_runtime is None else float(self.max_runtime),
             owner=self.owner,
+            owner_role=self.owner_role,
             stop_grace=float(self.stop_grace),
             log_limit=self.log_limit,
             tmp_size=self.tmp_size,
@@ -408,6 +414,9 @@ class ResolvedSpec:
     stop_grace: float
     log_limit: int
     tmp_size: int
+    # The owner's role; records from before roles have none and read as
+    # "user" (an admin reaches every job anyway).
+    owner_role: str = USER
     writable: tuple[bytes, ...] = ()
     stdin: bool = False
     tty: bool = False
@@ -443,6 +452,11 @@ class ResolvedSpec:
     @property
     def short_id(self) -> str:
         return self.id[:SHORT_ID]
+
+    @property
+    def owned_by(self) -> Identity:
+        """The owner: a name and a role, the job belongs to exactly that pair."""
+        return Identity(self.owner, self.owner_role)
 
     @property
     def pooled(self) -> bool:

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from corral.directories import make_directories
+from corral.identity import ROLES
 
-ROLES: tuple[str, ...] = ("admin", "user")
 DEFAULT_CLIENTS: tuple[tuple[str, str], ...] = (
     ("admin", "admin"),
     ("alice", "user"),

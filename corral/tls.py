@@ -14,13 +14,13 @@ from __future__ import annotations
 import _ssl
 import ctypes
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from corral.pki import ROLES, PKIError, validate_client_name
+from corral.identity import ROLES, Identity
+from corral.pki import PKIError, validate_client_name
 
 
 class TLSConfigError(Exception):
@@ -29,18 +29,6 @@ class TLSConfigError(Exception):
 
 class IdentityError(Exception):
     """A verified certificate does not name an acceptable corral identity."""
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who a peer is: its certificate's CN and OU."""
-
-    name: str
-    role: str
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
 
 
 def _tls13_only(context: ssl.SSLContext) -> ssl.SSLContext:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from corral import pki
 from corral.client.client import Client, connect
 from corral.client.errors import ServerError
 from corral.protocol import ErrorCode
@@ -175,3 +176,32 @@ async def test_a_user_streaming_another_users_job_gets_not_found(
         await read_logs(clients["bob"], job.id)
     assert caught.value.code is ErrorCode.NOT_FOUND
     assert str(caught.value) == f"no job {job.id!r}"
+
+
+async def test_a_user_certificate_named_admin_owns_none_of_the_admins_jobs(
+    capped: Daemon, clients: dict[str, Client], pki_dir: Path, tmp_path: Path
+) -> None:
+    """An owner is a name and a role: CN admin with OU user is another owner."""
+    ca_key, ca_cert = pki.load_ca(pki_dir)
+    key, cert = pki.make_client_cert(ca_key, ca_cert, "admin", "user")
+    impostor_dir = tmp_path / "impostor"
+    pki.write_identity(impostor_dir, ca_cert, key, cert)
+    admin = clients["admin"]
+    theirs = await admin.start(["sleep", "60"])
+    async with connect(capped.tcp, impostor_dir) as impostor:
+        assert (await impostor.info()).identity.role == "user"
+        for name, call in OPERATIONS.items():
+            assert await outcome(call(impostor, theirs.id)) == (
+                f"not_found: no job {theirs.id!r}"
+            ), name
+        assert await impostor.list(everyone=True) == []
+        assert (await impostor.info()).jobs == 0
+        mine = await impostor.start(["true"])
+        assert (await impostor.wait(mine.id)).exit_code == 0
+        assert (mine.owner, mine.owner_role) == ("admin", "user")
+        assert [job.id for job in await impostor.list()] == [mine.id]
+    # The admin's job ran on, untouched; the admin sees both, apart.
+    assert (await admin.status(theirs.id)).state == "running"
+    owners = {job.id: (job.owner, job.owner_role) for job in await admin.list(everyone=True)}
+    assert owners == {theirs.id: ("admin", "admin"), mine.id: ("admin", "user")}
+    await admin.stop(theirs.id, grace=0)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.identity import Identity
 from corral.job import Limits, new_job_id
 from corral.shim.cgroup import (
     CPU_PERIOD_US,
@@ -478,12 +479,17 @@ def test_remove_finishes_a_partly_removed_cgroup(cgroup: Cgroup) -> None:
 
 
 def test_a_slice_name_is_one_component_and_one_owner_each() -> None:
-    assert slice_name("alice") == "owner-alice"
-    assert slice_name("a.b-c_d") == "owner-a.b-c_d"
-    assert slice_name("a/b") == "owner-a%2Fb"
-    assert slice_name("a%2Fb") == "owner-a%252Fb"  # no two names share one
-    assert slice_name("..") == "owner-.."  # a prefix: never "." or ".."
-    assert slice_name("é\n") == "owner-%C3%A9%0A"
+    def user(name: str) -> str:
+        return slice_name(Identity(name, "user"))
+
+    assert user("alice") == "owner-user-alice"
+    assert slice_name(Identity("admin", "admin")) == "owner-admin-admin"
+    assert user("admin") == "owner-user-admin"  # a user named admin is not the admin
+    assert user("a.b-c_d") == "owner-user-a.b-c_d"
+    assert user("a/b") == "owner-user-a%2Fb"
+    assert user("a%2Fb") == "owner-user-a%252Fb"  # no two names share one
+    assert user("..") == "owner-user-.."  # a prefix: never "." or ".."
+    assert user("é\n") == "owner-user-%C3%A9%0A"
 
 
 @pytest.fixture
@@ -491,7 +497,7 @@ def sliced() -> Iterator[tuple[Cgroup, Cgroup]]:
     """Two job cgroups in one owner's slice, removed (and the slice) after."""
     if os.geteuid() != 0 or FLAVOUR is Flavour.NONE:
         pytest.skip("needs root and a mounted cgroup hierarchy")
-    slice = slice_name(f"tenant-{os.getpid()}")
+    slice = slice_name(Identity(f"tenant-{os.getpid()}", "user"))
     groups = tuple(open_cgroup(FLAVOUR, new_job_id(), parent=PARENT, slice=slice) for _ in "ab")
     for group in groups:
         group.create()

@@ -28,7 +28,7 @@ pytestmark = [
 ]
 
 JOB_KEYS = {
-    "id", "owner", "argv", "state", "exit_code", "signal", "oom_killed", "reason",
+    "id", "owner", "owner_role", "argv", "state", "exit_code", "signal", "oom_killed", "reason",
     "created_at", "started_at", "finished_at", "limits", "usage", "outcome", "user",
     "max_runtime", "stopped_by", "stdin", "tty", "uid", "host_root", "seccomp",
 }  # fmt: skip

@@ -20,6 +20,7 @@ import trio
 
 from corral.client.client import Client, connect
 from corral.client.errors import ServerError
+from corral.identity import Identity
 from corral.job import State, Status, new_job_id
 from corral.shim.cgroup import Cgroup, detect_flavour, open_cgroup, orphans, slice_name
 from corral.store import read_status, write_status
@@ -74,7 +75,9 @@ def assert_running(daemon: Daemon, job_id: str, parent: str = TEST_CGROUP_PARENT
     status = read_status(daemon.state_dir / "jobs" / job_id)
     assert status is not None
     assert (status.state, alive(status.shim_pid)) == (State.RUNNING, True), status
-    cgroup = open_cgroup(FLAVOUR, job_id, parent=parent, slice=slice_name("admin"))
+    cgroup = open_cgroup(
+        FLAVOUR, job_id, parent=parent, slice=slice_name(Identity("admin", "admin"))
+    )
     assert len(cgroup.procs()) == 2
 
 
@@ -152,7 +155,7 @@ async def test_a_second_corrald_on_a_state_directory_in_use_touches_nothing(
     )  # fmt: skip
     assert (code, stderr.count("\n")) == (69, 1), stderr
     assert f"state directory {corrald.state_dir} is in use by another corrald" in stderr
-    assert ("owner-admin", job_id) in before
+    assert ("owner-admin-admin", job_id) in before
     # Its jobs' cgroups are all there still (the first corrald's sandboxes
     # built ahead come and go as it aims them at its last starter).
     jobs = {entry for entry in before if (corrald.state_dir / "jobs" / entry[1]).exists()}

@@ -37,6 +37,7 @@ from corral.address import TCPAddress
 from corral.client.client import Client, connect
 from corral.client.errors import ServerError
 from corral.errors import OperationError
+from corral.identity import Identity
 from corral.protocol import (
     MAX_FRAME_SIZE,
     NEED_DATA,
@@ -64,7 +65,7 @@ from corral.protocol.codec import HEADER, MAX_DEPTH, FrameBuffer, decode_body, e
 from corral.protocol.messages import from_wire, to_wire
 from corral.supervisor.server import Server, ServerConfig
 from corral.supervisor.session import Handler, RequestContext, Session
-from corral.tls import Identity, client_context, server_context
+from corral.tls import client_context, server_context
 from corral.worker.manager import JobManager
 
 from .conftest import TEST_CGROUP_PARENT, identity

@@ -26,6 +26,7 @@ import trio
 import trio.testing
 
 from corral.errors import OperationError
+from corral.identity import Identity
 from corral.job import JobSpec, Limits, State, Status, new_job_id
 from corral.protocol import ErrorCode
 from corral.shim import libc
@@ -54,6 +55,8 @@ FLAVOUR = detect_flavour()
 PARENT = TEST_CGROUP_PARENT
 MS_BIND = 4096
 MS_SHARED = 1 << 20
+
+ALICE, BOB = Identity("alice", "user"), Identity("bob", "user")
 
 
 def records(job_dir: Path) -> list[list[object]]:
@@ -728,7 +731,9 @@ SANDBOX_READY = 60.0
 def sandbox_init(job_id: str) -> int | None:
     """The pid of the init waiting in the sandbox built for `job_id`, once it is in its cgroup."""
     try:
-        procs = open_cgroup(FLAVOUR, job_id, parent=PARENT, slice=slice_name("")).procs()
+        procs = open_cgroup(
+            FLAVOUR, job_id, parent=PARENT, slice=slice_name(Identity("", "user"))
+        ).procs()
     except CgroupError:
         return None
     return procs[0] if len(procs) == 1 else None
@@ -850,13 +855,13 @@ async def test_starts_beyond_the_running_caps_are_refused_and_change_nothing(
         )
         assert len(jobs.jobs()) == 3  # the refused starts left nothing behind
         assert len(list(jobs.jobs_dir.iterdir())) == 3
-        assert (jobs.running(), jobs.running("alice"), jobs.running("bob")) == (3, 2, 1)
+        assert (jobs.running(), jobs.running(ALICE), jobs.running(BOB)) == (3, 2, 1)
         # An ended job frees its slot, and a failed start does not take one.
         await jobs.stop(alice[0].id, grace=0)
-        assert jobs.running("alice") == 1
+        assert jobs.running(ALICE) == 1
         with pytest.raises(OperationError):
             await jobs.start(JobSpec(argv=["no-such-program-xyz"], owner="alice"))
-        assert jobs.running("alice") == 1
+        assert jobs.running(ALICE) == 1
         await start("alice")
         for job in jobs.jobs():
             if not job.done.is_set():
@@ -886,7 +891,7 @@ async def test_a_user_over_the_finished_jobs_quota_is_refused_until_they_remove_
             "alice has 2 jobs finished and kept, the most one user may keep (2); "
             "remove some (`corral rm --finished`) to start more"
         )
-        assert len(jobs.jobs(owner="alice")) == 2  # the refused start left nothing
+        assert len(jobs.jobs(owner=ALICE)) == 2  # the refused start left nothing
         await run("bob")  # another user's history is theirs
         await jobs.remove(first.id)
         await run("alice")

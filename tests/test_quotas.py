@@ -15,6 +15,7 @@ import pytest
 from corral.client.client import Client, connect
 from corral.client.errors import ServerError
 from corral.errors import OperationError
+from corral.identity import Identity
 from corral.job import JobSpec
 from corral.protocol import ErrorCode
 from corral.shim import libc
@@ -33,6 +34,8 @@ pytestmark = [
 ]
 
 WRITE_100K = ["head", "-c", "100000", "/dev/zero"]
+
+ALICE = Identity("alice", "user")
 
 
 async def run_as(jobs: JobManager, owner: str, argv: list[str]) -> Job:
@@ -66,7 +69,7 @@ async def test_a_user_over_the_log_quota_is_refused_until_they_remove_some(
             f"alice's finished jobs keep {format_size(kept)} of output logs, the most one "
             "user may keep (150000B); remove some (`corral rm --finished`) to start more"
         )
-        assert len(jobs.jobs(owner="alice")) == 2  # the refused start left nothing
+        assert len(jobs.jobs(owner=ALICE)) == 2  # the refused start left nothing
         await run_as(jobs, "bob", WRITE_100K)  # another user's logs are theirs
         await jobs.remove(first.id)
         await run_as(jobs, "alice", ["true"])

@@ -89,7 +89,8 @@ async def test_jobs_survive_a_crash_and_the_next_corrald_adopts_them(
         # corrald is down: the jobs' limits stay (their cgroups are the kernel's);
         # one job ends, one loses its shim; the others go on.
         flavour = detect_flavour()
-        limited = open_cgroup(flavour, counter.id, parent=TEST_CGROUP_PARENT, slice="owner-admin")
+        slice = "owner-admin-admin"
+        limited = open_cgroup(flavour, counter.id, parent=TEST_CGROUP_PARENT, slice=slice)
         assert all(path.exists() for path in limited.paths())
         assert len(limited.procs()) >= 2  # init and the job's shell
         await trio.to_thread.run_sync(gate.write_bytes, b"go\n")
@@ -115,7 +116,7 @@ async def test_jobs_survive_a_crash_and_the_next_corrald_adopts_them(
                 assert lost.state == "lost"
                 assert lost.reason.startswith("lost: its shim ended")
                 cgroup = open_cgroup(
-                    detect_flavour(), lost.id, parent=TEST_CGROUP_PARENT, slice="owner-admin"
+                    detect_flavour(), lost.id, parent=TEST_CGROUP_PARENT, slice="owner-admin-admin"
                 )
                 assert not any(path.exists() for path in cgroup.paths())
                 # A new follower: the whole output from byte 0, live on, nothing

@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from corral.identity import Identity
 from corral.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -31,7 +32,6 @@ from corral.protocol import (
     Welcome,
 )
 from corral.supervisor.session import OUTGOING_FRAMES, Handler, RequestContext, Session
-from corral.tls import Identity
 
 # Short, so the tests can tell them apart; the clock is trio's MockClock.
 IO_TIMEOUT = 5.0

@@ -160,9 +160,9 @@ async def test_a_users_jobs_together_are_held_to_the_users_quota(
             assert "Resource temporarily unavailable" in str(full.value)
             seen = await bob.start(["cat", "/proc/self/cgroup"])
             assert (await bob.wait(seen.id)).exit_code == 0
-            assert "/owner-bob/" in (await job_output(bob, seen.id)).decode()
+            assert "/owner-user-bob/" in (await job_output(bob, seen.id)).decode()
             await admin.stop(bomb.id, grace=0)
             with trio.fail_after(30):  # alice's slice is free again: her next job runs
                 again = await alice.start(["cat", "/proc/self/cgroup"])
                 assert (await alice.wait(again.id)).exit_code == 0
-            assert "/owner-alice/" in (await job_output(alice, again.id)).decode()
+            assert "/owner-user-alice/" in (await job_output(alice, again.id)).decode()

@@ -39,6 +39,7 @@ from corral.client.errors import (
 from corral.client.handshake import RECEIVE_SIZE, handshake, identity_context, open_transport
 from corral.client.job_streams import LOG_WINDOW, Attachment, Chunk, LogStream
 from corral.client.jobs import JobInfo
+from corral.identity import Identity
 from corral.protocol import (
     NEED_DATA,
     Cancel,
@@ -56,7 +57,6 @@ from corral.protocol import (
 )
 from corral.records import Record
 from corral.streams import CLOSE_TIMEOUT, close_stream
-from corral.tls import Identity
 
 # Long enough for a loaded server on a slow link; short enough that a
 # script pointed at the wrong port does not hang.

@@ -438,7 +438,7 @@ async def cmd_status(client: Client, args: argparse.Namespace, out: TextIO) -> i
     usage = job.usage
     rows = [
         ("id", job.id),
-        ("owner", job.owner),
+        ("owner", f"{job.owner} ({job.owner_role})"),
         ("user", job.runs_as),
         ("seccomp", job.seccomp),
         ("command", job.command),

@@ -39,6 +39,7 @@ class JobInfo:
     limits: dict[str, Any]
     usage: dict[str, Any]
     raw: dict[str, Any] = field(compare=False, repr=False)
+    owner_role: str = "user"  # the owner is this name with this role
     user: str = ""  # who the command runs as
     uid: int | None = None  # the host uid it runs as, from corrald's pool
     host_root: bool = False  # root on the host (no user namespace)
@@ -103,6 +104,7 @@ class JobInfo:
             return cls(
                 id=str(record["id"]),
                 owner=str(record["owner"]),
+                owner_role=str(record.get("owner_role") or "user"),
                 argv=[
                     bytes(a) if isinstance(a, bytes) else str(a).encode() for a in record["argv"]
                 ],
@@ -136,6 +138,7 @@ class JobInfo:
         return {
             "id": self.id,
             "owner": self.owner,
+            "owner_role": self.owner_role,
             "argv": [_text(arg) for arg in self.argv],
             "state": self.state,
             "outcome": self.outcome,

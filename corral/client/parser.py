@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import corral
-from corral import pki
 from corral.client import commands as cmds
 from corral.client.client import CONNECT_TIMEOUT
 from corral.client.errors import (
@@ -26,6 +25,7 @@ from corral.client.errors import (
 from corral.client.follow import RECONNECT_FOR
 from corral.client.settings import DEFAULT_ADDR
 from corral.client.terminal import DEFAULT_DETACH_KEYS, parse_detach_keys
+from corral.identity import ROLES
 from corral.units import parse_duration, parse_size
 
 EPILOG = f"""\
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     issue.add_argument("--pki", type=Path, required=True, metavar="DIR", help="the PKI directory")
     issue.add_argument("name", metavar="NAME", help="the client's name (its certificate's CN)")
-    issue.add_argument("--role", required=True, choices=pki.ROLES, help="the client's role")
+    issue.add_argument("--role", required=True, choices=ROLES, help="the client's role")
     issue.add_argument("--force", action="store_true", help="replace an existing identity")
     issue.set_defaults(run=cmds.cmd_certs_issue, connects=False)
     return parser

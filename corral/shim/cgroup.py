@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from corral.identity import Identity
 from corral.job import Limits, Usage
 
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -544,16 +545,17 @@ def open_cgroup(
     raise CgroupError(f"no cgroup hierarchy is mounted at {root}")
 
 
-def slice_name(owner: str) -> str:
-    """The slice of `owner`'s jobs: `owner-` and the name, every byte but
-    letters, digits, `-`, `_` and `.` written `%XX`, so any name is one path
-    component and no two names share a slice."""
+def slice_name(owner: Identity) -> str:
+    """The slice of `owner`'s jobs: `owner-`, the role, `-` and the name,
+    every byte of the name but letters, digits, `-`, `_` and `.` written
+    `%XX`, so any name is one path component and no two owners (a name
+    and a role: the user `admin` is not the admin) share a slice."""
     safe = "".join(
         char if char.isascii() and (char.isalnum() or char in "-_.") else
         "".join(f"%{byte:02X}" for byte in char.encode())
-        for char in owner
+        for char in owner.name
     )  # fmt: skip
-    return f"{SLICE_PREFIX}{safe}"
+    return f"{SLICE_PREFIX}{owner.role}-{safe}"
 
 
 def orphans(flavour: Flavour, root: Path = ROOT, parent: str = PARENT) -> list[tuple[str, str]]:

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import OperationError
+from corral.identity import Identity
 from corral.protocol import ErrorCode
-from corral.tls import Identity
 
 FD_DIR = Path("/proc/self/fd")
 # The admins' share of the limit: at corrald's usual 20,000 or more, a

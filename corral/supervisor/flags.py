@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import corral
-from corral import pki
 from corral.address import Address, AddressError, parse_address
+from corral.identity import ROLES
 from corral.shim.cgroup import CgroupError, check_component
 from corral.supervisor.operations import MAX_STREAMS_PER_USER
 from corral.supervisor.policy import (
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="defaults",
         help="a limit every job gets unless its start sets one (repeatable)",
     )
-    for role in pki.ROLES:
+    for role in ROLES:
         policy.add_argument(
             f"--{role}-writable",
             action="append",

@@ -30,6 +30,7 @@ from corral import pki
 from corral.address import Address, TCPAddress, UnixAddress, parse_address
 from corral.directories import make_directories
 from corral.errors import OperationError
+from corral.identity import ROLES
 from corral.pidlock import LockHeld, take_lock
 from corral.shim.cgroup import CgroupError, Flavour, check_host, detect_flavour
 from corral.streams import CLOSE_TIMEOUT
@@ -351,11 +352,11 @@ def run(argv: Sequence[str] | None = None) -> int:
                 args.config,
                 default_user=args.default_user,
                 defaults=dict(args.defaults),
-                caps={role: dict(getattr(args, f"{role}_caps")) for role in pki.ROLES},
-                quotas={role: dict(getattr(args, f"{role}_quotas")) for role in pki.ROLES},
+                caps={role: dict(getattr(args, f"{role}_caps")) for role in ROLES},
+                quotas={role: dict(getattr(args, f"{role}_quotas")) for role in ROLES},
                 writable={
                     role: getattr(args, f"{role}_writable")
-                    for role in pki.ROLES
+                    for role in ROLES
                     if getattr(args, f"{role}_writable")
                 },
             )

@@ -26,13 +26,13 @@ from typing import Any
 import trio
 
 from corral.errors import OperationError
+from corral.identity import Identity
 from corral.job import DEFAULT_STOP_GRACE, DEFAULT_TTY_SIZE, JobSpec, Limits, Status, check_grace
 from corral.protocol import ErrorCode
 from corral.store import OUTPUT_FILE, pack, read_spec
 from corral.supervisor.descriptors import Descriptors
 from corral.supervisor.policy import Policy, authorize, owner_filter
 from corral.supervisor.session import Handler, RequestContext, StreamEnd
-from corral.tls import Identity
 from corral.units import describe
 from corral.worker.manager import Job, JobManager
 from corral.worker.output import CHUNK, misplaced_offset
@@ -55,6 +55,7 @@ def job_record(
     return {
         "id": job.id,
         "owner": job.spec.owner,
+        "owner_role": job.spec.owner_role,
         "argv": list(job.spec.argv if argv is None else argv),
         **cut,
         "user": job.spec.user,
@@ -132,7 +133,7 @@ class JobOperations:
         self.policy = policy or Policy()
         self.max_streams_per_user = max_streams_per_user
         self.descriptors = descriptors
-        self._streams: collections.Counter[str] = collections.Counter()  # open, by user
+        self._streams: collections.Counter[Identity] = collections.Counter()  # open, by user
 
     @property
     def streams_open(self) -> int:
@@ -146,7 +147,7 @@ class JobOperations:
         descriptors are down to the admins' reserve. Admins are counted,
         never refused: an admin can always look."""
         cap = self.max_streams_per_user
-        if cap is not None and not identity.is_admin and self._streams[identity.name] >= cap:
+        if cap is not None and not identity.is_admin and self._streams[identity] >= cap:
             raise OperationError(
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"{identity.name} has {cap} output streams open (logs -f, attach), the most "
@@ -154,13 +155,13 @@ class JobOperations:
             )
         if self.descriptors is not None:
             self.descriptors.check(identity, "output streams")
-        self._streams[identity.name] += 1
+        self._streams[identity] += 1
         try:
             yield
         finally:
-            self._streams[identity.name] -= 1
-            if not self._streams[identity.name]:
-                del self._streams[identity.name]
+            self._streams[identity] -= 1
+            if not self._streams[identity]:
+                del self._streams[identity]
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -213,6 +214,7 @@ class JobOperations:
             limits=terms.limits,
             max_runtime=terms.max_runtime,
             owner=identity.name,
+            owner_role=identity.role,
             stdin=arg(args, "stdin", bool, False),
             tty=arg(args, "tty", bool, False),
             tty_size=arg(args, "tty_size", list, list(DEFAULT_TTY_SIZE)),
@@ -256,7 +258,7 @@ class JobOperations:
         owner = owner_filter(identity, "list")
         args = context.request.args
         if not arg(args, "all", bool, False):
-            owner = identity.name
+            owner = identity
         jobs = self.manager.jobs(owner=owner)  # oldest first: by (created_at, id)
         after = arg(args, "after", list)
         if after is not None:

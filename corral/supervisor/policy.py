@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import OperationError
+from corral.identity import ADMIN, ROLES, USER, Identity
 from corral.job import (
     DEFAULT_USER,
     DYNAMIC_USER,
@@ -59,9 +60,7 @@ from corral.job import (
     host_memory,
     writable_paths,
 )
-from corral.pki import ROLES
 from corral.protocol import ErrorCode
-from corral.tls import Identity
 from corral.units import (
     describe,
     parse_duration,
@@ -72,7 +71,6 @@ from corral.units import (
     short_size,
 )
 
-ADMIN, USER = "admin", "user"
 # The policy file's top-level settings.
 SETTINGS = ("default_user", "allow_host_root", "defaults", "caps", "quota", "writable")
 
@@ -109,9 +107,11 @@ def authorize(identity: Identity, operation: str) -> Reach:
     return reach
 
 
-def owner_filter(identity: Identity, operation: str) -> str | None:
-    """The owner job lookups are limited to for this request (None: any owner)."""
-    return None if authorize(identity, operation) is Reach.ANY else identity.name
+def owner_filter(identity: Identity, operation: str) -> Identity | None:
+    """The owner job lookups are limited to for this request (None: any
+    owner): a name and a role, so a user named like an admin reaches none
+    of the admin's jobs."""
+    return None if authorize(identity, operation) is Reach.ANY else identity
 
 
 # -- the policy jobs start under ------------------------------------------------

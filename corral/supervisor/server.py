@@ -40,6 +40,7 @@ import trio
 import corral
 from corral.address import Address
 from corral.errors import OperationError
+from corral.identity import Identity
 from corral.protocol import Connection, Error, ErrorCode, Role
 from corral.shim.cgroup import Flavour, detect_flavour
 from corral.streams import CLOSE_TIMEOUT, GONE, close_stream
@@ -48,7 +49,7 @@ from corral.supervisor.descriptors import FD_DIR, Descriptors
 from corral.supervisor.heartbeat import Heartbeat, process_statistics
 from corral.supervisor.listeners import listener_address, open_listener, remove_unix_sockets
 from corral.supervisor.operations import MAX_STREAMS_PER_USER, JobOperations
-from corral.supervisor.policy import ADMIN, Policy, authorize, owner_filter
+from corral.supervisor.policy import Policy, authorize, owner_filter
 from corral.supervisor.session import (
     IDLE_TIMEOUT,
     IO_TIMEOUT,
@@ -57,7 +58,7 @@ from corral.supervisor.session import (
     Session,
     StreamEnd,
 )
-from corral.tls import Identity, IdentityError, handshake_refusal, identity_from_certificate
+from corral.tls import IdentityError, handshake_refusal, identity_from_certificate
 from corral.worker.manager import JobManager
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ class Server:
             # How late the event loop wakes: what every session waits for.
             "loop_lag": self.heartbeat.statistics(),
             # corrald's own footprint, for admins watching for leaks.
-            **({"process": self._process()} if identity.role == ADMIN else {}),
+            **({"process": self._process()} if identity.is_admin else {}),
         }
 
     # -- serving -------------------------------------------------------------
@@ -494,7 +495,7 @@ class Server:
             message = f"corrald is serving its maximum of {limit} connections; try again later"
             return Error(id=None, code=ErrorCode.RESOURCE_EXHAUSTED, message=message)
         limit = self.config.max_connections_per_user
-        if sum(1 for s in self._sessions if s.identity.name == identity.name) >= limit:
+        if sum(1 for s in self._sessions if s.identity == identity) >= limit:
             message = (
                 f"{identity.name} has {limit} connections open, the most one user may have; "
                 "close one and try again"

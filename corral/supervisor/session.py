@@ -38,6 +38,7 @@ from typing import Any
 import trio
 
 from corral.errors import OperationError
+from corral.identity import Identity
 from corral.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -61,7 +62,6 @@ from corral.protocol import (
 )
 from corral.protocol.errors import shorten
 from corral.streams import CLOSE_TIMEOUT
-from corral.tls import Identity
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.errors import OperationError
+from corral.identity import Identity
 from corral.protocol.errors import ErrorCode
 from corral.units import format_size, short_size
 
@@ -65,14 +66,14 @@ class Slots:
 
     def __init__(self, caps: Admission) -> None:
         self.caps = caps
-        self._active: collections.Counter[str] = collections.Counter()
+        self._active: collections.Counter[Identity] = collections.Counter()
         self._refusing: str | None = None  # why starts are refused, once they are
 
     def refuse_all(self, reason: str) -> None:
         """Refuse every later `take` (`unavailable`, saying `reason`)."""
         self._refusing = reason
 
-    def check(self, owner: str, finished: int = 0, log_bytes: int = 0) -> None:
+    def check(self, owner: Identity, finished: int = 0, log_bytes: int = 0) -> None:
         """Raise OperationError unless `owner`, who has `finished` finished
         jobs kept, their output.log files `log_bytes` together, may start a
         job now: unavailable once starts are refused, resource_exhausted
@@ -91,14 +92,14 @@ class Slots:
         if limit is not None and self._active[owner] >= limit:
             raise OperationError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"{owner or 'this owner'} has {_jobs(limit)} starting or running, "
+                f"{owner.name or 'this owner'} has {_jobs(limit)} starting or running, "
                 "the most one user may have; wait for one to end, or stop one",
             )
         limit = self.caps.max_finished_per_owner
         if limit is not None and finished >= limit:
             raise OperationError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"{owner or 'this owner'} has {_jobs(finished)} finished and kept, "
+                f"{owner.name or 'this owner'} has {_jobs(finished)} finished and kept, "
                 f"the most one user may keep ({limit}); remove some "
                 "(`corral rm --finished`) to start more",
             )
@@ -106,22 +107,22 @@ class Slots:
         if limit is not None and log_bytes >= limit:
             raise OperationError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"{owner or 'this owner'}'s finished jobs keep {format_size(log_bytes)} of "
+                f"{owner.name or 'this owner'}'s finished jobs keep {format_size(log_bytes)} of "
                 f"output logs, the most one user may keep ({short_size(limit)}); remove some "
                 "(`corral rm --finished`) to start more",
             )
 
-    def take(self, owner: str) -> None:
+    def take(self, owner: Identity) -> None:
         """Count one more job of `owner` (admitted, or adopted at a restart)."""
         self._active[owner] += 1
 
-    def free(self, owner: str) -> None:
+    def free(self, owner: Identity) -> None:
         """Count one job of `owner` less: its end is recorded."""
         self._active[owner] -= 1
         if self._active[owner] <= 0:
             del self._active[owner]
 
-    def running(self, owner: str | None = None) -> int:
+    def running(self, owner: Identity | None = None) -> int:
         """Jobs starting or running (with `owner`, that owner's)."""
         if owner is not None:
             return self._active[owner]

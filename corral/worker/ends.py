@@ -147,7 +147,7 @@ class Ends:
         job.advance(status)
         job.record_end(log_size(job.directory))
         self._index.ended(job)
-        self._slots.free(job.spec.owner)
+        self._slots.free(job.spec.owned_by)
         self._uids.release(job.spec.uid)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import trio
 
 from corral.errors import OperationError
+from corral.identity import Identity
 from corral.job import ResolvedSpec, State, Status
 from corral.protocol.errors import ErrorCode, shorten
 
@@ -115,8 +116,8 @@ class JobIndex:
 
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
-        self._finished: collections.Counter[str] = collections.Counter()
-        self._log_bytes: collections.Counter[str] = collections.Counter()
+        self._finished: collections.Counter[Identity] = collections.Counter()
+        self._log_bytes: collections.Counter[Identity] = collections.Counter()
 
     def add(self, job: Job) -> None:
         """Index the job; one whose end is recorded already (found at a
@@ -139,14 +140,14 @@ class JobIndex:
             self._count(known, -1)
 
     def _count(self, job: Job, sign: int) -> None:
-        owner = job.spec.owner
+        owner = job.spec.owned_by
         self._finished[owner] += sign
         self._log_bytes[owner] += sign * job.log_bytes
         if self._finished[owner] <= 0:
             del self._finished[owner]
             self._log_bytes.pop(owner, None)
 
-    def resolve(self, job_id: str, *, owner: str | None = None) -> Job:
+    def resolve(self, job_id: str, *, owner: Identity | None = None) -> Job:
         """The job with this id or unique id prefix.
 
         With `owner`, only that owner's jobs are candidates: another owner's
@@ -154,7 +155,7 @@ class JobIndex:
         OperationError: not_found, or invalid_argument for an ambiguous prefix.
         """
         exact = self._jobs.get(job_id)
-        if exact is not None and (owner is None or exact.spec.owner == owner):
+        if exact is not None and (owner is None or exact.spec.owned_by == owner):
             return exact  # the usual case, without a scan of every job
         matches = [job for job in self._owned(owner) if job_id and job.id.startswith(job_id)]
         if len(matches) == 1:
@@ -167,7 +168,7 @@ class JobIndex:
             f"job id prefix {job_id!r} is ambiguous: it matches {shown}; give more of the id",
         )
 
-    def jobs(self, *, owner: str | None = None) -> list[Job]:
+    def jobs(self, *, owner: Identity | None = None) -> list[Job]:
         """Every job (with `owner`, that owner's), oldest first."""
         return sorted(self._owned(owner), key=lambda job: (job.spec.created_at, job.id))
 
@@ -175,11 +176,11 @@ class JobIndex:
         """The jobs whose end is not recorded yet."""
         return [job for job in self._jobs.values() if not job.done.is_set()]
 
-    def finished(self, owner: str) -> int:
+    def finished(self, owner: Identity) -> int:
         """How many of `owner`'s jobs have their end recorded."""
         return self._finished[owner]
 
-    def log_bytes(self, owner: str) -> int:
+    def log_bytes(self, owner: Identity) -> int:
         """The output.log bytes of `owner`'s jobs whose end is recorded, together."""
         return self._log_bytes[owner]
 
@@ -188,8 +189,8 @@ class JobIndex:
         finished = [job for job in self._jobs.values() if job.done.is_set()]
         return sorted(finished, key=lambda job: (job.ended_at, job.id))
 
-    def _owned(self, owner: str | None) -> list[Job]:
-        return [job for job in self._jobs.values() if owner is None or job.spec.owner == owner]
+    def _owned(self, owner: Identity | None) -> list[Job]:
+        return [job for job in self._jobs.values() if owner is None or job.spec.owned_by == owner]
 
 
 __all__ = ["KEPT_ARGS", "KEPT_ARGV_BYTES", "Job", "JobIndex", "cut_argv"]

@@ -45,6 +45,7 @@ import trio
 from corral import ipc
 from corral.directories import make_directories
 from corral.errors import OperationError
+from corral.identity import USER, Identity
 from corral.job import (
     DEFAULT_STOP_GRACE,
     JobSpec,
@@ -284,7 +285,8 @@ class JobManager:
                     # Sandboxes built ahead are in an owner's slice: until a
                     # start says whose, the owner of the newest job's.
                     newest = max(self._index.jobs(), key=_created, default=None)
-                    pool.aim(slice_name(newest.spec.owner if newest else ""), None)
+                    owner = newest.spec.owned_by if newest else Identity("", USER)
+                    pool.aim(slice_name(owner), None)
                     nursery.start_soon(self._retainer.run, self.remove)
                     yield self
                 finally:
@@ -316,7 +318,7 @@ class JobManager:
         for found in recovery.load(self.jobs_dir):
             self._index.add(found.job)
             if not found.job.done.is_set():
-                self._slots.take(found.job.spec.owner)
+                self._slots.take(found.job.spec.owned_by)
                 uid = found.job.spec.uid
                 if uid is not None and not self.uids.hold(uid):
                     log.warning(
@@ -336,7 +338,7 @@ class JobManager:
 
     # -- what it holds -----------------------------------------------------------------
 
-    def resolve(self, job_id: str, *, owner: str | None = None) -> Job:
+    def resolve(self, job_id: str, *, owner: Identity | None = None) -> Job:
         """The job with this id or unique id prefix; OperationError otherwise.
 
         With `owner`, only that owner's jobs are candidates: another owner's
@@ -344,11 +346,11 @@ class JobManager:
         """
         return self._index.resolve(job_id, owner=owner)
 
-    def jobs(self, *, owner: str | None = None) -> list[Job]:
+    def jobs(self, *, owner: Identity | None = None) -> list[Job]:
         """Every job (with `owner`, that owner's), oldest first."""
         return self._index.jobs(owner=owner)
 
-    def running(self, owner: str | None = None) -> int:
+    def running(self, owner: Identity | None = None) -> int:
         """Jobs starting or running (with `owner`, that owner's)."""
         return self._slots.running(owner)
 

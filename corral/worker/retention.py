@@ -22,6 +22,7 @@ from pathlib import Path
 import trio
 
 from corral.errors import OperationError
+from corral.identity import Identity
 from corral.store import OUTPUT_FILE
 from corral.worker.index import Job, JobIndex
 
@@ -62,9 +63,9 @@ def beyond(bounds: Retention, finished: list[Job], now_ns: int) -> list[Job]:
     if bounds.age is not None:
         oldest_kept = now_ns - int(bounds.age * 1e9)
         doomed += [job for job in finished if job.ended_at <= oldest_kept]
-    by_owner: dict[str, list[Job]] = {}
+    by_owner: dict[Identity, list[Job]] = {}
     for job in finished:
-        by_owner.setdefault(job.spec.owner, []).append(job)
+        by_owner.setdefault(job.spec.owned_by, []).append(job)
     for jobs in by_owner.values():
         doomed += _over(jobs, bounds.count, bounds.log_bytes)
     going = set(doomed)

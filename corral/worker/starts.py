@@ -81,10 +81,10 @@ class Starts:
             resolved = spec.validate()
         except SpecError as exc:
             raise OperationError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-        owner = resolved.owner
+        owner = resolved.owned_by
         self._slots.check(owner, self._index.finished(owner), self._index.log_bytes(owner))
         uid = self._uids.allocate() if resolved.pooled else None
-        slice = slice_name(resolved.owner)
+        slice = slice_name(owner)
         warm_id = self._pool.take_warm(slice)
         resolved = replace(
             resolved,
@@ -101,7 +101,7 @@ class Starts:
             raise
         job = Job(spec=resolved, status=Status(state=State.STARTING), directory=directory)
         self._index.add(job)
-        self._slots.take(resolved.owner)  # no checkpoint since check()
+        self._slots.take(owner)  # no checkpoint since check()
         try:
             report = await self._spawn(job, quota)
         finally:
