@@ -136,6 +136,13 @@ async def forked_by(client: Client, job_id: str) -> int:
     return int(said.split(b"forked ")[1].split()[0])
 
 
+async def host_cgroup(client: Client, job_id: str) -> str:
+    """The cgroup of the job's init as the host sees it (the job itself sees
+    its own cgroup as /, in a cgroup namespace of its own)."""
+    pid = (await client.status(job_id)).raw["pid"]
+    return Path(f"/proc/{pid}/cgroup").read_text()
+
+
 @pytest.mark.cgroup  # the v2 lane too
 async def test_a_users_jobs_together_are_held_to_the_users_quota(
     pki_dir: Path, short_dir: Path
@@ -158,11 +165,11 @@ async def test_a_users_jobs_together_are_held_to_the_users_quota(
             with pytest.raises(ServerError) as full:  # nor can another job of hers fork
                 await alice.start(["true"])
             assert "Resource temporarily unavailable" in str(full.value)
-            seen = await bob.start(["cat", "/proc/self/cgroup"])
-            assert (await bob.wait(seen.id)).exit_code == 0
-            assert "/owner-user-bob/" in (await job_output(bob, seen.id)).decode()
+            seen = await bob.start(["sleep", "60"])
+            assert "/owner-user-bob/" in await host_cgroup(bob, seen.id)
+            await bob.stop(seen.id, grace=0)
             await admin.stop(bomb.id, grace=0)
             with trio.fail_after(30):  # alice's slice is free again: her next job runs
-                again = await alice.start(["cat", "/proc/self/cgroup"])
-                assert (await alice.wait(again.id)).exit_code == 0
-            assert "/owner-user-alice/" in (await job_output(alice, again.id)).decode()
+                again = await alice.start(["sleep", "60"])
+                assert "/owner-user-alice/" in await host_cgroup(alice, again.id)
+            await alice.stop(again.id, grace=0)

@@ -2,7 +2,8 @@
 
 The shim forks init after `unshare(CLONE_NEWPID)`, so init is PID 1 of a
 new PID namespace. init builds the jail (new mount, network, UTS and IPC
-namespaces; private mounts, every host mount read-only, a fresh /proc and
+namespaces, and a cgroup namespace once it is in the job's cgroup; private
+mounts, every host mount read-only, a fresh /proc and
 /sys with the kernel's host-wide files masked or read-only and /run
 hidden (`masks`), a size-limited /tmp and /dev/shm, the paths the job may write bound
 writable (a host path under /tmp or /dev/shm carried into the job's own
@@ -161,6 +162,10 @@ def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
     libc.set_name("corral-init")
 
     job = _receive_job(config.job_fd)
+    # init is in the job's cgroup now (the job comes only then): a cgroup
+    # namespace rooted there shows the job its cgroup as / and none of the
+    # host's paths (the slice, the owner's name, corrald's own cgroup).
+    _step("cgroup", libc.unshare, libc.CLONE_NEWCGROUP)
     carried: dict[bytes, int] = {}  # host paths the job's own mounts will hide, opened
     for path in job.writable:
         if mounts.under_private_mount(path):
