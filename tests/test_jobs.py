@@ -480,7 +480,8 @@ async def test_job_is_in_its_cgroup_with_its_limits_and_the_cgroup_goes(
     # host sees where it is.
     await until(lambda: output(job.directory).endswith(b"\n"))
     said = output(job.directory).decode().splitlines()
-    assert said and all(line.endswith(":/") for line in said), said
+    assert said
+    assert all(line.endswith(":/") for line in said), said
     own = f"/{PARENT}/{job.spec.slice}/{job.id}"
     for pid in cgroup.procs():
         assert own in Path(f"/proc/{pid}/cgroup").read_text()
