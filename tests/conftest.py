@@ -30,6 +30,7 @@ from corral.store import read_spec, read_status
 from corral.supervisor.server import Server, ServerConfig
 from corral.tls import server_context
 from corral.worker.cgroup_parent import default_parent, remove_if_empty
+from corral.worker.manager import JobManager, open_job_manager
 
 STRICT_SKIPS = "CORRAL_STRICT_SKIPS"
 # Jobs started by tests get cgroups under a parent of their own, never a
@@ -90,6 +91,20 @@ async def job_output(client: Client, job_id: str) -> bytes:
     """A job's whole output (stdout and stderr, as written), once it has ended."""
     async with client.logs(job_id, follow=True) as stream:
         return b"".join([r.data async for r in stream if isinstance(r.data, bytes)])
+
+
+@contextlib.asynccontextmanager
+async def managed_jobs(state_dir: Path, **options: Any) -> AsyncIterator[JobManager]:
+    """A running JobManager on `state_dir`, under the tests' cgroup parent.
+    Afterwards every job it started has ended and no cgroup of ours is left."""
+    async with open_job_manager(state_dir, cgroup_parent=TEST_CGROUP_PARENT, **options) as manager:
+        try:
+            yield manager
+        finally:
+            for job in manager.jobs():
+                if not job.done.is_set():
+                    await manager.stop(job.id, grace=0)
+    assert orphans(detect_flavour(), parent=TEST_CGROUP_PARENT) == [], "a job's cgroup was left"
 
 
 def identity(pki_dir: Path, name: str) -> Path:

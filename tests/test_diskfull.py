@@ -23,11 +23,10 @@ from corral.job import JobSpec, State
 from corral.protocol import ErrorCode
 from corral.records import STREAM_MARKER, STREAM_STDOUT
 from corral.shim import libc
-from corral.shim.cgroup import detect_flavour, orphans
 from corral.store import OUTPUT_FILE, read_status
-from corral.worker.manager import JobManager, open_job_manager
+from corral.worker.manager import JobManager
 
-from .conftest import TEST_CGROUP_PARENT, until
+from .conftest import managed_jobs, until
 
 pytestmark = [
     pytest.mark.jobs,
@@ -60,14 +59,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 async def jobs(small_disk: Path) -> AsyncIterator[JobManager]:
     """A JobManager whose state directory is on `small_disk`; afterwards every
     job has ended and no cgroup of ours is left."""
-    async with open_job_manager(small_disk / "state", cgroup_parent=TEST_CGROUP_PARENT) as manager:
-        try:
-            yield manager
-        finally:
-            for job in manager.jobs():
-                if not job.done.is_set():
-                    await manager.stop(job.id, grace=0)
-    assert orphans(detect_flavour(), parent=TEST_CGROUP_PARENT) == []
+    async with managed_jobs(small_disk / "state") as manager:
+        yield manager
 
 
 def fill(disk: Path, *, leave: int = 0) -> Path:

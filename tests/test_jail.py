@@ -29,11 +29,11 @@ from corral.job import (
     host_cpus,
 )
 from corral.protocol import ErrorCode
-from corral.shim.cgroup import detect_flavour, orphans
+from corral.shim.cgroup import detect_flavour
 from corral.store import OUTPUT_FILE
-from corral.worker.manager import JobManager, open_job_manager
+from corral.worker.manager import JobManager
 
-from .conftest import TEST_CGROUP_PARENT, identity, running_corrald
+from .conftest import identity, managed_jobs, running_corrald
 from .test_cli import corral
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="jobs need root")
@@ -51,14 +51,8 @@ async def jobs(tmp_path: Path) -> AsyncIterator[JobManager]:
     """A JobManager (a sandbox built ahead of each start: the jail is built
     before the job is known, as it is in corrald); every job ended and no
     cgroup of ours left afterwards."""
-    async with open_job_manager(tmp_path / "state", cgroup_parent=TEST_CGROUP_PARENT) as manager:
-        try:
-            yield manager
-        finally:
-            for job in manager.jobs():
-                if not job.done.is_set():
-                    await manager.stop(job.id, grace=0)
-    assert orphans(FLAVOUR, parent=TEST_CGROUP_PARENT) == [], "a job's cgroup was left behind"
+    async with managed_jobs(tmp_path / "state") as manager:
+        yield manager
 
 
 async def run(jobs: JobManager, *argv: str, **spec: object) -> tuple[Status, Path]:

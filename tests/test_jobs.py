@@ -44,7 +44,7 @@ from corral.worker import spawner_pool
 from corral.worker.manager import Admission, Job, JobManager, open_job_manager
 from corral.worker.sandboxes import SandboxRecords
 
-from .conftest import TEST_CGROUP_PARENT, open_fds, until
+from .conftest import TEST_CGROUP_PARENT, managed_jobs, open_fds, until
 
 pytestmark = [
     pytest.mark.jobs,
@@ -86,16 +86,8 @@ async def jobs(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
 
     Afterwards: every job has ended and no cgroup of ours is left.
     """
-    async with open_job_manager(
-        tmp_path / "state", cgroup_parent=PARENT, warm=request.param
-    ) as manager:
-        try:
-            yield manager
-        finally:
-            for job in manager.jobs():
-                if not job.done.is_set():
-                    await manager.stop(job.id, grace=0)
-    assert orphans(FLAVOUR, parent=PARENT) == [], "a job's cgroup was left behind"
+    async with managed_jobs(tmp_path / "state", warm=request.param) as manager:
+        yield manager
 
 
 async def start_ready(jobs: JobManager, script: str) -> Job:
@@ -155,7 +147,7 @@ async def test_output_lands_in_the_log(jobs: JobManager) -> None:
         ({"argv": ["true"], "user": "no-such-user-xyz"}, ErrorCode.INVALID_ARGUMENT, "user",
          "unknown user 'no-such-user-xyz'"),
         ({"argv": ["true"], "writable": ["/no/such/dir"]}, ErrorCode.INVALID_ARGUMENT,
-         "writable", "cannot make a path writable: mount(/no/such/dir): No such file"),
+         "writable", "cannot make a path writable: open(/no/such/dir): No such file"),
         ({"argv": ["true"], "writable": ["/bin"]}, ErrorCode.INVALID_ARGUMENT,
          "writable", "cannot make a path writable: /bin passes through a symbolic link; "
          "give the path it leads to"),
@@ -994,6 +986,7 @@ async def test_a_hung_spawner_fails_the_start_within_its_deadline_and_is_replace
         failed = jobs.resolve(caught.value.details["job"])
         assert failed.status.state is State.FAILED
         await until(lambda: jobs.spawner_pid not in (None, hung))  # killed, replaced
+        monkeypatch.undo()  # the new spawner's first start has the usual deadline
         job = await jobs.start(JobSpec(argv=["sh", "-c", "exit 4"]))
         assert (await jobs.wait(job.id)).exit_code == 4
     assert orphans(FLAVOUR, parent=PARENT) == []

@@ -28,9 +28,9 @@ from corral.supervisor.heartbeat import live_tasks
 from corral.worker.manager import JobManager
 
 from .conftest import (
-    TEST_CGROUP_PARENT,
     Daemon,
     identity,
+    managed_jobs,
     open_fds,
     running_corrald,
     until,
@@ -45,13 +45,8 @@ pytestmark = [
 
 @pytest.fixture
 async def jobs(tmp_path: Path) -> AsyncIterator[JobManager]:
-    async with JobManager(tmp_path / "state", cgroup_parent=TEST_CGROUP_PARENT) as manager:
-        try:
-            yield manager
-        finally:
-            for job in manager.jobs():
-                if not job.done.is_set():
-                    await manager.stop(job.id, grace=0)
+    async with managed_jobs(tmp_path / "state") as manager:
+        yield manager
 
 
 def split(data: bytes) -> tuple[bytes, bytes, list[dict[str, Any]]]:

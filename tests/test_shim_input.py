@@ -26,16 +26,16 @@ import trio
 from corral import ipc, ipc_input
 from corral.job import JobSpec, State
 from corral.records import STREAM_MARKER, STREAM_STDERR, STREAM_STDOUT
-from corral.shim.cgroup import detect_flavour, open_cgroup, orphans
+from corral.shim.cgroup import detect_flavour, open_cgroup
 from corral.shim.input_relay import MAX_ATTACHED, InputRelay
 from corral.shim.input_relay import State as State_
 from corral.shim.loop import Loop
 from corral.shim.output_log import MARKER_RESERVE, OutputLog
 from corral.shim.terminal import Terminal, get_size
 from corral.store import OUTPUT_FILE, socket_path
-from corral.worker.manager import Job, JobManager, open_job_manager
+from corral.worker.manager import Job, JobManager
 
-from .conftest import TEST_CGROUP_PARENT, until
+from .conftest import TEST_CGROUP_PARENT, managed_jobs, until
 
 pytestmark = [
     pytest.mark.jobs,
@@ -54,16 +54,8 @@ async def jobs(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
     """A JobManager on a fresh state directory with a sandbox built ahead (warm)
     or none (cold): the input channel is made before the job is known, or with
     it. Afterwards: every job has ended and no cgroup of ours is left."""
-    async with open_job_manager(
-        tmp_path / "state", cgroup_parent=PARENT, warm=request.param
-    ) as manager:
-        try:
-            yield manager
-        finally:
-            for job in manager.jobs():
-                if not job.done.is_set():
-                    await manager.stop(job.id, grace=0)
-    assert orphans(FLAVOUR, parent=PARENT) == [], "a job's cgroup was left behind"
+    async with managed_jobs(tmp_path / "state", warm=request.param) as manager:
+        yield manager
 
 
 def records(job_dir: Path) -> list[list[object]]:

@@ -41,10 +41,21 @@ MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
 MNT_DETACH = 2
 
-# <linux/mount.h>, <fcntl.h>: mount_setattr is 442 on every architecture
+# <linux/mount.h>, <fcntl.h>, <linux/openat2.h>: the new mount API and
+# openat2 have the same numbers on every architecture
 MOUNT_ATTR_RDONLY = 0x1
 AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_OPENAT2 = 437
 _SYS_MOUNT_SETATTR = 442
 
 # <linux/prctl.h>
@@ -124,18 +135,64 @@ class _MountAttr(ctypes.Structure):
     )
 
 
-def mount_setattr(path: bytes, *, attr_set: int = 0, attr_clr: int = 0) -> None:
-    """Change the mount at `path` and every mount below it (mount_setattr(2), Linux 5.12)."""
+def mount_setattr(
+    path: bytes, *, attr_set: int = 0, attr_clr: int = 0, fd: int | None = None
+) -> None:
+    """Change the mount at `path`, or the one `fd` is (a detached tree from
+    open_tree, say), and every mount below it (mount_setattr(2), Linux 5.12)."""
     attr = _MountAttr(attr_set, attr_clr, 0, 0)
     result = _libc.syscall(
         _SYS_MOUNT_SETATTR,
-        ctypes.c_int(AT_FDCWD),
-        ctypes.c_char_p(path),
-        ctypes.c_uint(AT_RECURSIVE),
+        ctypes.c_int(AT_FDCWD if fd is None else fd),
+        ctypes.c_char_p(b"" if fd is not None else path),
+        ctypes.c_uint(AT_RECURSIVE | (AT_EMPTY_PATH if fd is not None else 0)),
         ctypes.byref(attr),
         ctypes.c_size_t(ctypes.sizeof(attr)),
     )
     _check(result, "mount_setattr", path.decode(errors="backslashreplace"))
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    )
+
+
+def openat2(path: bytes, flags: int, resolve: int, dir_fd: int = AT_FDCWD) -> int:
+    """open `path` with the lookup restricted by `resolve` (openat2(2), Linux 5.6)."""
+    how = _OpenHow(flags, 0, resolve)
+    result = _libc.syscall(
+        _SYS_OPENAT2,
+        ctypes.c_int(dir_fd),
+        ctypes.c_char_p(path),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    return _check(result, "openat2", path.decode(errors="backslashreplace"))
+
+
+def open_tree(fd: int, flags: int) -> int:
+    """A descriptor of the mount at `fd` (with OPEN_TREE_CLONE, a detached
+    copy of it, and with AT_RECURSIVE of every mount below it), open_tree(2)."""
+    result = _libc.syscall(
+        _SYS_OPEN_TREE, ctypes.c_int(fd), ctypes.c_char_p(b""), ctypes.c_uint(flags | AT_EMPTY_PATH)
+    )
+    return _check(result, "open_tree")
+
+
+def move_mount(tree: int, to_fd: int) -> None:
+    """Attach the mount tree `tree` at the place `to_fd` is (move_mount(2))."""
+    result = _libc.syscall(
+        _SYS_MOVE_MOUNT,
+        ctypes.c_int(tree),
+        ctypes.c_char_p(b""),
+        ctypes.c_int(to_fd),
+        ctypes.c_char_p(b""),
+        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+    )
+    _check(result, "move_mount")
 
 
 def umount(target: str, flags: int = 0) -> None:

@@ -136,15 +136,55 @@ def make_writable(path: bytes) -> None:
     """Bind `path` (and the mounts below it) onto itself, writable.
 
     The path must be the real one: a symbolic link on the way could lead
-    anywhere (one planted by another job with write access to a parent, say).
-    The check and the bind are two steps: a link swapped in between by a
-    process with write access to a parent directory is not caught.
+    anywhere (one planted by a job with write access to a parent, say). So
+    it is looked up once, by openat2 with RESOLVE_NO_SYMLINKS (ELOOP for a
+    link anywhere on the way), and everything after works on what that
+    opened: open_tree clones the mounts there, mount_setattr makes the clone
+    writable while it is detached, move_mount attaches it at the same
+    place. A link swapped in meanwhile (renameat2 RENAME_EXCHANGE) is never
+    followed: no step looks the path up again.
     """
-    if os.path.realpath(path) != path:
-        raise _through_a_link(path)
-    if path != b"/":
-        libc.mount(path, path, None, libc.MS_BIND | libc.MS_REC, None)
-    set_read_only(path, False)
+    if path == b"/":
+        set_read_only(path, False)
+        return
+    fd = _open_without_links(path)
+    try:
+        clone = libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC | libc.AT_RECURSIVE
+        tree = libc.open_tree(fd, clone)
+        try:
+            try:
+                libc.mount_setattr(path, attr_clr=libc.MOUNT_ATTR_RDONLY, fd=tree)
+                writable = True
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS:
+                    raise
+                writable = False  # before Linux 5.12: remounted once in place
+            libc.move_mount(tree, fd)
+        finally:
+            os.close(tree)
+    finally:
+        os.close(fd)
+    if not writable:
+        remount_each(path, False)
+
+
+def _open_without_links(path: bytes) -> int:
+    """An O_PATH descriptor of `path`, looked up without following any
+    symbolic link (ELOOP naming the path if one is on the way)."""
+    flags = os.O_PATH | os.O_CLOEXEC
+    resolve = libc.RESOLVE_NO_SYMLINKS | libc.RESOLVE_NO_MAGICLINKS
+    try:
+        return libc.openat2(path, flags, resolve)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _through_a_link(path) from None
+        if exc.errno == errno.ENOSYS:
+            raise OSError(
+                errno.ENOSYS,
+                "writable paths need Linux 5.6 or later (openat2 and open_tree bind "
+                "them without following a link swapped in on the way)",
+            ) from None
+        raise OSError(exc.errno, f"open({_shown(path)}): {os.strerror(exc.errno or 0)}") from None
 
 
 def _through_a_link(path: bytes) -> OSError:
