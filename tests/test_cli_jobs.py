@@ -15,6 +15,7 @@ from corral.client.client import connect
 from corral.client.errors import ServerError
 from corral.job import State
 from corral.protocol import ErrorCode
+from corral.shim.credentials import oom_score_pinned
 from corral.store import read_status
 from corral.supervisor.policy import builtin_user_caps, builtin_user_quota
 from corral.units import short_size
@@ -241,6 +242,9 @@ def test_info_shows_the_terms_jobs_start_under(as_user: Callable[..., object]) -
     assert f"your caps:      memory {short_size(caps['memory'])}, pids {caps['pids']}" in shown
     quota = builtin_user_quota()
     assert f"your quota:     memory {short_size(quota['memory'])}, pids {quota['pids']}" in shown
+    # Whether a job may lower its OOM score: said as it is on this host.
+    floor = "1000, a floor" if oom_score_pinned() else "1000, not a floor: corrald lacks"
+    assert f"job oom score:  {floor}" in shown
 
 
 def test_ps_keeps_a_multi_line_command_on_one_row(as_user: Callable[..., object]) -> None:

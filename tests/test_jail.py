@@ -30,6 +30,7 @@ from corral.job import (
 )
 from corral.protocol import ErrorCode
 from corral.shim.cgroup import detect_flavour
+from corral.shim.credentials import oom_score_pinned
 from corral.store import OUTPUT_FILE
 from corral.worker.manager import JobManager
 
@@ -319,6 +320,19 @@ KERNEL_PROBE = (
     "wc -c < /proc/keys; wc -c < /proc/timer_list; ls -A /sys/firmware | wc -l; "
     "{ echo corral > /proc/sys/kernel/domainname; } 2>&1 || true"
 )
+
+
+@pytest.mark.cgroup  # the v2 lane too: its root has CAP_SYS_RESOURCE, this host's may not
+@pytest.mark.parametrize("user", ["dynamic", "root"])
+async def test_the_command_cannot_lower_its_oom_score(jobs: JobManager, user: str) -> None:
+    lower = "echo 0 > /proc/self/oom_score_adj; cat /proc/self/oom_score_adj"
+    status, directory = await run(jobs, "sh", "-c", lower, user=user)
+    if oom_score_pinned():
+        assert b"Permission denied" in output(directory, 2)
+        assert output(directory) == b"1000\n"
+        assert status.exit_code == 0
+    else:  # the kernel makes it a floor only when written with CAP_SYS_RESOURCE
+        assert output(directory) == b"0\n"
 
 
 @pytest.mark.parametrize("writable", [(), ("/",)], ids=["host-read-only", "rw-everything"])

@@ -38,6 +38,9 @@ def _print_json(value: Any, out: TextIO) -> None:
     out.write("\n")
 
 
+_OOM_NOT_PINNED = "1000, not a floor: corrald lacks CAP_SYS_RESOURCE, a job may lower its own"
+
+
 async def cmd_info(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     info: ServerInfo = await client.info()
     if _json(args):
@@ -57,6 +60,9 @@ async def cmd_info(client: Client, args: argparse.Namespace, out: TextIO) -> int
     if isinstance(uids, dict):
         start, count = uids.get("start"), uids.get("count")
         rows.append(("job uids", f"{uids.get('in_use')} of {count} in use ({start}:{count})"))
+    pinned = info.raw.get("oom_score_pinned")
+    if pinned is not None:
+        rows.append(("job oom score", "1000, a floor" if pinned else _OOM_NOT_PINNED))
     lag = info.raw.get("loop_lag")
     if isinstance(lag, dict):
         rows.append(

@@ -187,7 +187,10 @@ def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
     for fd in [*carried.values(), *([] if host_shm is None else [host_shm])]:
         os.close(fd)
     # The command is the process the OOM killer should pick; init inherits
-    # the score it passes on (only root may lower it later).
+    # the score it passes on. Written with CAP_SYS_RESOURCE, it is also the
+    # floor (the kernel's oom_score_adj_min): the job cannot lower it.
+    # Without that capability (corrald's bounding set lacks it) the job
+    # can: corrald warns at start and `info` says so.
     _step("oom_score_adj", _write, "/proc/self/oom_score_adj", COMMAND_OOM_SCORE_ADJ)
     if job.passwd or job.group:
         _step("account", mounts.install_account, {"passwd": job.passwd, "group": job.group})

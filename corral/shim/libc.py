@@ -91,6 +91,7 @@ INOTIFY_EVENT = struct.Struct("=iIII")  # wd, mask, cookie, len; then len bytes 
 
 # <linux/capability.h>
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CAP_SYS_RESOURCE = 24
 
 
 def _check(result: int, call: str, detail: str = "") -> int:
@@ -234,6 +235,14 @@ class _CapData(ctypes.Structure):
         ("permitted", ctypes.c_uint32),
         ("inheritable", ctypes.c_uint32),
     )
+
+
+def has_capability(capability: int) -> bool:
+    """Whether this process has `capability` in its effective set."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), ctypes.byref(data)), "capget")
+    return bool(data[capability // 32].effective >> capability % 32 & 1)
 
 
 def clear_capabilities() -> None:

@@ -33,6 +33,7 @@ from corral.errors import OperationError
 from corral.identity import ROLES
 from corral.pidlock import LockHeld, take_lock
 from corral.shim.cgroup import CgroupError, Flavour, check_host, detect_flavour
+from corral.shim.credentials import oom_score_pinned
 from corral.streams import CLOSE_TIMEOUT
 from corral.supervisor.flags import (
     DEFAULT_TCP,
@@ -364,6 +365,11 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise StartupError(str(exc)) from None
         _check_uid_range(args.uid_range)
         _raise_fd_limit()
+        if not oom_score_pinned():
+            log.warning(
+                "no CAP_SYS_RESOURCE: jobs' OOM score (1000) is not a floor, "
+                "a job may lower its own (give corrald the capability to pin it)"
+            )
         config = ServerConfig(
             policy=policy,
             state_dir=state_dir,

@@ -43,6 +43,7 @@ from corral.errors import OperationError
 from corral.identity import Identity
 from corral.protocol import Connection, Error, ErrorCode, Role
 from corral.shim.cgroup import Flavour, detect_flavour
+from corral.shim.credentials import oom_score_pinned
 from corral.streams import CLOSE_TIMEOUT, GONE, close_stream
 from corral.supervisor.attach import AttachOperations
 from corral.supervisor.descriptors import FD_DIR, Descriptors
@@ -293,6 +294,8 @@ class Server:
             "max_jobs_per_user": self.jobs.admission.max_jobs_per_owner if self.jobs else None,
             # The host uids jobs run as, one per running job.
             "uids": self._uids(),
+            # Whether a job's OOM score of 1000 is a floor it cannot lower.
+            "oom_score_pinned": oom_score_pinned(),
             # How late the event loop wakes: what every session waits for.
             "loop_lag": self.heartbeat.statistics(),
             # corrald's own footprint, for admins watching for leaks.
