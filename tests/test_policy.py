@@ -204,6 +204,8 @@ def test_with_no_configuration_a_users_job_is_still_bounded_and_an_admins_is_not
         ("[quota.guest]\npids = 5\n", {}, "quota for unknown role 'guest'"),
         ("", {"quotas": {"user": {"memory": "a lot"}}}, "quota.user: memory: not a size"),
         ("allow_host_root = 'yes'\n", {}, "allow_host_root must be true or false, not 'yes'"),
+        ("allow_seccomp_unconfined = 0\n", {},
+         "allow_seccomp_unconfined must be true or false, not 0"),
     ],
 )  # fmt: skip
 def test_a_wrong_policy_is_refused_naming_what(
@@ -214,6 +216,29 @@ def test_a_wrong_policy_is_refused_naming_what(
     with pytest.raises(PolicyError) as caught:
         load_policy(config, **flags)  # type: ignore[arg-type]
     assert message in str(caught.value)
+
+
+def test_a_policy_may_keep_every_job_under_the_syscall_filter(tmp_path: Path) -> None:
+    assert POLICY.start_terms(ADMIN, None, Limits(), None, seccomp="unconfined").seccomp == (
+        "unconfined"
+    )
+    assert POLICY.for_role("admin")["seccomp_unconfined"] is True
+    config = tmp_path / "corrald.toml"
+    config.write_text("allow_seccomp_unconfined = false\n")
+    strict = load_policy(config)
+    with pytest.raises(OperationError) as caught:
+        strict.start_terms(ADMIN, None, Limits(), None, seccomp="unconfined")
+    assert caught.value.code is ErrorCode.PERMISSION_DENIED
+    assert str(caught.value) == (
+        "this corrald's policy runs every job under the syscall filter "
+        "(allow_seccomp_unconfined = false)"
+    )
+    assert strict.start_terms(ADMIN, None, Limits(), None).seccomp == "default"
+    assert strict.for_role("admin")["seccomp_unconfined"] is False
+    # A user is refused for being a user, whatever the setting.
+    for policy in (POLICY, strict):
+        with pytest.raises(OperationError, match="only an admin may run a job without"):
+            policy.start_terms(ALICE, None, Limits(), None, seccomp="unconfined")
 
 
 def test_a_missing_config_file_is_named(tmp_path: Path) -> None:

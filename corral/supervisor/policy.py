@@ -72,7 +72,15 @@ from corral.units import (
 )
 
 # The policy file's top-level settings.
-SETTINGS = ("default_user", "allow_host_root", "defaults", "caps", "quota", "writable")
+SETTINGS = (
+    "default_user",
+    "allow_host_root",
+    "allow_seccomp_unconfined",
+    "defaults",
+    "caps",
+    "quota",
+    "writable",
+)
 
 
 class Reach(enum.Enum):
@@ -174,6 +182,9 @@ class Policy:
     # Whether an admin may run a job as root on the host (`--host-root`);
     # users never may.
     allow_host_root: bool = True
+    # Whether an admin may run a job without the syscall filter
+    # (`--seccomp unconfined`); users never may.
+    allow_seccomp_unconfined: bool = True
     defaults: Caps = field(default_factory=Caps)  # filled in where a start sets nothing
     caps: Mapping[str, Caps] = field(default_factory=dict)  # per role
     # Where each role's jobs may be given writable paths: at or under these.
@@ -208,7 +219,7 @@ class Policy:
             "host_root": self.allow_host_root and role == ADMIN,
             # The syscall filter jobs get, and whether this role may go without.
             "seccomp": SECCOMP_DEFAULT,
-            "seccomp_unconfined": role == ADMIN,
+            "seccomp_unconfined": self.allow_seccomp_unconfined and role == ADMIN,
             "defaults": self.defaults.to_wire(),
             "caps": self.caps.get(role, Caps()).to_wire(),
             "quota": self.quota(role).to_wire(),
@@ -255,6 +266,12 @@ class Policy:
             raise OperationError(
                 ErrorCode.PERMISSION_DENIED,
                 "only an admin may run a job without the syscall filter (seccomp unconfined)",
+            )
+        if seccomp == SECCOMP_UNCONFINED and not self.allow_seccomp_unconfined:
+            raise OperationError(
+                ErrorCode.PERMISSION_DENIED,
+                "this corrald's policy runs every job under the syscall filter "
+                "(allow_seccomp_unconfined = false)",
             )
         if user is not None and user != self.default_user and not identity.is_admin:
             raise OperationError(
@@ -391,6 +408,14 @@ def caps_from(
     return Caps(limits, None if runtime is None else float(runtime))
 
 
+def _boolean(document: Mapping[str, Any], name: str, where: str) -> bool:
+    """A true-or-false setting of the policy file, true when it is not set."""
+    value = document.get(name, True)
+    if not isinstance(value, bool):
+        raise PolicyError(f"{where}: {name} must be true or false, not {describe(value)}")
+    return value
+
+
 def load_policy(
     path: Path | None,
     *,
@@ -415,6 +440,7 @@ def load_policy(
 
         default_user = "dynamic"  # a uid of the job's own; or a host user's name
         allow_host_root = true    # whether admins may run jobs as root on the host
+        allow_seccomp_unconfined = true  # whether admins may run jobs without the filter
         [defaults]            # limits a start gets when it sets none
         memory = "512M"
         [caps.user]           # the most a user's job may ask for
@@ -447,11 +473,8 @@ def load_policy(
     user = default_user or document.get("default_user", DEFAULT_USER)
     if not isinstance(user, str) or not user or "\0" in user:
         raise PolicyError(f"{where}: default_user must be a user name")
-    allow_host_root = document.get("allow_host_root", True)
-    if not isinstance(allow_host_root, bool):
-        raise PolicyError(
-            f"{where}: allow_host_root must be true or false, not {describe(allow_host_root)}"
-        )
+    allow_host_root = _boolean(document, "allow_host_root", where)
+    allow_seccomp_unconfined = _boolean(document, "allow_seccomp_unconfined", where)
     default_settings = {**_table(document, "defaults", where), **(defaults or {})}
     cap_tables = _table(document, "caps", where)
     roles = sorted(set(cap_tables) | set(caps or {}) | {USER})
@@ -461,6 +484,7 @@ def load_policy(
     policy = Policy(
         default_user=user,
         allow_host_root=allow_host_root,
+        allow_seccomp_unconfined=allow_seccomp_unconfined,
         defaults=caps_from(default_settings, f"{where}: defaults", cpus=cpus),
         caps={
             role: caps_from(
