@@ -25,6 +25,7 @@ import trio
 from corral import pki
 from corral.address import Address, TCPAddress, UnixAddress
 from corral.client.client import Client
+from corral.shim import libc
 from corral.shim.cgroup import CGROUP_ROOT, Flavour, detect_flavour, open_cgroup, orphans
 from corral.store import read_spec, read_status
 from corral.supervisor.server import Server, ServerConfig
@@ -93,6 +94,24 @@ async def job_output(client: Client, job_id: str) -> bytes:
         return b"".join([r.data async for r in stream if isinstance(r.data, bytes)])
 
 
+SMALL_DISK_SIZE = 4 << 20
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs, unmounted afterwards (lazily: a failed test may leave
+    a file open on it)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    libc.mount(
+        "tmpfs", str(disk), "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, f"size={SMALL_DISK_SIZE}"
+    )
+    try:
+        yield disk
+    finally:
+        libc.umount(str(disk), libc.MNT_DETACH)
+
+
 @contextlib.asynccontextmanager
 async def managed_jobs(state_dir: Path, **options: Any) -> AsyncIterator[JobManager]:
     """A running JobManager on `state_dir`, under the tests' cgroup parent.
@@ -117,6 +136,7 @@ def make_server(pki_dir: Path, directory: Path, **config: Any) -> Server:
         TCPAddress("127.0.0.1", 0),
         UnixAddress(str(directory / "corrald.sock")),
     ]
+    (directory / "state").mkdir(mode=0o700, exist_ok=True)  # the audit trail's place
     settings = ServerConfig(state_dir=directory / "state", pki_dir=pki_dir, listen=listen, **config)
     return Server(settings, server_context(pki_dir))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgpack
@@ -22,37 +22,23 @@ from corral.errors import OperationError
 from corral.job import JobSpec, State
 from corral.protocol import ErrorCode
 from corral.records import STREAM_MARKER, STREAM_STDOUT
-from corral.shim import libc
 from corral.store import OUTPUT_FILE, read_status
 from corral.worker.manager import JobManager
 
-from .conftest import managed_jobs, until
+from .conftest import SMALL_DISK_SIZE, managed_jobs, until
 
 pytestmark = [
     pytest.mark.jobs,
     pytest.mark.skipif(os.geteuid() != 0, reason="jobs need root"),
 ]
 
-DISK_SIZE = 4 << 20
+DISK_SIZE = SMALL_DISK_SIZE
 # Twice the disk: whatever else is on it, this fills it.
 PATTERN_SIZE = 8 << 20
 FULL = os.strerror(errno.ENOSPC)
 # What a job directory may hold once its job has ended: the reserve is gone
 # (shim.log is there if a sandbox built ahead took the job).
 ENDED_FILES = {"output.log", "shim.log", "spec.msgpack", "status.msgpack"}
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs, unmounted afterwards (lazily: a failed test may leave
-    a file open on it)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    libc.mount("tmpfs", str(disk), "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, f"size={DISK_SIZE}")
-    try:
-        yield disk
-    finally:
-        libc.umount(str(disk), libc.MNT_DETACH)
 
 
 @pytest.fixture

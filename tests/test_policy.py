@@ -37,10 +37,14 @@ EXPECTED = {
     "ping": (Reach.ANY, Reach.OWN),
     **{operation: (Reach.ANY, Reach.OWN) for operation in JOB_OPERATIONS},
 }
+# Operations of admins alone.
+ADMINS_ONLY = {"audit": Reach.ANY}
 
 
 def test_the_table_is_what_we_mean() -> None:
-    assert {op: (row["admin"], row["user"]) for op, row in TABLE.items()} == EXPECTED
+    shared = {op: row for op, row in TABLE.items() if "user" in row}
+    assert {op: (row["admin"], row["user"]) for op, row in shared.items()} == EXPECTED
+    assert {op: row["admin"] for op, row in TABLE.items() if op not in shared} == ADMINS_ONLY
 
 
 @pytest.mark.parametrize("operation", sorted(EXPECTED))
@@ -59,6 +63,7 @@ def test_every_operation_reaches_as_the_table_says(operation: str) -> None:
         (ADMIN, "shutdown"),
         (Identity("mallory", "operator"), "status"),  # a role it does not know
         (Identity("mallory", ""), "info"),
+        (ALICE, "audit"),  # admins alone
     ],
 )
 def test_what_the_table_does_not_list_is_refused(identity: Identity, operation: str) -> None:

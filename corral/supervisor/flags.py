@@ -13,6 +13,9 @@ import corral
 from corral.address import Address, AddressError, parse_address
 from corral.identity import ROLES
 from corral.shim.cgroup import CgroupError, check_component
+from corral.supervisor.audit import KEEP as AUDIT_KEEP
+from corral.supervisor.audit import MAX_SIZE as AUDIT_MAX_SIZE
+from corral.supervisor.audit import MIN_SIZE as AUDIT_MIN_SIZE
 from corral.supervisor.operations import MAX_STREAMS_PER_USER
 from corral.supervisor.policy import (
     USER_MEMORY_SHARE,
@@ -123,6 +126,13 @@ def _parsed(parse: Callable[[str], float]) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     return checked
+
+
+def _audit_size(text: str) -> int:
+    size = int(_parsed(parse_size)(text))
+    if size < AUDIT_MIN_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at least {short_size(AUDIT_MIN_SIZE)}")
+    return size
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -264,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
         "their starts are refused until they remove some (default "
         f"{short_size(MAX_LOG_BYTES_PER_OWNER)}, or a quarter of the state directory's "
         "filesystem if less; --keep-log-size removes the oldest instead)",
+    )
+    parser.add_argument(
+        "--audit-max-size",
+        type=_audit_size,
+        default=AUDIT_MAX_SIZE,
+        metavar="SIZE",
+        help=f"rotate STATE/audit.log beyond this size, keeping {AUDIT_KEEP} older files "
+        f"(default {short_size(AUDIT_MAX_SIZE)})",
     )
     parser.add_argument(
         "--uid-range",

@@ -382,6 +382,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             max_streams_per_user=args.max_streams_per_user,
             io_timeout=args.io_timeout,
             idle_timeout=args.idle_timeout,
+            audit_max_size=args.audit_max_size,
         )
         flavour = _require_cgroups()
         # Before trio starts any thread: shims are forked from the spawner.

@@ -101,6 +101,7 @@ TABLE: dict[str, dict[str, Reach]] = {
     "attach": {ADMIN: Reach.ANY, USER: Reach.OWN},  # the job's output, and input to it
     "resize": {ADMIN: Reach.ANY, USER: Reach.OWN},
     "remove": {ADMIN: Reach.ANY, USER: Reach.OWN},
+    "audit": {ADMIN: Reach.ANY},  # who did what: admins alone
 }
 
 

@@ -46,6 +46,9 @@ from corral.shim.cgroup import Flavour, detect_flavour
 from corral.shim.credentials import oom_score_pinned
 from corral.streams import CLOSE_TIMEOUT, GONE, close_stream
 from corral.supervisor.attach import AttachOperations
+from corral.supervisor.audit import MAX_SIZE as AUDIT_MAX_SIZE
+from corral.supervisor.audit import AuditLog
+from corral.supervisor.auditing import AuditObserver
 from corral.supervisor.descriptors import FD_DIR, Descriptors
 from corral.supervisor.heartbeat import Heartbeat, process_statistics
 from corral.supervisor.listeners import listener_address, open_listener, remove_unix_sockets
@@ -110,6 +113,8 @@ class ServerConfig:
     policy: Policy = field(default_factory=Policy)
     mountinfo: Path = field(default=Path("/proc/self/mountinfo"))
     fd_dir: Path = field(default=FD_DIR)
+    # STATE/audit.log is rotated beyond this many bytes (corral.supervisor.audit).
+    audit_max_size: int = AUDIT_MAX_SIZE
 
 
 def _peer_name(stream: trio.SocketStream) -> str:
@@ -169,7 +174,10 @@ class Server:
         self._no_requests = trio.Event()
         self._no_requests.set()
         self._operations: dict[str, Handler] = {}
+        self.audit = AuditLog(config.state_dir, max_size=config.audit_max_size)
+        self._observer = AuditObserver(self.audit)
         self._add_operations({"info": self._info, "ping": self._ping})
+        self._add_operations(self._observer.handlers())
         if jobs is not None:
             self.serve_jobs(jobs)
 
@@ -348,6 +356,7 @@ class Server:
         try:
             async with trio.open_nursery() as handlers:
                 handlers.start_soon(self.heartbeat.run)
+                await handlers.start(self.audit.run)
                 with self._accept_scope:
                     async with trio.open_nursery() as acceptors:
                         await acceptors.start(
@@ -412,6 +421,14 @@ class Server:
                 return
             refusal = self._refusal(identity)
             if refusal is not None:
+                who = identity if isinstance(identity, Identity) else None
+                self._observer.connection_refused(
+                    peer,
+                    str(refusal.code),
+                    refusal.message,
+                    name=who.name if who else None,
+                    role=who.role if who else None,
+                )
                 await self._refuse(tls, peer, refusal)
                 return
             assert isinstance(identity, Identity)
@@ -425,6 +442,8 @@ class Server:
                 hello_timeout=self.config.handshake_timeout,
                 io_timeout=self.config.io_timeout,
                 idle_timeout=self.config.idle_timeout,
+                address=peer,
+                observer=self._observer,
             )
             self._connecting -= 1
             self._opened += 1
@@ -463,11 +482,13 @@ class Server:
                     reason, why = handshake_refusal(exc.__cause__)
                     self._refused[reason] += 1
                     log.info("%s: refused in the TLS handshake: %s", peer, why)
+                    self._observer.handshake_refused(peer, reason, why)
                     await _flush_alert(tls)
                     return None
         if scope.cancelled_caught:
             self._refused["timeout"] += 1
             log.info("%s: dropped: TLS handshake not done in %.0f s", peer, timeout)
+            self._observer.handshake_refused(peer, "timeout", f"not done in {timeout:g} s")
             return None
         try:
             return identity_from_certificate(tls.getpeercert(binary_form=True))

@@ -33,7 +33,7 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -130,6 +130,7 @@ class RequestContext:
     async def send_data(self, offset: int, data: bytes) -> None:
         """Send a piece of the stream (within the credit `wait_credit` gave)."""
         await self.session.send(Data(id=self.request.id, offset=offset, data=data))
+        self.session.traffic(self.request.id).sent += len(data)
 
     async def receive_input(self) -> bytes | None:
         """The next piece of the client's input on this stream; None once the
@@ -163,6 +164,30 @@ class RequestContext:
 Handler = Callable[[RequestContext], Awaitable[dict[str, Any] | StreamEnd]]
 
 
+class Observer(Protocol):
+    """What the server learns of each session's requests: the audit trail
+    and the metrics (`corral.supervisor.server`)."""
+
+    def said_hello(self, session: Session) -> None:
+        """The peer said hello and was welcomed."""
+
+    def request_began(self, context: RequestContext) -> None:
+        """A request's handler is about to run."""
+
+    def request_ended(
+        self, context: RequestContext, reply: Result | End | Error, traffic: Traffic
+    ) -> None:
+        """A request was answered (or refused before any handler ran)."""
+
+
+@dataclass(slots=True)
+class Traffic:
+    """The bytes of stream data a request sent and received (never the bytes)."""
+
+    sent: int = 0
+    received: int = 0
+
+
 class Session:
     """Serves one authenticated client until it leaves or the server stops."""
 
@@ -178,9 +203,14 @@ class Session:
         hello_timeout: float,
         io_timeout: float = IO_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
+        address: str = "",
+        observer: Observer | None = None,
     ) -> None:
         self.identity = identity
         self.peer = peer
+        self.address = address  # the peer's, as the audit trail shows it
+        self._observer = observer
+        self._traffic: dict[int, Traffic] = {}
         self._stream = stream
         self._server_name = server_name
         self._operations = operations
@@ -204,6 +234,10 @@ class Session:
         self.peer_cancelled: set[int] = set()  # requests the client cancelled, in flight
         self.peer_left = False  # the client's side of the connection ended
         self._reader_scope = trio.CancelScope()
+
+    def traffic(self, request_id: int) -> Traffic:
+        """The stream bytes request `request_id` has sent and received so far."""
+        return self._traffic.setdefault(request_id, Traffic())
 
     def statistics(self) -> dict[str, int]:
         return {
@@ -427,23 +461,30 @@ class Session:
                         role=self.identity.role,
                     )
                 )
+                if self._observer is not None:
+                    self._observer.said_hello(self)
             case Request(id=request_id, op=op):
                 handler = self._operations.get(op)
+                context = RequestContext(identity=self.identity, request=event, session=self)
+                refusal: Error | None = None
                 if handler is None:
                     message = f"unknown operation {shorten(op)}"
-                    self._send_nowait(
-                        Error(id=request_id, code=ErrorCode.UNIMPLEMENTED, message=message)
-                    )
+                    refusal = Error(id=request_id, code=ErrorCode.UNIMPLEMENTED, message=message)
                 elif len(self._in_flight) >= self._max_requests:
                     limit = self._max_requests
                     message = f"too many requests in flight on this connection (limit {limit})"
-                    self._send_nowait(
-                        Error(id=request_id, code=ErrorCode.RESOURCE_EXHAUSTED, message=message)
+                    refusal = Error(
+                        id=request_id, code=ErrorCode.RESOURCE_EXHAUSTED, message=message
                     )
-                else:
+                if refusal is not None:
+                    self._send_nowait(refusal)
+                    if self._observer is not None:
+                        self._observer.request_ended(context, refusal, Traffic())
+                elif handler is not None:
                     scope = trio.CancelScope()
                     self._in_flight[request_id] = scope
-                    context = RequestContext(identity=self.identity, request=event, session=self)
+                    if self._observer is not None:
+                        self._observer.request_began(context)
                     requests.start_soon(self._serve_request, handler, context, scope)
             case Cancel(id=request_id):
                 if request_scope := self._in_flight.get(request_id):
@@ -451,6 +492,8 @@ class Session:
                     request_scope.cancel()
             case Data(id=request_id, data=data):
                 self._input(request_id, data)
+                if request_id in self._in_flight:
+                    self.traffic(request_id).received += len(data)
             case Eof(id=request_id):
                 self._input(request_id, None)
             case Credit(id=request_id):
@@ -484,15 +527,25 @@ class Session:
                 message=f"internal error in {shorten(context.request.op)}; see corrald's log",
             )
         except BaseException:
+            if self._observer is not None:
+                self._observer.request_ended(
+                    context,
+                    Error(id=request_id, code=ErrorCode.CANCELLED, message="cancelled"),
+                    self._traffic.get(request_id) or Traffic(),
+                )
+            self._traffic.pop(request_id, None)
             del self._in_flight[request_id]
             self._inputs.pop(request_id, None)
             self.peer_cancelled.discard(request_id)
             raise
+        if self._observer is not None:
+            self._observer.request_ended(context, reply, self._traffic.get(request_id) or Traffic())
         # The request counts against the cap until its reply is queued, so
         # a peer that does not read cannot pile up finished requests.
         try:
             await self._reply(reply)
         finally:
+            self._traffic.pop(request_id, None)
             del self._in_flight[request_id]
             self._inputs.pop(request_id, None)
             self.peer_cancelled.discard(request_id)
