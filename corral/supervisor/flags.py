@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import corral
-from corral.address import Address, AddressError, parse_address
+from corral.address import Address, AddressError, TCPAddress, parse_address
 from corral.identity import ROLES
 from corral.shim.cgroup import CgroupError, check_component
 from corral.supervisor.audit import KEEP as AUDIT_KEEP
@@ -149,6 +149,13 @@ def _address(text: str) -> Address:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _tcp_address(text: str) -> TCPAddress:
+    address = _address(text)
+    if not isinstance(address, TCPAddress):
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT, not {text!r}")
+    return address
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="corrald",
@@ -274,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
         "their starts are refused until they remove some (default "
         f"{short_size(MAX_LOG_BYTES_PER_OWNER)}, or a quarter of the state directory's "
         "filesystem if less; --keep-log-size removes the oldest instead)",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=_tcp_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP: keep it "
+        "on loopback, e.g. 127.0.0.1:9464; off by default)",
     )
     parser.add_argument(
         "--audit-max-size",

@@ -41,6 +41,7 @@ from corral.supervisor.flags import (
     build_parser,
 )
 from corral.supervisor.listeners import ListenError
+from corral.supervisor.metrics import MetricsServer
 from corral.supervisor.policy import PolicyError, load_policy
 from corral.supervisor.server import (
     Server,
@@ -217,10 +218,11 @@ async def serve(
     retention: Retention | None = None,
     admission: Admission | None = None,
     uid_range: UidRange | None = None,
+    metrics: TCPAddress | None = None,
 ) -> str | None:
-    """Bind the listeners, then start the job manager, then serve until a
-    signal. Returns why corrald could not start serving (having touched no
-    cgroup or job), or None after a clean stop.
+    """Bind the listeners (and the metrics' address), then start the job
+    manager, then serve until a signal. Returns why corrald could not start
+    serving (having touched no cgroup or job), or None after a clean stop.
 
     Theory of operation (shutdown). With `keep_jobs` (an upgrade) the first
     SIGINT/SIGTERM says goodbye to every session at once and leaves the jobs
@@ -237,7 +239,19 @@ async def serve(
             await server.open_listeners()
         except ListenError as exc:
             return str(exc)
+        if not oom_score_pinned():
+            log.warning(
+                "no CAP_SYS_RESOURCE: jobs' OOM score (1000) is not a floor, "
+                "a job may lower its own (give corrald the capability to pin it)"
+            )
+        metrics_server: MetricsServer | None = None
         try:
+            if metrics is not None:
+                try:
+                    metrics_server = server.metrics.serve(metrics.host, metrics.port)
+                except OSError as exc:
+                    return f"cannot serve metrics on {metrics}: {exc.strerror or exc}"
+                log.info("metrics at http://%s:%d/metrics", metrics.host, metrics_server.port)
             opening = open_job_manager(
                 config.state_dir,
                 spawner=spawner,
@@ -262,6 +276,8 @@ async def serve(
             # Closing a listener does not block; the deadline only says so.
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT):
                 await server.close_listeners()  # if serving never began
+            if metrics_server is not None:
+                metrics_server.close()
     return None
 
 
@@ -365,11 +381,6 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise StartupError(str(exc)) from None
         _check_uid_range(args.uid_range)
         _raise_fd_limit()
-        if not oom_score_pinned():
-            log.warning(
-                "no CAP_SYS_RESOURCE: jobs' OOM score (1000) is not a floor, "
-                "a job may lower its own (give corrald the capability to pin it)"
-            )
         config = ServerConfig(
             policy=policy,
             state_dir=state_dir,
@@ -417,6 +428,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                     ),
                 ),
                 uid_range=args.uid_range,
+                metrics=args.metrics,
             )
             failure = trio.run(serving, config, context, spawner, pki_dir)
         finally:

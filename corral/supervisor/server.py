@@ -52,12 +52,14 @@ from corral.supervisor.auditing import AuditObserver
 from corral.supervisor.descriptors import FD_DIR, Descriptors
 from corral.supervisor.heartbeat import Heartbeat, process_statistics
 from corral.supervisor.listeners import listener_address, open_listener, remove_unix_sockets
+from corral.supervisor.metrics import Metrics, Sources
 from corral.supervisor.operations import MAX_STREAMS_PER_USER, JobOperations
 from corral.supervisor.policy import Policy, authorize, owner_filter
 from corral.supervisor.session import (
     IDLE_TIMEOUT,
     IO_TIMEOUT,
     Handler,
+    Observers,
     RequestContext,
     Session,
     StreamEnd,
@@ -176,6 +178,17 @@ class Server:
         self._operations: dict[str, Handler] = {}
         self.audit = AuditLog(config.state_dir, max_size=config.audit_max_size)
         self._observer = AuditObserver(self.audit)
+        self.metrics = Metrics(
+            Sources(
+                sessions=lambda: len(self._sessions),
+                jobs_running=lambda: self.jobs.running() if self.jobs is not None else 0,
+                jobs_ended=lambda: dict(self.jobs.ended) if self.jobs is not None else {},
+                handshakes_refused=lambda: dict(self._refused),
+                spawner_restarts=lambda: self.jobs.spawner_restarts if self.jobs else 0,
+                audit_dropped=lambda: self.audit.dropped + self.audit.lost,
+                loop_lag=self.heartbeat.statistics,
+            )
+        )
         self._add_operations({"info": self._info, "ping": self._ping})
         self._add_operations(self._observer.handlers())
         if jobs is not None:
@@ -443,7 +456,7 @@ class Server:
                 io_timeout=self.config.io_timeout,
                 idle_timeout=self.config.idle_timeout,
                 address=peer,
-                observer=self._observer,
+                observer=Observers(self._observer, self.metrics),
             )
             self._connecting -= 1
             self._opened += 1

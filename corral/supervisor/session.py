@@ -180,6 +180,27 @@ class Observer(Protocol):
         """A request was answered (or refused before any handler ran)."""
 
 
+class Observers:
+    """Several observers as one: each is told everything, in turn."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self._all = observers
+
+    def said_hello(self, session: Session) -> None:
+        for observer in self._all:
+            observer.said_hello(session)
+
+    def request_began(self, context: RequestContext) -> None:
+        for observer in self._all:
+            observer.request_began(context)
+
+    def request_ended(
+        self, context: RequestContext, reply: Result | End | Error, traffic: Traffic
+    ) -> None:
+        for observer in self._all:
+            observer.request_ended(context, reply, traffic)
+
+
 @dataclass(slots=True)
 class Traffic:
     """The bytes of stream data a request sent and received (never the bytes)."""

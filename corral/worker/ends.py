@@ -12,6 +12,7 @@ recorded here too (`fail`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -52,8 +53,11 @@ class Ends:
         flavour: Flavour,
         cgroup_root: Path,
         cgroup_parent: str,
+        tally: collections.Counter[str] | None = None,
     ) -> None:
         self._nursery = nursery
+        # Ends recorded, by outcome: the state, or "oom" (for metrics).
+        self.tally: collections.Counter[str] = collections.Counter() if tally is None else tally
         self._index = index
         self._slots = slots
         self._uids = uids
@@ -147,6 +151,7 @@ class Ends:
         job.advance(status)
         job.record_end(log_size(job.directory))
         self._index.ended(job)
+        self.tally["oom" if status.oom_killed else str(status.state)] += 1
         self._slots.free(job.spec.owned_by)
         self._uids.release(job.spec.uid)
 

@@ -31,6 +31,7 @@ it recorded before building them (`corral.worker.sandboxes`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import shutil
@@ -187,6 +188,8 @@ class JobManager:
         self._spawner = spawner
         self._sandboxes = SandboxRecords(state_dir)
         self._index = JobIndex()
+        # Ends recorded since corrald started, by outcome (`Ends.tally`).
+        self.ended: collections.Counter[str] = collections.Counter()
         self._slots = Slots(self.admission)
         self.uids = UidPool(uid_range or UidRange())
         self._retainer = Retainer(self.retention, self._index)
@@ -268,6 +271,7 @@ class JobManager:
                     flavour=self.flavour,
                     cgroup_root=self.cgroup_root,
                     cgroup_parent=self.cgroup_parent,
+                    tally=self.ended,
                 )
                 starts = Starts(
                     self.jobs_dir,
