@@ -35,6 +35,8 @@ from corral.pidlock import LockHeld, take_lock
 from corral.shim.cgroup import CgroupError, Flavour, check_host, detect_flavour
 from corral.shim.credentials import oom_score_pinned
 from corral.streams import CLOSE_TIMEOUT
+from corral.supervisor import certificates
+from corral.supervisor.certificates import ServerCertificate
 from corral.supervisor.flags import (
     DEFAULT_TCP,
     SOCKET_NAME,
@@ -47,7 +49,7 @@ from corral.supervisor.server import (
     Server,
     ServerConfig,
 )
-from corral.tls import TLSConfigError, server_context
+from corral.tls import TLSConfigError
 from corral.worker.admission import log_quota
 from corral.worker.cgroup_parent import (
     ParentClaim,
@@ -207,7 +209,7 @@ def banner(server: Server, pki_dir: Path) -> str:
 
 async def serve(
     config: ServerConfig,
-    context: ssl.SSLContext,
+    tls: tuple[ssl.SSLContext, ServerCertificate],
     spawner: Spawner,
     pki_dir: Path,
     *,
@@ -233,8 +235,12 @@ async def serve(
     them (follows, `wait`s) up to `shutdown_grace` to send their ends, which
     carry the final status, then say goodbye. A further signal exits at once.
     """
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        server = Server(config, context)
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        trio.open_signal_receiver(signal.SIGHUP) as hangups,
+    ):
+        server = Server(config, tls[0])
+        server.certificate = tls[1]
         try:
             await server.open_listeners()
         except ListenError as exc:
@@ -270,6 +276,8 @@ async def serve(
                 server.serve_jobs(jobs)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(_serve_then_stop, server, nursery.cancel_scope)
+                    nursery.start_soon(_reload_on_sighup, server, pki_dir, hangups)
+                    nursery.start_soon(_warn_before_expiry, server)
                     print(banner(server, pki_dir), flush=True)
                     await _shut_down(server, jobs, signals, keep_jobs, nursery.cancel_scope)
         finally:
@@ -279,6 +287,34 @@ async def serve(
             if metrics_server is not None:
                 metrics_server.close()
     return None
+
+
+async def _reload_on_sighup(server: Server, pki_dir: Path, hangups: AsyncIterator[int]) -> None:
+    """On each SIGHUP, load PKI_DIR's files again and use them for the
+    handshakes to come (corral.supervisor.certificates); keep the old ones,
+    saying why in one line, if the new ones are wrong."""
+    async for _ in hangups:
+        try:
+            context, certificate = await trio.to_thread.run_sync(certificates.load, pki_dir)
+        except TLSConfigError as exc:
+            log.warning("SIGHUP: kept the TLS files in use: %s", exc)
+            continue
+        server.use_tls(context, certificate)
+        log.info(
+            "SIGHUP: new handshakes use %s (serial %x, until %s)",
+            pki_dir,
+            certificate.serial,
+            certificate.not_after.strftime("%Y-%m-%d %H:%M UTC"),
+        )
+        certificates.say_if_expiring(certificate)
+
+
+async def _warn_before_expiry(server: Server) -> None:
+    """Once a day, warn if the certificate in use ends within WARN_BEFORE."""
+    while True:
+        await trio.sleep(24 * 3600)
+        if server.certificate is not None:
+            certificates.say_if_expiring(server.certificate)
 
 
 async def _shut_down(
@@ -357,9 +393,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         pki_dir = (args.pki or state_dir / "pki").absolute()
         _prepare_pki(pki_dir, create=args.init_pki, server_names=args.server_names)
         try:
-            context = server_context(pki_dir)
+            context, certificate = certificates.load(pki_dir)
         except TLSConfigError as exc:
             raise StartupError(str(exc)) from None
+        certificates.say_if_expiring(certificate)
         listen = args.listen or [
             parse_address(DEFAULT_TCP),
             UnixAddress(str(state_dir / SOCKET_NAME)),
@@ -430,7 +467,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 uid_range=args.uid_range,
                 metrics=args.metrics,
             )
-            failure = trio.run(serving, config, context, spawner, pki_dir)
+            failure = trio.run(serving, config, (context, certificate), spawner, pki_dir)
         finally:
             spawner.close()  # its warm sandboxes are gone when it returns
         if failure is None:  # it served: the parent is ours to tidy, if nothing is left in it

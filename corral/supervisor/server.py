@@ -49,6 +49,7 @@ from corral.supervisor.attach import AttachOperations
 from corral.supervisor.audit import MAX_SIZE as AUDIT_MAX_SIZE
 from corral.supervisor.audit import AuditLog
 from corral.supervisor.auditing import AuditObserver
+from corral.supervisor.certificates import ServerCertificate
 from corral.supervisor.descriptors import FD_DIR, Descriptors
 from corral.supervisor.heartbeat import Heartbeat, process_statistics
 from corral.supervisor.listeners import listener_address, open_listener, remove_unix_sockets
@@ -176,6 +177,7 @@ class Server:
         self._no_requests = trio.Event()
         self._no_requests.set()
         self._operations: dict[str, Handler] = {}
+        self.certificate: ServerCertificate | None = None  # the one in use, for info
         self.audit = AuditLog(config.state_dir, max_size=config.audit_max_size)
         self._observer = AuditObserver(self.audit)
         self.metrics = Metrics(
@@ -193,6 +195,11 @@ class Server:
         self._add_operations(self._observer.handlers())
         if jobs is not None:
             self.serve_jobs(jobs)
+
+    def use_tls(self, context: ssl.SSLContext, certificate: ServerCertificate) -> None:
+        """Handshakes from now on use `context`; sessions open keep theirs."""
+        self._ssl_context = context
+        self.certificate = certificate
 
     def serve_jobs(self, jobs: JobManager) -> None:
         """Answer the job operations with `jobs` (a running manager), from
@@ -315,6 +322,8 @@ class Server:
             "max_jobs_per_user": self.jobs.admission.max_jobs_per_owner if self.jobs else None,
             # The host uids jobs run as, one per running job.
             "uids": self._uids(),
+            # The certificate corrald presents: its serial, its end, a warning near it.
+            "server_certificate": self.certificate.to_wire() if self.certificate else None,
             # Whether a job's OOM score of 1000 is a floor it cannot lower.
             "oom_score_pinned": oom_score_pinned(),
             # How late the event loop wakes: what every session waits for.
