@@ -283,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         "filesystem if less; --keep-log-size removes the oldest instead)",
     )
     parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the configuration, the PKI and cgroup support, say what was checked "
+        "and exit 0, or name what is wrong; serves nothing, changes nothing",
+    )
+    parser.add_argument(
         "--metrics",
         type=_tcp_address,
         metavar="HOST:PORT",

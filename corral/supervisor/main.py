@@ -30,12 +30,11 @@ from corral import pki
 from corral.address import Address, TCPAddress, UnixAddress, parse_address
 from corral.directories import make_directories
 from corral.errors import OperationError
-from corral.identity import ROLES
 from corral.pidlock import LockHeld, take_lock
-from corral.shim.cgroup import CgroupError, Flavour, check_host, detect_flavour
+from corral.shim.cgroup import Flavour
 from corral.shim.credentials import oom_score_pinned
 from corral.streams import CLOSE_TIMEOUT
-from corral.supervisor import certificates
+from corral.supervisor import certificates, preflight
 from corral.supervisor.certificates import ServerCertificate
 from corral.supervisor.flags import (
     DEFAULT_TCP,
@@ -44,7 +43,15 @@ from corral.supervisor.flags import (
 )
 from corral.supervisor.listeners import ListenError
 from corral.supervisor.metrics import MetricsServer
-from corral.supervisor.policy import PolicyError, load_policy
+from corral.supervisor.preflight import (
+    EXIT_UNAVAILABLE,
+    LOCK_FILE,
+    StartupError,
+    check_uid_range,
+    policy_from,
+    prepare_pki,
+    require_cgroups,
+)
 from corral.supervisor.server import (
     Server,
     ServerConfig,
@@ -70,32 +77,8 @@ from corral.worker.uid_pool import UidRange
 
 log = logging.getLogger("corrald")
 
-EXIT_CONFIG = 78  # sysexits EX_CONFIG: flags, state directory or PKI unusable
-EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: cannot listen
-
 # Who stopped the jobs corrald stops as it shuts down, as their reason says.
 SHUTDOWN_BY = "corrald shutting down"
-LOCK_FILE = "corrald.lock"
-
-
-class StartupError(Exception):
-    """corrald cannot start; `str()` says why, `status` is the exit status."""
-
-    def __init__(self, message: str, status: int = EXIT_CONFIG) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _check_uid_range(uids: UidRange) -> None:
-    """StartupError if the host has a user, group or subordinate range in
-    `uids`: a job given such a uid would be that user to the host."""
-    collisions = list(uids.collisions())
-    if collisions:
-        more = f" and {len(collisions) - 1} more" if len(collisions) > 1 else ""
-        raise StartupError(
-            f"--uid-range {uids} holds {collisions[0]}{more}: jobs must never be a "
-            "host user; choose a range that holds none"
-        )
 
 
 def _prepare_state_dir(state_dir: Path) -> Path:
@@ -133,38 +116,6 @@ def _claim_cgroup_parent(state_dir: Path, chosen: str | None) -> ParentClaim:
         return claim_parent(chosen or default_parent(state_dir))
     except ParentError as exc:
         raise StartupError(str(exc), EXIT_UNAVAILABLE) from None
-
-
-def _prepare_pki(pki_dir: Path, *, create: bool, server_names: Sequence[str]) -> None:
-    if create and not (pki_dir / pki.CA_CERT_FILE).exists():
-        try:
-            pki.init_pki(pki_dir, server_names)
-        except pki.PKIError as exc:
-            reason = str(exc).replace(" (use --force)", "")
-            raise StartupError(
-                f"cannot create a PKI in {pki_dir}: {reason}; it holds part of one: remove it, "
-                f"or replace it with `corral certs init {pki_dir} --force`"
-            ) from None
-        log.info("created a development PKI in %s", pki_dir)
-    elif not (pki_dir / pki.CA_CERT_FILE).exists():
-        raise StartupError(
-            f"no PKI in {pki_dir}: run `corral certs init {pki_dir}`, "
-            "or start corrald with --init-pki"
-        )
-
-
-def _require_cgroups() -> Flavour:
-    """The host's cgroup flavour; StartupError if jobs cannot run on it."""
-    flavour = detect_flavour()
-    if flavour is Flavour.NONE:
-        raise StartupError(
-            "no cgroup hierarchy is mounted at /sys/fs/cgroup; corral needs cgroup v1 or v2"
-        )
-    try:
-        check_host(flavour)
-    except CgroupError as exc:
-        raise StartupError(str(exc)) from None
-    return flavour
 
 
 def _raise_fd_limit() -> None:
@@ -384,6 +335,15 @@ def run(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s corrald %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if args.check:
+        try:
+            for line in preflight.check(args):
+                print(line)
+        except StartupError as exc:
+            sys.stderr.write(f"corrald: error: {exc}\n")
+            return exc.status
+        print("corrald --check: nothing wrong; corrald would start with these flags")
+        return 0
     claim: ParentClaim | None = None  # held until we exit
     try:
         state_dir = _prepare_state_dir(args.state_dir)
@@ -391,7 +351,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         claim = _claim_cgroup_parent(state_dir, args.cgroup_parent)
         parent = claim.parent
         pki_dir = (args.pki or state_dir / "pki").absolute()
-        _prepare_pki(pki_dir, create=args.init_pki, server_names=args.server_names)
+        prepare_pki(pki_dir, create=args.init_pki, server_names=args.server_names)
         try:
             context, certificate = certificates.load(pki_dir)
         except TLSConfigError as exc:
@@ -401,22 +361,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             parse_address(DEFAULT_TCP),
             UnixAddress(str(state_dir / SOCKET_NAME)),
         ]
-        try:
-            policy = load_policy(
-                args.config,
-                default_user=args.default_user,
-                defaults=dict(args.defaults),
-                caps={role: dict(getattr(args, f"{role}_caps")) for role in ROLES},
-                quotas={role: dict(getattr(args, f"{role}_quotas")) for role in ROLES},
-                writable={
-                    role: getattr(args, f"{role}_writable")
-                    for role in ROLES
-                    if getattr(args, f"{role}_writable")
-                },
-            )
-        except PolicyError as exc:
-            raise StartupError(str(exc)) from None
-        _check_uid_range(args.uid_range)
+        policy = policy_from(args)
+        check_uid_range(args.uid_range)
         _raise_fd_limit()
         config = ServerConfig(
             policy=policy,
@@ -432,7 +378,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             idle_timeout=args.idle_timeout,
             audit_max_size=args.audit_max_size,
         )
-        flavour = _require_cgroups()
+        flavour = require_cgroups()
         # Before trio starts any thread: shims are forked from the spawner.
         try:
             spawner = Spawner.start()
