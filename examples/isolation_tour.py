@@ -88,10 +88,10 @@ async def tour(guide: Tour) -> None:
     processes = [line.split(None, 4) for line in output.splitlines()[1:]]
     pid1 = next((p for p in processes if p[0] == "1"), [])
     guide.explain(
-        len(processes) == 2 and pid1[3:4] == ["corral-init"],
+        len(processes) == 2 and pid1[3:] == ["corral-init", "corral-init"],
         "its own PID namespace: only its own processes. PID 1 is corral's init\n"
-        "     (named corral-init; its args are the corral spawner it was forked from,\n"
-        "     it never execs), and init started ps. The host's processes are not there.",
+        "     (named corral-init, its command line too: it never execs, and names\n"
+        "     itself), and init started ps. The host's processes are not there.",
     )
 
     output, _ = await guide.run(["ip", "link"])

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from corral import ipc, ipc_fds, ipc_input
-from corral.shim import libc, masks, mounts, seccomp, terminal, userns
+from corral.shim import libc, masks, mounts, proctitle, seccomp, terminal, userns
 from corral.shim.mounts import remount_each
 
 # remount_each is the mounts' fallback before Linux 5.12; tests run it here.
@@ -140,6 +140,10 @@ def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
     # A dead shim means a dead job: the shim may die at any point from here
     # (or have died already: then the job never comes, only EOF).
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    # The job's `ps` shows its PID 1 as corral-init, not the spawner's
+    # command line with the host's path to Python in it; named first, so a
+    # shim looking for shims by name never takes init for one.
+    _step("name", proctitle.set_title, "corral-init")
     _step("namespaces", libc.unshare, NAMESPACES)
     _step("mounts", mounts.make_private)
     # The host is the job's to read, never to write, whatever the run-as
@@ -159,7 +163,6 @@ def _contain(config: InitConfig) -> tuple[ipc.JobConfig, _Stdio]:
     _step("hostname", libc.sethostname, config.hostname)
     # Inherited by the command: setuid bits and file capabilities give nothing.
     _step("no_new_privs", libc.prctl, libc.PR_SET_NO_NEW_PRIVS, 1)
-    libc.set_name("corral-init")
 
     job = _receive_job(config.job_fd)
     # init is in the job's cgroup now (the job comes only then): a cgroup

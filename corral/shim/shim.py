@@ -41,7 +41,7 @@ from corral import ipc, ipc_fds, ipc_input
 from corral.errors import ErrorCode
 from corral.job import SECCOMP_DEFAULT, ResolvedSpec, SpecError, State, Status, Usage
 from corral.records import STREAM_STDERR, STREAM_STDOUT
-from corral.shim import ending, libc, userns
+from corral.shim import ending, libc, proctitle, userns
 from corral.shim.cgroup import CgroupError
 from corral.shim.control import ControlSocket, Reply, Request
 from corral.shim.credentials import Credentials, credentials
@@ -526,7 +526,8 @@ def run_shim(
     directory and report descriptor; EOF instead means nobody will, and the
     sandbox goes. A warm shim dies with the spawner until it is claimed.
     """
-    libc.set_name(ipc.SHIM_COMM)
+    # `ps` on the host shows which job's shim this is, not the spawner's command line.
+    proctitle.set_title(ipc.SHIM_COMM, request.id)
     inherited = [report_fd] if report_fd is not None else []
     if claim is not None:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -247,9 +247,9 @@ def main() -> NoReturn:
         sys.exit("usage: python -m corral.shim.spawner FD (started by corrald)")
     control = socket.socket(fileno=int(sys.argv[1]))
     os.set_inheritable(control.fileno(), False)
-    from corral.shim import libc  # noqa: PLC0415 - after the usage check
+    from corral.shim import proctitle  # noqa: PLC0415 - after the usage check
 
-    libc.set_name("corral-spawner")
+    proctitle.set_title("corral-spawner")
     signal.signal(signal.SIGCHLD, _reap)
     _load_user_database()
     serve(control)
