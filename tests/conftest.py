@@ -115,7 +115,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 @contextlib.asynccontextmanager
 async def managed_jobs(state_dir: Path, **options: Any) -> AsyncIterator[JobManager]:
     """A running JobManager on `state_dir`, under the tests' cgroup parent.
-    Afterwards every job it started has ended and no cgroup of ours is left."""
+    Afterwards every job it started has ended and no cgroup it made is left
+    (one another test left is that test's failure, and the run's: see
+    no_cgroups_left_behind)."""
+    flavour = detect_flavour()
+    before = set(orphans(flavour, parent=TEST_CGROUP_PARENT))
     async with open_job_manager(state_dir, cgroup_parent=TEST_CGROUP_PARENT, **options) as manager:
         try:
             yield manager
@@ -123,7 +127,8 @@ async def managed_jobs(state_dir: Path, **options: Any) -> AsyncIterator[JobMana
             for job in manager.jobs():
                 if not job.done.is_set():
                     await manager.stop(job.id, grace=0)
-    assert orphans(detect_flavour(), parent=TEST_CGROUP_PARENT) == [], "a job's cgroup was left"
+    left = set(orphans(flavour, parent=TEST_CGROUP_PARENT)) - before
+    assert not left, f"job cgroups left behind: {sorted(left)}"
 
 
 def identity(pki_dir: Path, name: str) -> Path:
