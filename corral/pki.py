@@ -41,8 +41,9 @@ ORGANIZATION = "corral"
 CLOCK_SKEW = timedelta(minutes=5)
 # A dev CA should outlive many rounds of leaf re-issuing.
 CA_LIFETIME = timedelta(days=3650)
-# The longest leaf lifetime Apple platforms accept for TLS server certificates.
-LEAF_LIFETIME = timedelta(days=825)
+# Mozilla's "modern" maximum for leaves: renewed with `corral certs renew`
+# (corrald warns from 14 days before its own ends).
+LEAF_LIFETIME = timedelta(days=90)
 # Names become directory names and job owners: no separators, no hidden files; 64 is the CN limit.
 CLIENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
@@ -426,4 +427,53 @@ def issue_client(pki_dir: Path, name: str, role: str, *, force: bool = False) ->
     key, cert = make_client_cert(ca_key, ca_cert, name, role)
     _mkdir(clients_dir)
     write_identity(identity, ca_cert, key, cert, force=force)
+    return identity
+
+
+def _read_certificate(path: Path, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise PKIError(f"no {what}: {path} is missing") from None
+    except OSError as e:
+        raise PKIError(f"cannot read {path}: {e.strerror}") from e
+    except ValueError:
+        raise PKIError(f"{path} is not a PEM certificate") from None
+
+
+def renew_server(pki_dir: Path) -> Path:
+    """Re-issue corrald's key and certificate in ``pki_dir`` from its CA, for
+    the names the old one has, valid LEAF_LIFETIME from now; each file is
+    replaced atomically. Returns the certificate's path. PKIError if the CA
+    or the old certificate cannot be read."""
+    ca_key, ca_cert = load_ca(pki_dir)
+    path = pki_dir / SERVER_CERT_FILE
+    old = _read_certificate(path, "server certificate")
+    try:
+        sans = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise PKIError(f"{path} names no host (no subjectAltName): issue a new one") from None
+    names = [*sans.get_values_for_type(x509.DNSName)]
+    names += [str(address) for address in sans.get_values_for_type(x509.IPAddress)]
+    key, cert = make_server_cert(ca_key, ca_cert, names)
+    write_private_key(pki_dir / SERVER_KEY_FILE, key, force=True)
+    write_certificate(path, cert)
+    return path
+
+
+def renew_client(pki_dir: Path, name: str) -> Path:
+    """Re-issue client ``name``'s key and certificate (same name and role)
+    from the CA in ``pki_dir``, valid LEAF_LIFETIME from now; returns its
+    identity directory. PKIError if there is no such client."""
+    validate_client_name(name)
+    ca_key, ca_cert = load_ca(pki_dir)
+    identity = pki_dir / CLIENTS_DIR / name
+    old = _read_certificate(identity / CLIENT_CERT_FILE, f"client {name}")
+    roles = [
+        str(a.value) for a in old.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    ]
+    if len(roles) != 1 or roles[0] not in ROLES:
+        raise PKIError(f"{identity / CLIENT_CERT_FILE} has no single known role: issue a new one")
+    key, cert = make_client_cert(ca_key, ca_cert, name, roles[0])
+    write_identity(identity, ca_cert, key, cert, force=True)
     return identity

@@ -162,7 +162,7 @@ def test_leaf_certificates_chain_and_extensions(pki_dir: Path) -> None:
         assert ski == x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
         aki = ext(cert, x509.AuthorityKeyIdentifier).value
         assert aki.key_identifier == ca_ski.digest
-        assert cert.not_valid_after_utc - cert.not_valid_before_utc == timedelta(days=825)
+        assert cert.not_valid_after_utc - cert.not_valid_before_utc == timedelta(days=90)
 
 
 def test_keys_are_p256_and_signatures_sha256(pki_dir: Path) -> None:
@@ -593,7 +593,7 @@ def test_client_cert_validity_windows(
     future = now + timedelta(days=1)
     _, early = pki.make_client_cert(*ca, "carol", "user", not_before=future)
     assert early.not_valid_before_utc == future.replace(microsecond=0)
-    assert early.not_valid_after_utc - early.not_valid_before_utc == timedelta(days=825)
+    assert early.not_valid_after_utc - early.not_valid_before_utc == timedelta(days=90)
 
     with pytest.raises(ValueError, match="after"):
         pki.make_client_cert(*ca, "carol", "user", not_before=now, not_after=past)
@@ -626,3 +626,31 @@ def test_init_creates_missing_parent_directories(tmp_path: Path) -> None:
     pki.init_pki(directory)
     assert mode(directory) == 0o700
     pki.load_ca(directory)
+
+
+def test_renew_gives_the_server_and_a_client_new_keys_for_the_same_names(tmp_path: Path) -> None:
+    directory = tmp_path / "pki"
+    pki.init_pki(directory, ["corral.example.com"])
+    server_before = x509.load_pem_x509_certificate((directory / pki.SERVER_CERT_FILE).read_bytes())
+    alice = directory / pki.CLIENTS_DIR / "alice"
+    alice_before = x509.load_pem_x509_certificate((alice / pki.CLIENT_CERT_FILE).read_bytes())
+    key_before = (directory / pki.SERVER_KEY_FILE).read_bytes()
+
+    pki.renew_server(directory)
+    assert pki.renew_client(directory, "alice") == alice
+
+    server = x509.load_pem_x509_certificate((directory / pki.SERVER_CERT_FILE).read_bytes())
+    san = x509.SubjectAlternativeName
+    assert server.serial_number != server_before.serial_number
+    assert (directory / pki.SERVER_KEY_FILE).read_bytes() != key_before
+    assert (
+        server.extensions.get_extension_for_class(san).value
+        == server_before.extensions.get_extension_for_class(san).value
+    )
+    assert server.not_valid_after_utc - server.not_valid_before_utc == pki.LEAF_LIFETIME
+    renewed = x509.load_pem_x509_certificate((alice / pki.CLIENT_CERT_FILE).read_bytes())
+    assert renewed.subject == alice_before.subject  # CN alice, OU user
+    assert renewed.serial_number != alice_before.serial_number
+    assert stat.S_IMODE((alice / pki.CLIENT_KEY_FILE).stat().st_mode) == 0o600
+    with pytest.raises(pki.PKIError, match="no client carol"):
+        pki.renew_client(directory, "carol")

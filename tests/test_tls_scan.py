@@ -10,14 +10,11 @@ Mozilla "modern" (v5.7, the version sslyze ships) asks for, and this file checks
   test_server_chain_validates_against_the_dev_ca.
 - sslyze's own checker runs everything above plus its checks for compression, Heartbleed,
   CCS injection, ROBOT, TLS_FALLBACK_SCSV, renegotiation and extended master secret:
-  test_mozilla_modern_checker_passes_with_private_ca_exemptions.
+  test_mozilla_modern_checker_passes.
 - Mutual TLS, which modern does not ask for: the scanner, probing with no certificate, finds
   one required in the handshake (test_client_certificate_is_required).
 
-Left out or relaxed, and why:
-- A 90-day maximum leaf lifetime. It is meant for publicly trusted certificates that ACME
-  renews. corral's dev CA issues leaves for pki.LEAF_LIFETIME on purpose, and nothing renews
-  them automatically.
+Left out, and why (none is an exemption the checker needs):
 - A chain trusted by a public root store. The checker accepts a chain that any store
   validates, the dev CA included; test_server_chain_validates_against_the_dev_ca checks that
   the dev CA alone does.
@@ -249,17 +246,11 @@ async def test_server_chain_validates_against_the_dev_ca(server: Server, pki_dir
         assert signature in MODERN.certificate_signatures, leaf.signature_algorithm_oid
 
 
-async def test_mozilla_modern_checker_passes_with_private_ca_exemptions(
-    server: Server, pki_dir: Path
-) -> None:
+async def test_mozilla_modern_checker_passes(server: Server, pki_dir: Path) -> None:
     result = await scan(server, pki_dir, set(SCAN_COMMANDS_NEEDED_BY_MOZILLA_CHECKER))
-    # The module docstring says why each exemption fits a private CA.
-    profile = MODERN.model_copy(
-        update={
-            "maximum_certificate_lifespan": pki.LEAF_LIFETIME.days,
-        }
-    )
-    check_server_against_tls_configuration(result, profile)
+    # Modern as sslyze ships it: its 90-day leaf maximum included.
+    assert MODERN.maximum_certificate_lifespan == pki.LEAF_LIFETIME.days
+    check_server_against_tls_configuration(result, MODERN)
     # The scan sent hundreds of refused and malformed handshakes. A client still gets in.
     async with connect(tcp(server), identity(pki_dir, "alice")) as client:
         assert (await client.info()).identity.name == "alice"
