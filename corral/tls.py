@@ -16,11 +16,13 @@ import ctypes
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from corral.identity import ROLES, Identity
-from corral.pki import PKIError, validate_client_name
+
+# An identity directory's files, as `corral certs` writes them (corral.pki's
+# names; the client reads them from here so that connecting needs no PKI code).
+CA_CERT_FILE = "ca.crt"
+CLIENT_CERT_FILE = "client.crt"
+CLIENT_KEY_FILE = "client.key"
 
 
 class TLSConfigError(Exception):
@@ -106,7 +108,10 @@ def client_context(identity_dir: Path) -> ssl.SSLContext:
     """
     context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     _load(
-        context, identity_dir / "ca.crt", identity_dir / "client.crt", identity_dir / "client.key"
+        context,
+        identity_dir / CA_CERT_FILE,
+        identity_dir / CLIENT_CERT_FILE,
+        identity_dir / CLIENT_KEY_FILE,
     )
     return context
 
@@ -157,6 +162,13 @@ def identity_from_certificate(der: bytes | None) -> Identity:
     certificate, it lacks the clientAuth usage, or it does not hold exactly
     one CN with a valid name and exactly one OU naming a known role.
     """
+    # Only corrald reads certificates: imported here, `cryptography` and the
+    # PKI cost a client nothing (a one-shot `corral` command paid ~60 ms).
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415
+
+    from corral.pki import PKIError, validate_client_name  # noqa: PLC0415
+
     if der is None:
         raise IdentityError("a client certificate is required")
     cert = x509.load_der_x509_certificate(der)

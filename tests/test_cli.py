@@ -164,6 +164,18 @@ def test_a_port_that_is_not_corrald_is_said_so(
     assert "is it corrald?" in line
 
 
+def test_a_port_that_never_answers_ends_at_the_connect_timeout(pki_dir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts: the kernel does
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        bob = str(identity(pki_dir, "bob"))
+        result = corral("--addr", address, "--identity", bob, "--connect-timeout", "0.5", "info")
+    assert result.returncode == 76
+    assert error_line(result) == (
+        f"corral: error: {address} did not finish a TLS handshake in 0.5 s: is it corrald? "
+        "(an overloaded corrald can be this slow too)"
+    )
+
+
 def test_a_wrong_flag_is_one_line_naming_the_help() -> None:
     result = corral("start", "--bogus", "--", "true")
     assert result.returncode == 2
@@ -186,6 +198,22 @@ def test_json_errors_made_by_the_client_carry_snake_case_codes(
     result = corral("--json", *args)
     assert result.returncode != 0
     assert json.loads(result.stdout)["error"]["code"] == code
+
+
+def test_json_errors_of_the_handshake_carry_snake_case_codes(
+    corrald: Daemon, pki_dir: Path, tmp_path: Path
+) -> None:
+    bob = str(identity(pki_dir, "bob"))
+    with fake_server(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n") as address:
+        not_tls = corral("--json", "--addr", address, "--identity", bob, "info")
+    other = tmp_path / "other"
+    pki.init_pki(other)
+    stranger = other / pki.CLIENTS_DIR / "admin"
+    (stranger / pki.CA_CERT_FILE).write_bytes((pki_dir / pki.CA_CERT_FILE).read_bytes())
+    refused = corral("--json", "--addr", corrald.tcp, "--identity", str(stranger), "info")
+    codes = [json.loads(result.stdout)["error"]["code"] for result in (not_tls, refused)]
+    assert codes == ["tls_failed", "unauthenticated"]
+    assert (not_tls.returncode, refused.returncode) == (76, 77)
 
 
 def test_a_key_readable_by_others_gets_a_warning(

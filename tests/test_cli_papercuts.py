@@ -85,6 +85,25 @@ def test_logs_into_a_closed_pipe_ends_quietly(
     assert (status, stderr) == (141, "")
 
 
+@pytest.mark.parametrize("command", [["ps"], ["--json", "ps"], ["info"]])
+def test_a_listing_into_a_closed_pipe_ends_quietly(
+    corrald: Daemon, pki_dir: Path, admin: Corral, command: list[str]
+) -> None:
+    _start(admin, "true")
+    env = _env(corrald, pki_dir)
+    env.pop("PYTHONUNBUFFERED", None)  # stdout buffered, as a pipe's is: written at the end
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first byte: any write fails
+    try:
+        result = subprocess.run(
+            [*CORRAL, *command], stdout=write, stderr=subprocess.PIPE, env=env,
+            text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
 # -- offsets and timestamps ------------------------------------------------------
 
 

@@ -74,6 +74,11 @@ async def hang_up(daemon: Daemon, says: str) -> None:
 async def test_sighup_swaps_the_certificate_while_a_follower_streams_on(
     daemon: Daemon, own_pki: Path
 ) -> None:
+    with trio.fail_after(90):  # where it hangs, if it does, is in the traceback
+        await swap_while_streaming(daemon, own_pki)
+
+
+async def swap_while_streaming(daemon: Daemon, own_pki: Path) -> None:
     admin = identity(own_pki, "admin")
     old = await trio.to_thread.run_sync(served_serial, daemon, admin)
     async with connect(daemon.tcp, admin) as starter, connect(daemon.tcp, admin) as watcher:
@@ -85,10 +90,11 @@ async def test_sighup_swaps_the_certificate_while_a_follower_streams_on(
             records = stream.__aiter__()
 
             async def next_line() -> bytes:
-                while True:
-                    record = await anext(records)
-                    if isinstance(record.data, bytes) and record.data:
-                        return record.data
+                with trio.fail_after(30):  # a line the follower never gets fails here
+                    while True:
+                        record = await anext(records)
+                        if isinstance(record.data, bytes) and record.data:
+                            return record.data
 
             await attached.send(b"one\n")
             assert await next_line() == b"one\n"

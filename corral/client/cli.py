@@ -1,45 +1,30 @@
 """`corral`: the command-line client's entry point.
 
 Parses the command line (`corral.client.parser`), connects when the command
-talks to corrald, runs the command (`corral.client.commands`) and turns
-every error into one line on stderr and the exit status its class names
-(see `corral.client.errors` and the README).
+talks to corrald, runs the command and turns every error into one line on
+stderr and the exit status its class names (see `corral.client.errors` and
+the README).
+
+A one-shot command that `corral.client.oneshot` runs (`info`, `ps`,
+`status`, a plain `run`) runs there, on a blocking connection: it never
+imports trio, which would cost it more than all its work. The rest run in
+trio (`corral.client.commands`), imported only then; the shell too.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TextIO
 
-import trio
-
-from corral.client.client import connect
-from corral.client.commands import EXIT_PIPE
-from corral.client.errors import EXIT_INTERRUPTED, CorralError, error_code
-from corral.client.follow import OutputClosed
+from corral.client import oneshot
+from corral.client.errors import EXIT_INTERRUPTED, EXIT_PIPE, CorralError, error_code
+from corral.client.output import OutputClosed
 from corral.client.parser import build_parser
+from corral.client.reports import print_json
 from corral.client.settings import connect_args, warn_if_key_exposed
-
-
-async def _run_command(args: argparse.Namespace, out: TextIO) -> int:
-    try:
-        if not getattr(args, "connects", True):
-            return int(await args.run(args, out))
-        async with connect(**connect_args(args)) as client:
-            return int(await args.run(client, args, out))
-    except* (CorralError, OutputClosed) as group:
-        # A command's tasks (run's follow and its Ctrl+C watcher) fail as a
-        # group; the person wants the one line of the first failure.
-        raise _first(group) from None
-
-
-def _first(group: BaseExceptionGroup[Any]) -> BaseException:
-    first = group.exceptions[0]
-    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _silence_stdout() -> None:
@@ -61,9 +46,17 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             from corral.client.shell import run_shell  # noqa: PLC0415
 
             return run_shell(args, connect_args(args))
-        status: int = trio.run(_run_command, args, out)
-    except OutputClosed:
-        # `corral logs ID | head -1`: as a local command in a pipeline, a quiet end.
+        if oneshot.handles(args):
+            status = oneshot.run(args, out)
+        else:
+            from corral.client.commands import run_command  # noqa: PLC0415 - trio: see above
+
+            status = run_command(args, out)
+        out.flush()  # a reader gone before our last bytes is said here, not at exit
+        return status
+    except (OutputClosed, BrokenPipeError):
+        # `corral logs ID | head -1`, `corral ps | head -1`: as a local
+        # command in a pipeline, a quiet end.
         _silence_stdout()
         return EXIT_PIPE
     except CorralError as exc:
@@ -72,19 +65,24 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             details = getattr(exc, "details", None)
             if details:
                 error["details"] = details
-            json.dump({"error": error}, out, indent=2, sort_keys=True)
-            out.write("\n")
+            print_json({"error": error}, out)
         else:
             sys.stderr.write(f"corral: error: {exc}\n")
         return int(exc.exit_status)
     except KeyboardInterrupt:
         sys.stderr.write("corral: interrupted\n")
         return EXIT_INTERRUPTED
-    return status
 
 
 def main() -> None:
-    sys.exit(run())
+    status = run()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # its reader has gone: nobody to tell
+            stream.flush()
+    # Nothing is left to do (output flushed, connections closed): leave
+    # without tearing the interpreter down, which frees every module and
+    # object one by one and costs a one-shot command ~20 ms.
+    os._exit(status)
 
 
 if __name__ == "__main__":

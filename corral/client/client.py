@@ -22,23 +22,30 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from itertools import count
-from pathlib import Path
 from typing import Any
 
 import trio
 
-from corral.address import Address, AddressError, TCPAddress, parse_address
+from corral.address import Address
+from corral.client.connecting import CONNECT_TIMEOUT, RECEIVE_SIZE, SEND_TIMEOUT, resolve
 from corral.client.errors import (
-    ConfigError,
     ConnectError,
     CorralError,
     InputClosed,
     ServerError,
     TLSError,
 )
-from corral.client.handshake import RECEIVE_SIZE, handshake, identity_context, open_transport
-from corral.client.job_streams import LOG_WINDOW, Attachment, Chunk, LogStream
+from corral.client.handshake import handshake, open_transport
+from corral.client.job_streams import Attachment, Chunk, LogStream
 from corral.client.jobs import JobInfo
+from corral.client.operations import (
+    LOG_WINDOW,
+    ServerInfo,
+    list_page,
+    start_args,
+    stop_args,
+    stopped_job,
+)
 from corral.identity import Identity
 from corral.protocol import (
     NEED_DATA,
@@ -58,13 +65,6 @@ from corral.protocol import (
 from corral.records import Record
 from corral.streams import CLOSE_TIMEOUT, close_stream
 
-# Long enough for a loaded server on a slow link; short enough that a
-# script pointed at the wrong port does not hang.
-CONNECT_TIMEOUT = 10.0
-# The name the dev server certificate always carries, used for unix sockets.
-UNIX_SERVER_NAME = "localhost"
-# A send that makes no progress this long means corrald has stopped reading.
-SEND_TIMEOUT = 30.0
 # How long a cancelled start waits for corrald's answer, and then for its
 # job's stop, before it gives up (the job is then left as it is).
 START_UNDO_TIMEOUT = 10.0
@@ -72,37 +72,6 @@ START_UNDO_TIMEOUT = 10.0
 # (corral.ipc_input.MAX_INPUT_DATA), well within a frame; each frame costs
 # both ends the same whatever its size.
 INPUT_CHUNK = 128 << 10
-
-
-@dataclass(frozen=True, slots=True)
-class ServerInfo:
-    """What `info` reports: the server, who we are to it, and its counts."""
-
-    version: str
-    identity: Identity
-    cgroup: str
-    connections: int
-    jobs: int
-    followed_jobs: int  # jobs whose output someone is reading now
-    running_jobs: int  # jobs starting or running
-    raw: dict[str, Any] = field(compare=False, repr=False)
-
-    @classmethod
-    def from_value(cls, value: dict[str, Any]) -> ServerInfo:
-        try:
-            identity = value["identity"]
-            return cls(
-                version=str(value["version"]),
-                identity=Identity(name=str(identity["name"]), role=str(identity["role"])),
-                cgroup=str(value["cgroup"]),
-                connections=int(value["connections"]),
-                jobs=int(value["jobs"]),
-                followed_jobs=int(value.get("followed_jobs", 0)),
-                running_jobs=int(value.get("running_jobs", 0)),
-                raw=value,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TLSError(f"corrald sent an info reply of the wrong shape: {exc!r}") from None
 
 
 @dataclass(slots=True)
@@ -205,29 +174,21 @@ class Client:
         START_UNDO_TIMEOUT), and the job it started, which nobody else
         knows of, is stopped at once and removed.
         """
-        args: dict[str, Any] = {"argv": list(argv), "limits": dict(limits or {})}
-        if writable:
-            args["writable"] = list(writable)
-        if env is not None:
-            args["env"] = dict(env)
-        if env_clear:
-            args["env_clear"] = True
-        if cwd is not None:
-            args["cwd"] = cwd
-        if user is not None:
-            args["user"] = user
-        if max_runtime is not None:
-            args["max_runtime"] = max_runtime
-        if stdin:
-            args["stdin"] = True
-        if tty:
-            args["tty"] = True
-        if tty_size is not None:
-            args["tty_size"] = list(tty_size)
-        if host_root:
-            args["host_root"] = True
-        if seccomp is not None:
-            args["seccomp"] = seccomp
+        args = start_args(
+            argv,
+            env=env,
+            cwd=cwd,
+            user=user,
+            limits=limits,
+            max_runtime=max_runtime,
+            writable=writable,
+            env_clear=env_clear,
+            stdin=stdin,
+            tty=tty,
+            tty_size=tty_size,
+            host_root=host_root,
+            seccomp=seccomp,
+        )
         return JobInfo.from_wire((await self.call("start", args, undo=self._undo_start))["job"])
 
     async def _undo_start(self, reply: dict[str, Any]) -> None:
@@ -239,13 +200,7 @@ class Client:
     async def stop(self, job_id: str, grace: float | None = None) -> JobInfo:
         """Stop a job (SIGTERM, then SIGKILL after `grace` s); return its final
         state. A job that has ended already is no error: see `already_ended`."""
-        args: dict[str, Any] = {"id": job_id}
-        if grace is not None:
-            args["grace"] = grace
-        reply = await self.call("stop", args)
-        # A job that had ended before the stop came is stopped already:
-        # `already_ended` says so (and its state says how it ended).
-        return JobInfo.from_wire(reply["job"], already_ended=bool(reply.get("already_ended")))
+        return stopped_job(await self.call("stop", stop_args(job_id, grace)))
 
     async def wait(self, job_id: str) -> JobInfo:
         """Return once the job has ended, with its final state."""
@@ -257,14 +212,11 @@ class Client:
     async def list(self, *, everyone: bool = False) -> list[JobInfo]:
         """Our jobs, oldest first; with `everyone` (admins only) every job."""
         jobs: list[JobInfo] = []
-        args: dict[str, Any] = {"all": everyone}
-        while True:  # a page at a time: a reply holds what fits in a frame
-            reply = await self.call("list", args)
-            records = reply.get("jobs", [])
-            jobs += [JobInfo.from_wire(record) for record in records]
-            if not reply.get("more") or not records:
-                return jobs
-            args["after"] = [records[-1]["created_at"], records[-1]["id"]]
+        args: dict[str, Any] | None = {"all": everyone}
+        while args is not None:  # a page at a time
+            page, args = list_page(args, await self.call("list", args))
+            jobs += page
+        return jobs
 
     async def remove(self, job_id: str) -> str:
         """Remove a finished job and its files; return its full id."""
@@ -554,14 +506,7 @@ async def connect(
     `keepalive`, a ping every that many seconds keeps it open.
     Raises ConfigError, ConnectError, TLSError or AuthenticationError.
     """
-    if isinstance(address, str):
-        try:
-            address = parse_address(address)
-        except AddressError as exc:
-            raise ConfigError(str(exc)) from None
-    context = identity if isinstance(identity, ssl.SSLContext) else identity_context(Path(identity))
-    if server_name is None:
-        server_name = address.host if isinstance(address, TCPAddress) else UNIX_SERVER_NAME
+    address, context, server_name = resolve(address, identity, server_name)
     transport = await open_transport(address, timeout)
     tls = trio.SSLStream(transport, context, server_hostname=server_name)
     try:
@@ -596,4 +541,13 @@ async def connect(
         await close_stream(tls)
 
 
-__all__ = ["Attachment", "Chunk", "Client", "LogStream", "Record", "ServerInfo", "connect"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "Attachment",
+    "Chunk",
+    "Client",
+    "LogStream",
+    "Record",
+    "ServerInfo",
+    "connect",
+]

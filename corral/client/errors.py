@@ -6,6 +6,7 @@ corrald" from "corrald said no" from "the job failed".
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from corral.protocol import ErrorCode
@@ -17,6 +18,7 @@ EXIT_PROTOCOL = 76  # TLS failed, the server is not who it should be, or version
 EXIT_NOPERM = 77  # corrald refused our certificate or the operation
 EXIT_CONFIG = 78  # a local setting is wrong: address, identity directory
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+EXIT_PIPE = 128 + signal.SIGPIPE  # a reader of our output that went away, as a shell reports it
 
 
 class CorralError(Exception):

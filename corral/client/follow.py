@@ -1,134 +1,27 @@
-"""A job's output written out by the CLI: to its end or its current end,
-across lost connections, into a pipe that may close.
-
-`JobOutput` says where records go (stdout's bytes to our stdout, stderr's
-to our stderr, unchanged, or JSON lines); `Follower` reads the stream and
-reconnects when corrald restarts. A reader of ours that goes away (`corral
-logs ID | head -1`) ends the follow with `OutputClosed`, not a traceback.
+"""A job's output followed to its end (or its current end) from trio,
+across lost connections: `logs`, and `run` in the shell or with a terminal
+(the CLI's plain `run` is `corral.client.oneshot`'s). Where the output goes
+is `corral.client.output`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import json
-import sys
-from collections.abc import Sequence
-from typing import IO, Any, TextIO
 
 import trio
 
 from corral.client.client import Client, connect
 from corral.client.errors import ConnectError, CorralError, ServerError
 from corral.client.jobs import JobInfo
+from corral.client.output import (
+    RECONNECT_BACKOFF,
+    JobOutput,
+    LogWriter,
+    is_connection_loss,
+    note,
+)
 from corral.client.settings import connect_args
-from corral.protocol import ErrorCode
-from corral.records import STREAM_STDERR, STREAM_STDOUT, Record, RecordDecoder
-from corral.units import rfc3339
-
-# A follower exists to see the whole output: a corrald restarting (an
-# upgrade with --keep-jobs, a crash) should not cut it. A minute covers a
-# restart; longer is a flag away.
-RECONNECT_FOR = 60.0
-RECONNECT_BACKOFF = 2.0  # seconds between tries, at most
-
-
-class OutputClosed(Exception):
-    """Whoever reads our stdout or stderr has gone (a pipe's reader exited)."""
-
-
-class JobOutput:
-    """Where a job's records go: stdout's bytes to our stdout, stderr's to
-    our stderr, unchanged; markers as a note on stderr. With timestamps,
-    each line starts with the time of the record it began in."""
-
-    def __init__(self, args: argparse.Namespace, out: TextIO) -> None:
-        out.flush()
-        self.streams: dict[int, IO[bytes]] = {
-            STREAM_STDOUT: getattr(out, "buffer", sys.stdout.buffer),
-            STREAM_STDERR: sys.stderr.buffer,
-        }
-        if getattr(args, "stdout", False):
-            del self.streams[STREAM_STDERR]
-        if getattr(args, "stderr", False):
-            del self.streams[STREAM_STDOUT]
-        self.timestamps = bool(getattr(args, "timestamps", False))
-        self.json = out if getattr(args, "json", False) else None
-        self._line_start = {STREAM_STDOUT: True, STREAM_STDERR: True}
-
-    def write(self, records: Sequence[Record], job_id: str) -> None:
-        """Write the records out; OutputClosed if our reader has gone."""
-        try:
-            self._write(records, job_id)
-        except BrokenPipeError:
-            raise OutputClosed from None
-
-    def _write(self, records: Sequence[Record], job_id: str) -> None:
-        if self.json is not None:
-            self._write_json(records)
-            return
-        touched = set()
-        for record in records:
-            if isinstance(record.data, dict):
-                self.note(record.data, job_id)
-                continue
-            target = self.streams.get(record.stream)
-            if target is None:
-                continue
-            if self.timestamps:
-                self._write_stamped(target, record.stream, record.time_ns, record.data)
-            else:
-                target.write(record.data)
-            touched.add(target)
-        for target in touched:
-            target.flush()
-
-    def _write_stamped(self, target: IO[bytes], stream: int, time_ns: int, data: bytes) -> None:
-        """`data` with the time before each line that begins in it (as
-        `docker logs -t`): a line written in pieces is stamped once."""
-        stamp = f"{rfc3339(time_ns)} ".encode()
-        for line in data.splitlines(keepends=True):
-            if self._line_start[stream]:
-                target.write(stamp)
-            target.write(line)
-            self._line_start[stream] = line.endswith(b"\n")
-
-    def _write_json(self, records: Sequence[Record]) -> None:
-        """One JSON object per record: its stream, time and data (text when
-        it is UTF-8, else `data_base64`); corral's notes as `note`."""
-        assert self.json is not None
-        for record in records:
-            line: dict[str, Any] = {"time": rfc3339(record.time_ns)}
-            if isinstance(record.data, dict):
-                line.update(stream="corral", note=record.data)
-            elif record.stream in self.streams:
-                line["stream"] = "stdout" if record.stream == STREAM_STDOUT else "stderr"
-                try:
-                    line["data"] = record.data.decode()
-                except UnicodeDecodeError:
-                    line["data_base64"] = base64.b64encode(record.data).decode()
-            else:
-                continue
-            self.json.write(json.dumps(line, sort_keys=True) + "\n")
-        self.json.flush()
-
-    def end(self, offset: int, job: JobInfo | None) -> None:
-        """With --json, a last line: where the stream ended, and the job then."""
-        if self.json is not None and job is not None:
-            end = {"offset": offset, "job": job.to_json()}
-            try:
-                self.json.write(json.dumps({"end": end}, sort_keys=True) + "\n")
-                self.json.flush()
-            except BrokenPipeError:
-                raise OutputClosed from None
-
-    @staticmethod
-    def note(marker: dict[str, Any], job_id: str) -> None:
-        dropped = marker.get("dropped_bytes")
-        if dropped:
-            why = marker.get("error") or "the job's log reached its size cap"
-            note(f"{dropped} bytes of job {job_id[:12]}'s output were not kept: {why}")
 
 
 class Follower:
@@ -161,23 +54,12 @@ class Follower:
                     self.client = await self._reconnect(connections, exc, reconnect_for)
 
     async def _read(self, follow: bool) -> None:
-        # Each stream starts on a record (corrald refuses other offsets), so
-        # each gets a decoder of its own, and `offset` only moves past
-        # records written whole.
-        decoder = RecordDecoder()
-        start = self.offset
-        async with self.client.logs(self.job_id, follow=follow, offset=start) as stream:
+        writer = LogWriter(self.output, self.job_id, self.offset)
+        async with self.client.logs(self.job_id, follow=follow, offset=self.offset) as stream:
             async for chunk in stream.chunks():
-                try:
-                    records = decoder.feed(chunk.data)
-                except ValueError as exc:
-                    message = f"the job's log is damaged: {exc}"
-                    raise ServerError(ErrorCode.INTERNAL, message) from None
-                self.output.write(records, self.job_id)
-                self.offset = start + decoder.consumed
-        # The end of the records written whole: the same as the stream's end
-        # once the job has ended; a record half-written now is read next time.
-        self.offset, self.job = start + decoder.consumed, stream.job
+                writer.write(chunk.data)
+                self.offset = writer.offset
+        self.offset, self.job = writer.offset, stream.job
         self.output.end(self.offset, stream.job)
 
     async def _reconnect(
@@ -197,17 +79,3 @@ class Follower:
                 continue
             note(f"reconnected; resuming job {self.job_id[:12]}'s output at byte {self.offset}")
             return client
-
-
-def is_connection_loss(exc: CorralError) -> bool:
-    """A lost connection, or corrald going away: worth reconnecting for."""
-    if isinstance(exc, ServerError):
-        return exc.code is ErrorCode.UNAVAILABLE
-    return isinstance(exc, ConnectError)
-
-
-def note(text: str) -> None:
-    """One line for the person on stderr, `corral: ...`."""
-    with contextlib.suppress(BrokenPipeError):  # nobody reads it: nothing to say
-        sys.stderr.write(f"corral: {text}\n")
-        sys.stderr.flush()

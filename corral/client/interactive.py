@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import trio
 
+from corral.client.detach_keys import DetachMatcher
 from corral.client.errors import CorralError, InputClosed
-from corral.client.follow import JobOutput
 from corral.client.job_streams import Attachment
 from corral.client.jobs import JobInfo
-from corral.client.terminal import DetachMatcher, open_input, raw_mode, window_size
+from corral.client.output import JobOutput
+from corral.client.terminal import open_input, raw_mode, window_size
 from corral.records import RecordDecoder
 
 # Our stdin is read this much at a time: a Data frame's worth (a pipe gives

@@ -19,11 +19,9 @@ import trio
 
 from corral.client.errors import CorralError, InputClosed, ServerError, TLSError
 from corral.client.jobs import JobInfo
+from corral.client.operations import LOG_WINDOW
 from corral.protocol import Data, End, Error, Message
 from corral.records import Record, RecordDecoder
-
-# Credit granted to an output stream: corrald holds at most this much for us.
-LOG_WINDOW = 4 << 20
 
 
 class StreamHost(Protocol):

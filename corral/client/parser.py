@@ -1,20 +1,23 @@
 """The `corral` command line: every command's options, help and examples.
 
 Parsing only: each command's `run` default is its function in
-`corral.client.commands`. The shell parses its lines with the same parser.
+`corral.client.commands`, imported when it first runs (a one-shot command
+the CLI runs without trio never imports it: see `corral.client.oneshot`).
+The shell parses its lines with the same parser.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import corral
-from corral.client import commands as cmds
-from corral.client.client import CONNECT_TIMEOUT
+from corral.client.argparsing import Commands, Parser
+from corral.client.connecting import CONNECT_TIMEOUT
+from corral.client.detach_keys import DEFAULT_DETACH_KEYS, parse_detach_keys
 from corral.client.errors import (
     EXIT_CONFIG,
     EXIT_NOPERM,
@@ -22,9 +25,8 @@ from corral.client.errors import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
 )
-from corral.client.follow import RECONNECT_FOR
+from corral.client.output import RECONNECT_FOR
 from corral.client.settings import DEFAULT_ADDR
-from corral.client.terminal import DEFAULT_DETACH_KEYS, parse_detach_keys
 from corral.identity import ROLES
 from corral.units import parse_duration, parse_size
 
@@ -56,35 +58,19 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but its errors look like ours: one line, `corral: error:
-    ...`, naming the help to read, and status 2."""
+def _lazy_command(name: str) -> Callable[..., Awaitable[int]]:
+    """The command function `name` of `corral.client.commands`, imported
+    when it first runs: that module brings trio, which costs a one-shot
+    command more than the rest of its work."""
 
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"corral: error: {message}; see '{self.prog} --help'\n")
+    async def run(*args: Any) -> int:
+        from corral.client import commands  # noqa: PLC0415
 
-    def parse_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: None = None
-    ) -> argparse.Namespace:
-        """Parse, and check what argparse cannot see, before anything
-        connects: every mistake is said by the command it is in."""
-        parsed, extras = self.parse_known_args(args, namespace)
-        command = self._command(parsed)
-        if extras:
-            command.error(f"unrecognized arguments: {' '.join(extras)}")
-        problem = _check(parsed)
-        if problem:
-            command.error(problem)
-        return parsed
+        command: Callable[..., Awaitable[int]] = getattr(commands, name)
+        return int(await command(*args))
 
-    def _command(self, parsed: argparse.Namespace) -> _Parser:
-        """The (sub)parser of the command `parsed` is for: its help is the one to read."""
-        for action in self._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                chosen = action.choices.get(getattr(parsed, action.dest, None) or "")
-                if isinstance(chosen, _Parser):
-                    return chosen._command(parsed)
-        return self
+    run.__name__ = run.__qualname__ = name
+    return run
 
 
 def _check(args: argparse.Namespace) -> str | None:
@@ -119,10 +105,9 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _connection_options() -> _Parser:
+def _connection_options(parser: argparse.ArgumentParser) -> None:
     """Options every talking command accepts, before or after its name."""
-    parent = _Parser(add_help=False)
-    group = parent.add_argument_group("connection")
+    group = parser.add_argument_group("connection")
     # SUPPRESS keeps a subcommand's unset option from hiding the global one.
     group.add_argument(
         "--addr",
@@ -150,77 +135,88 @@ def _connection_options() -> _Parser:
         help=f"give up connecting after this long (default {CONNECT_TIMEOUT:g})",
     )
     group.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
-    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    connection = _connection_options()
-    parser = _Parser(
+    parser = Parser(
+        check=_check,
         prog="corral",
         description="Run and watch isolated jobs on a corrald host, over mutual TLS.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[connection],
     )
+    _connection_options(parser)
     parser.add_argument("--version", action="version", version=f"corral {corral.__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    info = commands.add_parser(
+    commands = parser.add_commands(dest="command", metavar="COMMAND", required=True)
+    commands.add_command(
         "info",
-        parents=[connection],
         help="show corrald's version, who you are to it, and its counts",
         description="Show corrald's version, your identity as it sees you, "
         "the cgroup flavour it runs jobs with, and its counts.",
         epilog="example:\n  corral --addr 127.0.0.1:7443 --identity var/pki/clients/admin info",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        options=_info_options,
     )
-    info.set_defaults(run=cmds.cmd_info)
-
-    _job_commands(commands, connection)
-
-    certs = commands.add_parser(
+    _job_commands(commands)
+    commands.add_command(
         "certs",
         help="create a development PKI and client identities",
         description="Create a CA, corrald's certificate and client identities.",
         epilog="example:\n  corral certs init var/pki && "
         "corral certs issue --pki var/pki carol --role user",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        options=_certs_commands,
     )
-    certs_commands = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
-    init = certs_commands.add_parser(
+    return parser
+
+
+def _info_options(parser: Parser) -> None:
+    _connection_options(parser)
+    parser.set_defaults(run=_lazy_command("cmd_info"))
+
+
+def _certs_commands(certs: Parser) -> None:
+    certs.set_defaults(connects=False)
+    actions = certs.add_commands(dest="certs_command", metavar="ACTION", required=True)
+
+    def init(parser: Parser) -> None:
+        parser.add_argument("directory", type=Path, metavar="DIR")
+        parser.add_argument(
+            "--server-name",
+            action="append",
+            default=[],
+            metavar="NAME",
+            dest="server_names",
+            help="another DNS name or IP address for the server certificate (repeatable)",
+        )
+        parser.add_argument(
+            "--force", action="store_true", help="replace existing keys and certificates"
+        )
+        parser.set_defaults(run=_lazy_command("cmd_certs_init"))
+
+    actions.add_command(
         "init",
         help="create a CA, a server certificate and the admin, alice and bob identities",
         description="Create DIR/ca.{crt,key}, DIR/server.{crt,key} and client identities "
         "DIR/clients/{admin,alice,bob}. The server certificate names localhost, "
         "127.0.0.1, ::1 and every --server-name.",
         epilog="example:\n  corral certs init /etc/corral/pki --server-name corral.example.com",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        options=init,
     )
-    init.add_argument("directory", type=Path, metavar="DIR")
-    init.add_argument(
-        "--server-name",
-        action="append",
-        default=[],
-        metavar="NAME",
-        dest="server_names",
-        help="another DNS name or IP address for the server certificate (repeatable)",
-    )
-    init.add_argument("--force", action="store_true", help="replace existing keys and certificates")
-    init.set_defaults(run=cmds.cmd_certs_init, connects=False)
 
-    issue = certs_commands.add_parser(
+    def issue(parser: Parser) -> None:
+        parser.add_argument(
+            "--pki", type=Path, required=True, metavar="DIR", help="the PKI directory"
+        )
+        parser.add_argument("name", metavar="NAME", help="the client's name (its certificate's CN)")
+        parser.add_argument("--role", required=True, choices=ROLES, help="the client's role")
+        parser.add_argument("--force", action="store_true", help="replace an existing identity")
+        parser.set_defaults(run=_lazy_command("cmd_certs_issue"))
+
+    actions.add_command(
         "issue",
         help="issue another client identity",
         description="Issue a client identity DIR/clients/NAME signed by the CA in DIR.",
         epilog="example:\n  corral certs issue --pki /etc/corral/pki carol --role user",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        options=issue,
     )
-    issue.add_argument("--pki", type=Path, required=True, metavar="DIR", help="the PKI directory")
-    issue.add_argument("name", metavar="NAME", help="the client's name (its certificate's CN)")
-    issue.add_argument("--role", required=True, choices=ROLES, help="the client's role")
-    issue.add_argument("--force", action="store_true", help="replace an existing identity")
-    issue.set_defaults(run=cmds.cmd_certs_issue, connects=False)
-    return parser
 
 
 def _size(text: str) -> int:
@@ -272,15 +268,26 @@ LIMIT_FLAGS = [
 
 
 def _subcommand(
-    commands: Any, name: str, connection: argparse.ArgumentParser, summary: str, example: str
-) -> argparse.ArgumentParser:
-    return commands.add_parser(  # type: ignore[no-any-return]
+    commands: Commands,
+    name: str,
+    summary: str,
+    example: str,
+    *,
+    options: Callable[[Parser], None],
+    more: str = "",
+) -> None:
+    """A talking command: its connection options and `options(parser)`."""
+
+    def all_options(parser: Parser) -> None:
+        _connection_options(parser)
+        options(parser)
+
+    commands.add_command(
         name,
-        parents=[connection],
         help=summary,
         description=summary[0].upper() + summary[1:] + ".",
-        epilog=f"example:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"example:\n  {example}{more}",
+        options=all_options,
     )
 
 
@@ -382,21 +389,21 @@ def _detach_keys(text: str) -> str:
     return text
 
 
-def _job_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
-    start = _subcommand(
-        commands, "start", connection, "start a job and print its id",
+def _job_commands(commands: Commands) -> None:
+    _subcommand(
+        commands,
+        "start",
+        "start a job and print its id",
         "corral start --memory 256M --cpu 0.5 -- python3 -c 'print(42)'",
-    )  # fmt: skip
-    _job_spec_options(start)
-    start.set_defaults(run=cmds.cmd_start)
-
-    run = _subcommand(
-        commands, "run", connection,
+        options=_start_options,
+    )
+    _subcommand(
+        commands,
+        "run",
         "start a job, follow its output to the end and exit with its status",
         "corral run --memory 64M -- sh -c 'echo hello; exit 3'   # prints hello, exits 3",
-    )  # fmt: skip
-    run.epilog = (run.epilog or "") + (
-        "\n\nThe exit status is the job's: its code, or 128+N when signal N killed it.\n"
+        options=_run_options,
+        more="\n\nThe exit status is the job's: its code, or 128+N when signal N killed it.\n"
         "127: the command was not found; 126: it could not be run.\n"
         "Ctrl+C stops the job (SIGTERM, then SIGKILL after the grace); a second\n"
         "Ctrl+C kills it at once. With -it, Ctrl+C is the job's (its terminal's);\n"
@@ -404,103 +411,144 @@ def _job_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
         "more examples:\n"
         "  printf 'a\\nb\\n' | corral run -i -- wc -l            # prints 2\n"
         "  tar c src | corral run -i -- sh -c 'tar x -C /tmp && ls /tmp/src'\n"
-        "  corral run -it -- bash"
+        "  corral run -it -- bash",
     )
-    _job_spec_options(run)
-    _detach_keys_option(run)
-    run.add_argument("--grace", type=_duration, metavar="DURATION",
-                     help="on Ctrl+C, time between SIGTERM and SIGKILL (default 10s)")  # fmt: skip
-    _reconnect_option(run)
-    run.set_defaults(run=cmds.cmd_run)
-
-    logs = _subcommand(
-        commands, "logs", connection,
+    _subcommand(
+        commands,
+        "logs",
         "write a job's output: stdout to stdout, stderr to stderr, byte for byte",
         "corral logs -f 3f2a9c",
-    )  # fmt: skip
-    logs.add_argument("-f", "--follow", action="store_true",
-                      help="keep writing new output until the job ends")  # fmt: skip
-    logs.add_argument("--since-offset", type=_count, default=0, metavar="N",
-                      help="start at byte N of the job's log, where a record begins: an "
-                      "offset a stream ended at (--json's `end`, the client library); "
-                      "another is refused, naming the nearest that work")  # fmt: skip
-    logs.add_argument("-t", "--timestamps", action="store_true",
-                      help="begin each line with the time it was written (RFC 3339)")  # fmt: skip
-    which = logs.add_mutually_exclusive_group()
+        options=_logs_options,
+    )
+    _subcommand(
+        commands,
+        "attach",
+        "attach to a running job started with -i: its output from now, and your input to it",
+        "corral start -it -- bash; corral attach 3f2a9c   # Ctrl+P Ctrl+Q detaches",
+        options=_attach_options,
+        more="\n\nWith a terminal job and a terminal here, yours is raw while attached and\n"
+        "Ctrl+P Ctrl+Q (--detach-keys) detaches, leaving the job running; without\n"
+        "one, Ctrl+C detaches and EOF on stdin ends the job's stdin. Any number of\n"
+        "clients may attach at once. The exit status is the job's once it ends,\n"
+        "0 after a detach.",
+    )
+    _subcommand(
+        commands,
+        "stop",
+        "stop jobs: SIGTERM, then SIGKILL after the grace (one that has ended: a note)",
+        "corral stop --grace 5s 3f2a9c 7b1e04",
+        options=_stop_options,
+    )
+    _subcommand(
+        commands,
+        "status",
+        "show a job's state, exit status and usage",
+        "corral status 3f2a9c",
+        options=_status_options,
+    )
+    _subcommand(
+        commands,
+        "ps",
+        "list jobs, newest first, with how each ended",
+        "corral ps --all --state running -n 10",
+        options=_ps_options,
+    )
+    _subcommand(
+        commands,
+        "rm",
+        "remove finished jobs and their output",
+        "corral rm 3f2a9c 7b1e04; corral rm --finished",
+        options=_rm_options,
+    )
+    _subcommand(
+        commands,
+        "shell",
+        "an interactive shell: every command above on one connection, with history, "
+        "completion and background follows",
+        "corral shell   # then: run -- sh -c 'echo hi', ps, logs -f ID &, jobs, help, exit",
+        options=_shell_options,
+    )
+
+
+def _start_options(parser: Parser) -> None:
+    _job_spec_options(parser)
+    parser.set_defaults(run=_lazy_command("cmd_start"))
+
+
+def _run_options(parser: Parser) -> None:
+    _job_spec_options(parser)
+    _detach_keys_option(parser)
+    parser.add_argument(
+        "--grace",
+        type=_duration,
+        metavar="DURATION",
+        help="on Ctrl+C, time between SIGTERM and SIGKILL (default 10s)",
+    )
+    _reconnect_option(parser)
+    parser.set_defaults(run=_lazy_command("cmd_run"))
+
+
+def _logs_options(parser: Parser) -> None:
+    parser.add_argument("-f", "--follow", action="store_true",
+                        help="keep writing new output until the job ends")  # fmt: skip
+    parser.add_argument("--since-offset", type=_count, default=0, metavar="N",
+                        help="start at byte N of the job's log, where a record begins: an "
+                        "offset a stream ended at (--json's `end`, the client library); "
+                        "another is refused, naming the nearest that work")  # fmt: skip
+    parser.add_argument("-t", "--timestamps", action="store_true",
+                        help="begin each line with the time it was written (RFC 3339)")  # fmt: skip
+    which = parser.add_mutually_exclusive_group()
     which.add_argument("--stdout", action="store_true", help="only the job's stdout")
     which.add_argument("--stderr", action="store_true", help="only the job's stderr")
     which.add_argument("--asciicast", action="store_true",
                        help="the output as an asciicast v2 recording (a terminal job's "
                        "session, with its resizes): `asciinema play FILE` replays it")  # fmt: skip
-    logs.add_argument("id", metavar="ID", help="a job id or unique prefix")
-    _reconnect_option(logs)
-    logs.set_defaults(run=cmds.cmd_logs)
+    parser.add_argument("id", metavar="ID", help="a job id or unique prefix")
+    _reconnect_option(parser)
+    parser.set_defaults(run=_lazy_command("cmd_logs"))
 
-    attach = _subcommand(
-        commands, "attach", connection,
-        "attach to a running job started with -i: its output from now, and your input to it",
-        "corral start -it -- bash; corral attach 3f2a9c   # Ctrl+P Ctrl+Q detaches",
-    )  # fmt: skip
-    attach.epilog = (attach.epilog or "") + (
-        "\n\nWith a terminal job and a terminal here, yours is raw while attached and\n"
-        "Ctrl+P Ctrl+Q (--detach-keys) detaches, leaving the job running; without\n"
-        "one, Ctrl+C detaches and EOF on stdin ends the job's stdin. Any number of\n"
-        "clients may attach at once. The exit status is the job's once it ends,\n"
-        "0 after a detach."
-    )
-    attach.add_argument("--since-offset", type=_count, default=None, metavar="N",
+
+def _attach_options(parser: Parser) -> None:
+    parser.add_argument("--since-offset", type=_count, default=None, metavar="N",
                         help="replay the job's output from byte N of its log (where a "
                         "record begins; 0: from the start) before the live output")  # fmt: skip
-    _detach_keys_option(attach)
-    attach.add_argument("id", metavar="ID", help="a job id or unique prefix")
-    attach.set_defaults(run=cmds.cmd_attach)
+    _detach_keys_option(parser)
+    parser.add_argument("id", metavar="ID", help="a job id or unique prefix")
+    parser.set_defaults(run=_lazy_command("cmd_attach"))
 
-    stop = _subcommand(
-        commands, "stop", connection,
-        "stop jobs: SIGTERM, then SIGKILL after the grace (one that has ended: a note)",
-        "corral stop --grace 5s 3f2a9c 7b1e04",
-    )  # fmt: skip
-    stop.add_argument("--grace", type=_duration, metavar="DURATION",
-                      help="time between SIGTERM and SIGKILL (default 10s)")  # fmt: skip
-    stop.add_argument("ids", nargs="+", metavar="ID", help="job ids or unique prefixes")
-    stop.set_defaults(run=cmds.cmd_stop)
 
-    status = _subcommand(
-        commands, "status", connection, "show a job's state, exit status and usage",
-        "corral status 3f2a9c",
-    )  # fmt: skip
-    status.add_argument("id", metavar="ID", help="a job id or unique prefix")
-    status.set_defaults(run=cmds.cmd_status)
+def _stop_options(parser: Parser) -> None:
+    parser.add_argument("--grace", type=_duration, metavar="DURATION",
+                        help="time between SIGTERM and SIGKILL (default 10s)")  # fmt: skip
+    parser.add_argument("ids", nargs="+", metavar="ID", help="job ids or unique prefixes")
+    parser.set_defaults(run=_lazy_command("cmd_stop"))
 
-    ps = _subcommand(
-        commands, "ps", connection, "list jobs, newest first, with how each ended",
-        "corral ps --all --state running -n 10",
-    )  # fmt: skip
-    ps.add_argument("--all", action="store_true", help="every user's jobs (admins)")
-    ps.add_argument("-q", "--quiet", action="store_true", help="only the ids, one a line")
-    ps.add_argument("--state", action="append", choices=STATES, metavar="STATE",
-                    help=f"only jobs in this state (repeatable): {', '.join(STATES)}; "
-                    "`finished` is every state but starting and running")  # fmt: skip
-    ps.add_argument("-n", "--last", type=_count, metavar="N", help="only the N newest")
-    ps.set_defaults(run=cmds.cmd_ps)
 
-    rm = _subcommand(
-        commands, "rm", connection, "remove finished jobs and their output",
-        "corral rm 3f2a9c 7b1e04; corral rm --finished",
-    )  # fmt: skip
-    rm.add_argument("ids", nargs="*", metavar="ID", help="job ids or unique prefixes")
-    rm.add_argument(
+def _status_options(parser: Parser) -> None:
+    parser.add_argument("id", metavar="ID", help="a job id or unique prefix")
+    parser.set_defaults(run=_lazy_command("cmd_status"))
+
+
+def _ps_options(parser: Parser) -> None:
+    parser.add_argument("--all", action="store_true", help="every user's jobs (admins)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only the ids, one a line")
+    parser.add_argument("--state", action="append", choices=STATES, metavar="STATE",
+                        help=f"only jobs in this state (repeatable): {', '.join(STATES)}; "
+                        "`finished` is every state but starting and running")  # fmt: skip
+    parser.add_argument("-n", "--last", type=_count, metavar="N", help="only the N newest")
+    parser.set_defaults(run=_lazy_command("cmd_ps"))
+
+
+def _rm_options(parser: Parser) -> None:
+    parser.add_argument("ids", nargs="*", metavar="ID", help="job ids or unique prefixes")
+    parser.add_argument(
         "--finished",
         action="store_true",
         help="every finished job of yours (with --all, of everyone: admins)",
     )
-    rm.add_argument("--all", action="store_true", help="with --finished: every user's")
-    rm.set_defaults(run=cmds.cmd_rm)
+    parser.add_argument("--all", action="store_true", help="with --finished: every user's")
+    parser.set_defaults(run=_lazy_command("cmd_rm"))
 
-    shell = _subcommand(
-        commands, "shell", connection,
-        "an interactive shell: every command above on one connection, with history, "
-        "completion and background follows",
-        "corral shell   # then: run -- sh -c 'echo hi', ps, logs -f ID &, jobs, help, exit",
-    )  # fmt: skip
-    shell.set_defaults(run=None, interactive=True)
+
+def _shell_options(parser: Parser) -> None:
+    parser.set_defaults(run=None, interactive=True)

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from corral.client.client import CONNECT_TIMEOUT
+from corral.client.connecting import CONNECT_TIMEOUT
 from corral.client.errors import ConfigError
-from corral.pki import CLIENT_KEY_FILE
+from corral.tls import CLIENT_KEY_FILE
 
 DEFAULT_ADDR = "127.0.0.1:7443"
 

@@ -1,5 +1,5 @@
-"""The local terminal of `corral run -i`, `run -it` and `attach`: detach
-keys, raw mode, the window's size, and our stdin read from trio.
+"""The local terminal of `corral run -i`, `run -it` and `attach`: raw
+mode, the window's size, and our stdin read from trio.
 
 Theory of operation.
 
@@ -31,11 +31,9 @@ one. Either way we read only when asked,
 never ahead: bytes that arrive after we stop are left for whoever reads
 the descriptor next.
 
-Detach keys, as docker's `--detach-keys`: a sequence of bytes (ctrl-p
-ctrl-q by default) that ends an attachment instead of reaching the job.
-Its bytes are held while they may still become the sequence; when they do
-not, they are sent on, in order, with what follows; when the sequence is
-complete we detach, and nothing of it, nor anything typed after it, is sent.
+The detach keys (`DEFAULT_DETACH_KEYS`, `parse_detach_keys`, `DetachMatcher`)
+are `corral.client.detach_keys`'s, where the parser finds them without
+trio; they are imported here too.
 """
 
 from __future__ import annotations
@@ -46,7 +44,6 @@ import fcntl
 import os
 import select
 import stat
-import string
 import struct
 import termios
 from collections.abc import Iterator
@@ -54,71 +51,15 @@ from typing import Any
 
 import trio
 
-DEFAULT_DETACH_KEYS = "ctrl-p,ctrl-q"  # docker's: keys no shell or editor binds by default
+from corral.client.detach_keys import (
+    DEFAULT_DETACH_KEYS,
+    DetachMatcher,
+    parse_detach_keys,
+)
+
 # What one read asks for: a pipe's buffer, more than anyone types at once.
 RECEIVE_SIZE = 65536
-_CTRL_KEYS = string.ascii_letters + "@[\\]^_"
-_PRINTABLE = {chr(code) for code in range(0x20, 0x7F)}
 _WINSIZE = struct.Struct("HHHH")  # struct winsize: rows, columns, x and y pixels
-
-
-def parse_detach_keys(text: str) -> bytes:
-    """The bytes of docker's `--detach-keys` format: comma-separated keys,
-    each a printable ASCII character or `ctrl-X` with X a letter (either
-    case) or one of @[\\]^_. '' is no detach keys (b''). ValueError names the
-    first key that is neither."""
-    if text == "":
-        return b""
-    codes = bytearray()
-    for key in text.split(","):
-        if len(key) == 1 and key in _PRINTABLE:
-            codes.append(ord(key))
-        elif len(key) == 6 and key[:5].lower() == "ctrl-" and key[5] in _CTRL_KEYS:
-            codes.append(ord(key[5]) & 0x1F)  # 'p' and 'P' alike; '@' -> 0x00, '_' -> 0x1f
-        else:
-            raise ValueError(
-                f"invalid detach key {key!r}: use a character or ctrl-<letter>,"
-                f" comma-separated, e.g. {DEFAULT_DETACH_KEYS}"
-            )
-    return bytes(codes)
-
-
-class DetachMatcher:
-    """Finds the detach sequence in what a person types, fed in pieces.
-
-    The result is the same however the input is cut: what `feed` forwards,
-    in total, is the input up to the first whole sequence (which detaches),
-    less the bytes still held because they may begin it (`pending`).
-    """
-
-    def __init__(self, keys: bytes) -> None:
-        self.keys = bytes(keys)
-        self._pending = b""
-
-    @property
-    def pending(self) -> bytes:
-        """The bytes held: the end of the input so far that begins the sequence."""
-        return self._pending
-
-    def feed(self, data: bytes) -> tuple[bytes, bool]:
-        """(the bytes to send to the job, whether the sequence is complete).
-        On True, nothing after the sequence is forwarded, and the matcher
-        starts afresh."""
-        if not self.keys:
-            return bytes(data), False
-        text = self._pending + data
-        found = text.find(self.keys)
-        if found >= 0:
-            self._pending = b""
-            return text[:found], True
-        # Hold the longest end of the input that could begin the sequence: with
-        # keys p,p,q and input p,p,p only the first p is surely not the start.
-        for length in range(min(len(self.keys) - 1, len(text)), 0, -1):
-            if text.endswith(self.keys[:length]):
-                self._pending = text[-length:]
-                return text[:-length], False
-        self._pending = b""
-        return text, False
 
 
 def window_size(fd: int) -> tuple[int, int] | None:
@@ -298,3 +239,18 @@ def _pollable(fd: int) -> bool:
             return False
         probe.unregister(fd)
     return True
+
+
+__all__ = [
+    "DEFAULT_DETACH_KEYS",
+    "RECEIVE_SIZE",
+    "DetachMatcher",
+    "InputSource",
+    "TermAttrs",
+    "make_raw",
+    "open_input",
+    "parse_detach_keys",
+    "raw_mode",
+    "restore",
+    "window_size",
+]
