@@ -8,10 +8,12 @@ the full disk.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import ssl
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from corral.client.errors import AuthenticationError, ServerError
 from corral.supervisor.audit import AUDIT_FILE, AuditLog
 
 from .conftest import Daemon, identity, running_corrald, until
+from .test_cli import corral
 from .test_diskfull import fill
 
 pytestmark = [pytest.mark.jobs, pytest.mark.skipif(os.geteuid() != 0, reason="jobs need root")]
@@ -208,3 +211,64 @@ async def test_a_follower_sees_new_entries_and_is_cut_off_when_behind(tmp_path: 
         async for _ in live:
             count += 1
         assert 0 < count < 2000
+
+
+# -- reading it ------------------------------------------------------------------------
+
+
+def cli(daemon: Daemon, pki_dir: Path, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return corral("--addr", daemon.tcp, "--identity", str(identity(pki_dir, name)), *args)
+
+
+async def test_an_admin_reads_the_trail_filtered_and_a_user_may_not(
+    daemon: Daemon, pki_dir: Path
+) -> None:
+    async with connect(daemon.tcp, identity(pki_dir, "alice")) as alice:
+        job = await alice.start(["true"])
+        await alice.wait(job.id)
+    audit = daemon.state_dir / AUDIT_FILE
+    await until(lambda: any(e["op"] == "wait" for e in entries(audit)))
+    shown = await trio.to_thread.run_sync(
+        functools.partial(cli, daemon, pki_dir, "admin", "--json", "audit", "--user", "alice")
+    )
+    assert shown.returncode == 0, shown.stderr
+    read = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert {e["name"] for e in read} == {"alice"}
+    assert [e["op"] for e in read] == ["hello", "start", "wait"]
+    assert read[1]["job"] == job.id
+    plain = await trio.to_thread.run_sync(
+        functools.partial(cli, daemon, pki_dir, "admin", "audit", "--since", "1h")
+    )
+    line = next(x for x in plain.stdout.splitlines() if f" start  {job.id[:12]}  ok" in x)
+    assert "alice (user)  127.0.0.1:" in line
+    assert line.endswith("  true")
+    future = await trio.to_thread.run_sync(
+        functools.partial(cli, daemon, pki_dir, "admin", "audit", "--since", "2999-01-01T00:00:00Z")
+    )
+    assert (future.returncode, future.stdout) == (0, "")
+    refused = await trio.to_thread.run_sync(
+        functools.partial(cli, daemon, pki_dir, "alice", "audit")
+    )
+    assert refused.returncode == 77
+    assert refused.stderr == "corral: error: user alice may not use 'audit'\n"
+    wrong = await trio.to_thread.run_sync(
+        functools.partial(cli, daemon, pki_dir, "admin", "audit", "--since", "yesterday")
+    )
+    assert wrong.returncode == 2
+    assert "--since: 'yesterday' is neither a time" in wrong.stderr
+
+
+async def test_following_the_trail_gets_entries_as_they_come(daemon: Daemon, pki_dir: Path) -> None:
+    audit = daemon.state_dir / AUDIT_FILE
+    async with (
+        connect(daemon.tcp, identity(pki_dir, "admin")) as admin,
+        connect(daemon.tcp, identity(pki_dir, "bob")) as bob,
+    ):
+        await until(lambda: any(e.get("name") == "bob" for e in entries(audit)))
+        async with admin.audit(user="bob", follow=True) as trail:
+            seen = trail.entries()
+            assert (await anext(seen))["op"] == "hello"  # bob's, from the file
+            await bob.info()
+            with trio.fail_after(30):
+                entry = await anext(seen)
+            assert (entry["op"], entry["name"], entry["outcome"]) == ("info", "bob", "ok")

@@ -426,3 +426,24 @@ def test_corrald_that_cannot_listen_leaves_no_socket_behind(
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 69, stderr
     assert not socket_path.exists()
+
+
+def test_certs_renew_reissues_the_server_and_a_client(tmp_path: Path) -> None:
+    directory = tmp_path / "pki"
+    assert corral("certs", "init", str(directory)).returncode == 0
+    before = (directory / pki.SERVER_CERT_FILE).read_bytes()
+    server = corral("certs", "renew", "--pki", str(directory), "--server")
+    assert server.returncode == 0, server.stderr
+    assert (
+        server.stdout
+        == f"renewed corrald's certificate and key: {directory / pki.SERVER_CERT_FILE}\n"
+    )
+    assert (directory / pki.SERVER_CERT_FILE).read_bytes() != before
+    alice = corral("certs", "renew", "--pki", str(directory), "alice")
+    assert alice.returncode == 0, alice.stderr
+    assert alice.stdout == f"renewed identity alice in {directory / pki.CLIENTS_DIR / 'alice'}\n"
+    missing = corral("certs", "renew", "--pki", str(directory), "carol")
+    assert missing.returncode == 78
+    assert missing.stderr.startswith("corral: error: no client carol: ")
+    both = corral("certs", "renew", "--pki", str(directory), "--server", "alice")
+    assert both.returncode == 2

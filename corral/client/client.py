@@ -36,7 +36,7 @@ from corral.client.errors import (
     TLSError,
 )
 from corral.client.handshake import handshake, open_transport
-from corral.client.job_streams import Attachment, Chunk, LogStream
+from corral.client.job_streams import Attachment, AuditStream, Chunk, LogStream
 from corral.client.jobs import JobInfo
 from corral.client.operations import (
     LOG_WINDOW,
@@ -221,6 +221,24 @@ class Client:
     async def remove(self, job_id: str) -> str:
         """Remove a finished job and its files; return its full id."""
         return str((await self.call("remove", {"id": job_id}))["id"])
+
+    def audit(
+        self,
+        *,
+        since: str | None = None,
+        user: str | None = None,
+        follow: bool = False,
+        window: int = LOG_WINDOW,
+    ) -> AuditStream:
+        """The audit trail (admins): its entries from `since` (an RFC 3339
+        time), of `user` alone if given; with `follow`, new ones as they
+        come. Use it with `async with`; see `AuditStream`."""
+        args: dict[str, Any] = {"follow": follow}
+        if since is not None:
+            args["since"] = since
+        if user is not None:
+            args["user"] = user
+        return AuditStream(self, args, window)
 
     def logs(
         self, job_id: str, *, follow: bool = False, offset: int = 0, window: int = LOG_WINDOW

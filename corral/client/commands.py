@@ -35,8 +35,11 @@ from corral.client.interactive import attached, detached_note
 from corral.client.jobs import JobInfo
 from corral.client.output import JobOutput, OutputClosed, is_connection_loss, note
 from corral.client.reports import (
+    audit_line,
+    audit_since,
     exit_status,
     is_json,
+    json_line,
     naming_its_job,
     print_json,
     show_info,
@@ -358,6 +361,33 @@ async def cmd_rm(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     if args.finished:
         note(f"removed {len(removed)} finished job{'' if len(removed) == 1 else 's'}")
     return status
+
+
+async def cmd_audit(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    """The audit trail (admins): one line per entry, or with --json the
+    entries as corrald wrote them, one JSON object a line."""
+    since = audit_since(args.since) if args.since else None
+    async with client.audit(since=since, user=args.user, follow=args.follow) as trail:
+        async for entry in trail.entries():
+            out.write(json_line(entry) if is_json(args) else audit_line(entry))
+            out.flush()
+    return 0
+
+
+async def cmd_certs_renew(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        if args.server:
+            path = pki.renew_server(args.pki)
+            out.write(f"renewed corrald's certificate and key: {path}\n")
+        else:
+            path = pki.renew_client(args.pki, args.name)
+            out.write(f"renewed identity {args.name} in {path}\n")
+    except pki.PKIError as exc:
+        raise ConfigError(str(exc)) from None
+    note(
+        f"valid {pki.LEAF_LIFETIME.days} days from now; send corrald SIGHUP to use a new server one"
+    )
+    return 0
 
 
 async def cmd_certs_init(args: argparse.Namespace, out: TextIO) -> int:

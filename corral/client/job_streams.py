@@ -11,6 +11,7 @@ within the credit corrald grants, so a job that does not read makes
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
@@ -128,10 +129,14 @@ class LogStream:
             if isinstance(event, Error):
                 raise ServerError(event.code, event.message, event.details)
             if isinstance(event, End):
-                self.offset = int(event.value.get("offset", self.offset))
-                self.job = JobInfo.from_wire(event.value["job"])
+                self._end(event.value)
                 return
             raise TLSError(f"unexpected message in a stream: {type(event).__name__}")
+
+    def _end(self, value: dict[str, Any]) -> None:
+        """The stream's end says where the log ended, and the job then."""
+        self.offset = int(value.get("offset", self.offset))
+        self.job = JobInfo.from_wire(value["job"])
 
     async def __aiter__(self) -> AsyncIterator[Record]:
         decoder = RecordDecoder()
@@ -142,6 +147,43 @@ class LogStream:
                 raise TLSError(f"the job's output is not in corral's format: {exc}") from None
             for record in records:
                 yield record
+
+
+class AuditStream(LogStream):
+    """The audit trail as corrald streams it (admins alone). Use it through
+    `Client.audit()`:
+
+        async with client.audit(since="2026-12-04T00:00:00Z") as trail:
+            async for entry in trail.entries():    # one dict per line
+                print(entry["time"], entry["op"], entry["outcome"])
+
+    With `follow`, new entries come as they are recorded, until the block
+    is left."""
+
+    OP = "audit"
+
+    def __init__(self, host: StreamHost, args: dict[str, Any], window: int) -> None:
+        super().__init__(host, args, offset=0, window=window)
+        self.count: int | None = None  # entries sent, once the stream has ended
+
+    def _end(self, value: dict[str, Any]) -> None:
+        self.count = int(value.get("entries", 0))
+
+    async def entries(self) -> AsyncIterator[dict[str, Any]]:
+        """The entries, in order, each a JSON line decoded."""
+        pending = b""
+        async for chunk in self.chunks():
+            pending += chunk.data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    raise TLSError(
+                        f"corrald sent an audit line that is not JSON: {line[:80]!r}"
+                    ) from None
+                if isinstance(entry, dict):
+                    yield entry
 
 
 class Attachment(LogStream):

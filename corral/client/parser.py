@@ -218,6 +218,25 @@ def _certs_commands(certs: Parser) -> None:
         options=issue,
     )
 
+    def renew(parser: Parser) -> None:
+        parser.add_argument(
+            "--pki", type=Path, required=True, metavar="DIR", help="the PKI directory"
+        )
+        which = parser.add_mutually_exclusive_group(required=True)
+        which.add_argument("--server", action="store_true", help="corrald's own certificate")
+        which.add_argument("name", nargs="?", metavar="NAME", help="a client's name")
+        parser.set_defaults(run=_lazy_command("cmd_certs_renew"))
+
+    actions.add_command(
+        "renew",
+        help="re-issue corrald's certificate or a client's, for the same names",
+        description="Re-issue a certificate and key from the CA in DIR, for the same names "
+        "(corrald's host names; a client's name and role), valid 90 days from now.",
+        epilog="example:\n  corral certs renew --pki /etc/corral/pki --server && "
+        "systemctl reload corrald\n  corral certs renew --pki /etc/corral/pki carol",
+        options=renew,
+    )
+
 
 def _size(text: str) -> int:
     try:
@@ -462,6 +481,13 @@ def _job_commands(commands: Commands) -> None:
     )
     _subcommand(
         commands,
+        "audit",
+        "who did what: corrald's audit trail (admins)",
+        "corral audit --since 1h --user alice; corral audit -f",
+        options=_audit_options,
+    )
+    _subcommand(
+        commands,
         "shell",
         "an interactive shell: every command above on one connection, with history, "
         "completion and background follows",
@@ -548,6 +574,16 @@ def _rm_options(parser: Parser) -> None:
     )
     parser.add_argument("--all", action="store_true", help="with --finished: every user's")
     parser.set_defaults(run=_lazy_command("cmd_rm"))
+
+
+def _audit_options(parser: Parser) -> None:
+    parser.add_argument("--since", metavar="TIME",
+                        help="from this time (RFC 3339, e.g. 2026-12-04T10:00:00Z) or this "
+                        "long ago (10m, 2h, 1d)")  # fmt: skip
+    parser.add_argument("--user", metavar="NAME", help="only what NAME did")
+    parser.add_argument("-f", "--follow", action="store_true",
+                        help="then every new entry as it comes, until Ctrl+C")  # fmt: skip
+    parser.set_defaults(run=_lazy_command("cmd_audit"))
 
 
 def _shell_options(parser: Parser) -> None:

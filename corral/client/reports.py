@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from corral.address import Address
-from corral.client.errors import ServerError
+from corral.client.errors import ServerError, UsageError
 from corral.client.jobs import JobInfo
 from corral.client.operations import ServerInfo
 from corral.client.output import note
@@ -250,3 +250,54 @@ def show_ps(jobs: list[JobInfo], args: argparse.Namespace, out: TextIO) -> int:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         out.write("  ".join([*cells, row[4]]).rstrip() + "\n")
     return 0
+
+
+def audit_since(text: str) -> str:
+    """`--since` as corrald takes it: an RFC 3339 time as given, or a
+    duration (`10m`, `2h`, `1d`) meaning that long ago."""
+    import datetime  # noqa: PLC0415 - audit alone needs it
+
+    from corral.units import parse_duration  # noqa: PLC0415
+
+    try:
+        ago = parse_duration(text)
+    except ValueError:
+        try:
+            datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise UsageError(
+                f"--since: {text!r} is neither a time (2026-12-04T10:00:00Z) nor a "
+                "duration (10m, 2h, 1d)"
+            ) from None
+        return text
+    then = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=ago)
+    return then.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def json_line(entry: dict[str, Any]) -> str:
+    import json  # noqa: PLC0415
+
+    return json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def audit_line(entry: dict[str, Any]) -> str:
+    """An audit entry on one line: time, who (and from where), what, which
+    job, how it went, and what the operation adds."""
+    who = f"{entry['name']} ({entry.get('role')})" if entry.get("name") else "-"
+    job = str(entry.get("job") or "-")[:12]
+    extra = []
+    if isinstance(entry.get("argv"), list):
+        extra.append(" ".join(map(str, entry["argv"])))
+    for name in ("bytes_out", "bytes_in", "reason", "lost"):
+        if entry.get(name) is not None:
+            extra.append(f"{name}={entry[name]}")
+    line = (
+        f"{entry.get('time', '?')}  {who}  {entry.get('peer', '-')}  {entry.get('op', '?')}  "
+        f"{job}  {entry.get('outcome', '?')}"
+    )
+    return (f"{line}  {' '.join(extra)}" if extra else line).translate(_CONTROLS) + "\n"
+
+
+# Control characters in what a user typed (an argv) are shown escaped: a
+# line stays one line.
+_CONTROLS = {code: f"\\x{code:02x}" for code in range(32)}
