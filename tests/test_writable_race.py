@@ -8,7 +8,7 @@ renameat2(RENAME_EXCHANGE), over and over, while jobs start with `d`
 writable. A check of the path and a bind of it as two lookups made the
 link's target writable in 3 of 13 starts. Here a process of the test does
 the swapping (a job's would be the same syscall) for CORRAL_RACE_SECONDS
-(10 by default; CI runs it for a minute too) while real jobs start, each
+(5 by default; CI runs it for a minute too) while real jobs start, each
 trying to write into the link's target: not one may.
 """
 
@@ -33,7 +33,7 @@ from .conftest import managed_jobs
 
 pytestmark = [pytest.mark.jobs, pytest.mark.skipif(os.geteuid() != 0, reason="jobs need root")]
 
-RACE_SECONDS = float(os.environ.get("CORRAL_RACE_SECONDS", "10"))
+RACE_SECONDS = float(os.environ.get("CORRAL_RACE_SECONDS", "5"))
 
 # Swaps ARGV[1] and ARGV[2] until killed; says "ready" after the first swap.
 SWAPPER = """

@@ -22,6 +22,7 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -42,7 +43,6 @@ from corral.supervisor.flags import (
     build_parser,
 )
 from corral.supervisor.listeners import ListenError
-from corral.supervisor.metrics import MetricsServer
 from corral.supervisor.preflight import (
     EXIT_UNAVAILABLE,
     LOCK_FILE,
@@ -74,6 +74,9 @@ from corral.worker.manager import (
 )
 from corral.worker.spawner import Spawner, SpawnerError
 from corral.worker.uid_pool import UidRange
+
+if TYPE_CHECKING:
+    from corral.supervisor.metrics import MetricsServer
 
 log = logging.getLogger("corrald")
 
@@ -205,7 +208,7 @@ async def serve(
         try:
             if metrics is not None:
                 try:
-                    metrics_server = server.metrics.serve(metrics.host, metrics.port)
+                    metrics_server = server.enable_metrics().serve(metrics.host, metrics.port)
                 except OSError as exc:
                     return f"cannot serve metrics on {metrics}: {exc.strerror or exc}"
                 log.info("metrics at http://%s:%d/metrics", metrics.host, metrics_server.port)

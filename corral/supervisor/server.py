@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -53,7 +53,6 @@ from corral.supervisor.certificates import ServerCertificate
 from corral.supervisor.descriptors import FD_DIR, Descriptors
 from corral.supervisor.heartbeat import Heartbeat, process_statistics
 from corral.supervisor.listeners import listener_address, open_listener, remove_unix_sockets
-from corral.supervisor.metrics import Metrics, Sources
 from corral.supervisor.operations import MAX_STREAMS_PER_USER, JobOperations
 from corral.supervisor.policy import Policy, authorize, owner_filter
 from corral.supervisor.session import (
@@ -66,6 +65,9 @@ from corral.supervisor.session import (
     StreamEnd,
 )
 from corral.tls import IdentityError, handshake_refusal, identity_from_certificate
+
+if TYPE_CHECKING:
+    from corral.supervisor.metrics import Metrics
 from corral.worker.manager import JobManager
 
 log = logging.getLogger(__name__)
@@ -180,6 +182,17 @@ class Server:
         self.certificate: ServerCertificate | None = None  # the one in use, for info
         self.audit = AuditLog(config.state_dir, max_size=config.audit_max_size)
         self._observer = AuditObserver(self.audit)
+        self.metrics: Metrics | None = None  # with --metrics: enable_metrics()
+        self._add_operations({"info": self._info, "ping": self._ping})
+        self._add_operations(self._observer.handlers())
+        if jobs is not None:
+            self.serve_jobs(jobs)
+
+    def enable_metrics(self) -> Metrics:
+        """Count what `/metrics` serves, from now on (before serving): only
+        then is prometheus_client imported (~80 ms of every start)."""
+        from corral.supervisor.metrics import Metrics, Sources  # noqa: PLC0415
+
         self.metrics = Metrics(
             Sources(
                 sessions=lambda: len(self._sessions),
@@ -191,10 +204,7 @@ class Server:
                 loop_lag=self.heartbeat.statistics,
             )
         )
-        self._add_operations({"info": self._info, "ping": self._ping})
-        self._add_operations(self._observer.handlers())
-        if jobs is not None:
-            self.serve_jobs(jobs)
+        return self.metrics
 
     def use_tls(self, context: ssl.SSLContext, certificate: ServerCertificate) -> None:
         """Handshakes from now on use `context`; sessions open keep theirs."""
@@ -465,7 +475,11 @@ class Server:
                 io_timeout=self.config.io_timeout,
                 idle_timeout=self.config.idle_timeout,
                 address=peer,
-                observer=Observers(self._observer, self.metrics),
+                observer=(
+                    self._observer
+                    if self.metrics is None
+                    else Observers(self._observer, self.metrics)
+                ),
             )
             self._connecting -= 1
             self._opened += 1
