@@ -114,6 +114,23 @@ async def test_two_attached_clients_see_the_same_output_and_both_reach_the_job(
     assert stdout_of(seen["first"]) == stdout_of(seen["second"]) == b"one\ntwo\n"
 
 
+async def test_input_and_eof_sent_just_before_a_detach_still_reach_the_job(
+    alice: Client,
+) -> None:
+    """close() then leaving at once: the Eof came before the cancel, so the
+    job gets the input and the end of its stdin (it was lost in a race)."""
+    for _ in range(20):
+        job = await alice.start(["cat"], stdin=True)
+        async with alice.attach(job.id) as attached:
+            await attached.send(b"last words\n")
+            await attached.close()
+        with trio.fail_after(30):
+            ended = await alice.wait(job.id)
+        assert ended.exit_code == 0
+        async with alice.logs(job.id) as stream:
+            assert stdout_of([record async for record in stream]) == b"last words\n"
+
+
 async def test_a_detach_leaves_stdin_open_for_the_next_attach(alice: Client) -> None:
     job = await alice.start(["cat"], stdin=True)
     async with alice.attach(job.id, offset=0) as attached:

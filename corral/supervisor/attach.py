@@ -90,8 +90,9 @@ class AttachOperations:
         want_input: bool,
         eof_on_disconnect: bool,
     ) -> StreamEnd:
-        writer = await self.manager.open_input(job.id) if want_input else None
+        writer: ShimInput | None = None
         try:
+            writer = await self.manager.open_input(job.id) if want_input else None
             async with trio.open_nursery() as nursery:
                 if writer is not None:
                     nursery.start_soon(writer.watch)
@@ -99,12 +100,39 @@ class AttachOperations:
                 end = await send_output(context, self.manager, job, offset, follow=True)
                 nursery.cancel_scope.cancel()
         finally:
+            # A client that sent its last input and its Eof, then detached
+            # at once (before this had even reached the shim, perhaps),
+            # gets them delivered: they came before the cancel, which only
+            # stops what follows.
+            pending = context.received_input() if want_input else []
+            if None in pending:
+                writer = await self._deliver_shielded(job, writer, pending[: pending.index(None)])
+            elif writer is not None and eof_on_disconnect and context.peer_left:
+                await _close_shielded(writer)
             if writer is not None:
-                if eof_on_disconnect and context.peer_left and writer.closed is None:
-                    await _close_shielded(writer)
                 writer.aclose()
         status = await self.operations.live_status(job)
         return StreamEnd({"offset": end, "job": job_record(job, status)})
+
+    async def _deliver_shielded(
+        self, job: Job, writer: ShimInput | None, pieces: list[bytes | None]
+    ) -> ShimInput | None:
+        """Send `pieces` then end the job's stdin, on `writer` or one opened
+        now, even as the request is being cancelled; within CLOSE_TIMEOUT.
+        Returns the writer, to be closed."""
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(CLOSE_TIMEOUT),
+            contextlib.suppress(InputClosed, OSError, OperationError),
+        ):
+            if writer is None:
+                writer = await self.manager.open_input(job.id)
+            if writer.closed is None:
+                for piece in pieces:
+                    if piece is not None:
+                        await writer.send(piece)
+                await writer.close()
+        return writer
 
     async def resize(self, context: RequestContext) -> dict[str, Any]:
         """Give the job's terminal a new size, `size` = [columns, rows]."""
@@ -125,7 +153,7 @@ async def _relay_input(context: RequestContext, writer: ShimInput) -> None:
             data = await context.receive_input()
             try:
                 if data is None:  # the client's Eof: the job's stdin ends
-                    await writer.close()
+                    await _close_shielded(writer)  # even if a detach follows at once
                     return
                 await writer.send(data)
             except InputClosed:

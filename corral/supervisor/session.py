@@ -138,6 +138,12 @@ class RequestContext:
         granted with `grant_input`: without any, this waits for ever."""
         return await self.session.receive_input(self.request.id)
 
+    def received_input(self) -> list[bytes | None]:
+        """What the client sent on this stream and was not read yet, without
+        waiting (None stands for its Eof): for a stream cancelled with the
+        client's last input and Eof already here."""
+        return self.session.received_input(self.request.id)
+
     async def grant_input(self, amount: int) -> None:
         """Let the client send `amount` more bytes of input."""
         if not self.session.input_closed(self.request.id):
@@ -312,6 +318,16 @@ class Session:
             queue.pieces.popleft()
             parts.append(following)
         return first if len(parts) == 1 else b"".join(parts)
+
+    def received_input(self, request_id: int) -> list[bytes | None]:
+        """The input of `request_id` received and not yet read (None for the
+        client's Eof), taken now without waiting."""
+        queue = self._inputs.get(request_id)
+        if queue is None:
+            return []
+        pieces = list(queue.pieces)
+        queue.pieces.clear()
+        return pieces
 
     def _input(self, request_id: int, piece: bytes | None) -> None:
         """Hand input to the request it is for, if it still takes input."""
