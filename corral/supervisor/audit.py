@@ -229,15 +229,13 @@ def matches(line: bytes, start: datetime.datetime | None, name: str | None) -> b
     if start is None and name is None:
         return True
     try:
-        entry = json.loads(line)
-        if name is not None and entry.get("name") != name:
-            return False
-        return start is None or parse_time(entry["time"]) >= start
-    except (ValueError, KeyError, TypeError):
+        return entry_matches(json.loads(line), start, name)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return False  # a line cut short by a crash: not an entry
 
 
 def entry_matches(entry: dict[str, Any], start: datetime.datetime | None, name: str | None) -> bool:
+    """Whether an entry is from `start` on and of `name` (None: any)."""
     if name is not None and entry.get("name") != name:
         return False
     return start is None or parse_time(entry["time"]) >= start
