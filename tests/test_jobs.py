@@ -25,12 +25,14 @@ import pytest
 import trio
 import trio.testing
 
+from corral import ipc
 from corral.errors import OperationError
 from corral.identity import Identity
 from corral.job import JobSpec, Limits, State, Status, new_job_id
 from corral.protocol import ErrorCode
 from corral.shim import libc
 from corral.shim.cgroup import (
+    ROOT,
     CgroupError,
     Flavour,
     detect_flavour,
@@ -43,6 +45,7 @@ from corral.supervisor.heartbeat import live_tasks
 from corral.worker import spawner_pool
 from corral.worker.manager import Admission, Job, JobManager, open_job_manager
 from corral.worker.sandboxes import SandboxRecords
+from corral.worker.spawner import Spawner
 
 from .conftest import TEST_CGROUP_PARENT, managed_jobs, open_fds, until
 
@@ -57,6 +60,7 @@ MS_BIND = 4096
 MS_SHARED = 1 << 20
 
 ALICE, BOB = Identity("alice", "user"), Identity("bob", "user")
+NOBODY = Identity("", "user")  # the owner of a JobSpec that names none
 
 
 def records(job_dir: Path) -> list[list[object]]:
@@ -727,12 +731,11 @@ async def test_a_cancelled_start_leaves_the_next_job_alone(jobs: JobManager) -> 
 SANDBOX_READY = 60.0
 
 
-def sandbox_init(job_id: str) -> int | None:
-    """The pid of the init waiting in the sandbox built for `job_id`, once it is in its cgroup."""
+def sandbox_init(job_id: str, owner: Identity = NOBODY) -> int | None:
+    """The pid of the init waiting in the sandbox built for `job_id` (in
+    `owner`'s slice), once it is in its cgroup."""
     try:
-        procs = open_cgroup(
-            FLAVOUR, job_id, parent=PARENT, slice=slice_name(Identity("", "user"))
-        ).procs()
+        procs = open_cgroup(FLAVOUR, job_id, parent=PARENT, slice=slice_name(owner)).procs()
     except CgroupError:
         return None
     return procs[0] if len(procs) == 1 else None
@@ -756,6 +759,31 @@ async def test_a_start_takes_the_sandbox_built_ahead_for_it(tmp_path: Path) -> N
         await until(lambda: jobs.warm_ids and jobs.warm_ids[0] != ahead, SANDBOX_READY)
         await jobs.stop(job.id, grace=0)
     assert orphans(FLAVOUR, parent=PARENT) == [], "a sandbox outlived its manager"
+
+
+@pytest.mark.cgroup
+async def test_a_discarded_sandbox_is_gone_once_its_spawner_has_closed(tmp_path: Path) -> None:
+    # A sandbox built for one owner is discarded when another starts; a
+    # manager ending right after must not cut its going short (the spawner's
+    # exit killed the shim mid-way, leaving its cgroup, and its record was
+    # already dropped: nothing swept it).
+    pool = spawner_pool.SpawnerPool(
+        SandboxRecords(tmp_path / "state"),
+        flavour=FLAVOUR,
+        cgroup_root=ROOT,
+        cgroup_parent=PARENT,
+        devices=[],
+        warm=0,
+    )
+    spawner = Spawner.start()
+    try:
+        job_id = new_job_id()
+        await spawner.prepare(pool.request(job_id, slice_name(ALICE)))
+        await until(lambda: sandbox_init(job_id, ALICE), SANDBOX_READY)
+        await spawner.discard(ipc.Discard(id=job_id))
+    finally:
+        spawner.close()
+    assert orphans(FLAVOUR, parent=PARENT) == [], "a discarded sandbox outlived its spawner"
 
 
 @pytest.mark.cgroup

@@ -569,10 +569,13 @@ def _wait_for_claim(claim: socket.socket, sandbox: Sandbox) -> tuple[Path, int]:
     except (OSError, ipc.IPCError):
         received = None
     claim.close()
-    if received is None:
+    if received is None or len(received[1]) != 1:
+        # Told to go: finish going even if the spawner dies meanwhile (its
+        # death signal would leave the cgroup behind, and nobody records it
+        # any more).
+        libc.prctl(libc.PR_SET_PDEATHSIG, 0)
+        if received is not None:
+            ipc_fds.close_all(received[1])
         sandbox.discard()
     message, fds = received
-    if len(fds) != 1:
-        ipc_fds.close_all(fds)
-        sandbox.discard()
     return Path(message.job_dir), fds[0]

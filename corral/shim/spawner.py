@@ -71,6 +71,9 @@ class Spawner:
     def __init__(self, control: socket.socket) -> None:
         self.control = control
         self.warm: dict[str, Warm] = {}
+        # Pidfds of discarded warm shims still taking their sandboxes down:
+        # a closing spawner waits for them as for the warm ones.
+        self.leaving: list[int] = []
 
     def prepare(self, request: ipc.Prepare) -> int:
         """Fork a warm shim for job `request.id`; return its pid."""
@@ -98,7 +101,8 @@ class Spawner:
         if warm is None:
             raise ValueError(f"job {request.id} has no warm sandbox")
         warm.claim.close()
-        os.close(warm.pidfd)
+        self.leaving = [fd for fd in self.leaving if not _exited(fd)]
+        self.leaving.append(warm.pidfd)
         return warm.pid
 
     def start(self, request: ipc.Start, report_fd: int) -> tuple[int, int]:
@@ -135,6 +139,8 @@ class Spawner:
                     for warm in self.warm.values():
                         warm.claim.close()
                         os.close(warm.pidfd)
+                    for fd in self.leaving:
+                        os.close(fd)
                     _detach()
                     body()
                 except BaseException:
@@ -147,21 +153,32 @@ class Spawner:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
     def close(self) -> None:
-        """Take the warm sandboxes down (EOF to each shim) and wait for them:
-        their cgroups are gone when this returns."""
+        """Take the warm sandboxes down (EOF to each shim) and wait for them
+        and for those discarded earlier: their cgroups are gone when this
+        returns (unless CLOSE_TIMEOUT passed first)."""
+        pidfds = [*self.leaving, *(warm.pidfd for warm in self.warm.values())]
         poller = select.poll()
         for warm in self.warm.values():
             warm.claim.close()
-            poller.register(warm.pidfd, select.POLLIN)
+        for fd in pidfds:
+            poller.register(fd, select.POLLIN)
         deadline = time.monotonic() + CLOSE_TIMEOUT
-        waiting = len(self.warm)
+        waiting = len(pidfds)
         while waiting and (left := deadline - time.monotonic()) > 0:
             for fd, _ in poller.poll(left * 1000):
                 poller.unregister(fd)
                 waiting -= 1
-        for warm in self.warm.values():
-            os.close(warm.pidfd)
+        for fd in pidfds:
+            os.close(fd)
         self.warm.clear()
+        self.leaving.clear()
+
+
+def _exited(pidfd: int) -> bool:
+    """Whether the process of `pidfd` has exited (its pidfd is readable)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _job_id(request: ipc.Prepare | ipc.Start | ipc.Discard) -> str:
