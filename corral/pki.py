@@ -24,6 +24,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from corral.directories import make_directories
 from corral.identity import ROLES
+from corral.pki_layout import (
+    CA_CERT_FILE,
+    CA_KEY_FILE,
+    CLIENT_CERT_FILE,
+    CLIENT_KEY_FILE,
+    CLIENTS_DIR,
+    SERVER_CERT_FILE,
+    SERVER_KEY_FILE,
+)
 
 DEFAULT_CLIENTS: tuple[tuple[str, str], ...] = (
     ("admin", "admin"),
@@ -47,14 +56,6 @@ LEAF_LIFETIME = timedelta(days=90)
 # Names become directory names and job owners: no separators, no hidden files; 64 is the CN limit.
 CLIENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
-# The on-disk layout, shared with the CLI and the daemon so they find the same files.
-CA_CERT_FILE = "ca.crt"
-CA_KEY_FILE = "ca.key"
-SERVER_CERT_FILE = "server.crt"
-SERVER_KEY_FILE = "server.key"
-CLIENTS_DIR = "clients"
-CLIENT_CERT_FILE = "client.crt"
-CLIENT_KEY_FILE = "client.key"
 
 # Keys, and the directories holding them, are the owner's alone; certificates are public.
 _KEY_MODE = 0o600

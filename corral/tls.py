@@ -17,12 +17,13 @@ import ssl
 from pathlib import Path
 
 from corral.identity import ROLES, Identity
-
-# An identity directory's files, as `corral certs` writes them (corral.pki's
-# names; the client reads them from here so that connecting needs no PKI code).
-CA_CERT_FILE = "ca.crt"
-CLIENT_CERT_FILE = "client.crt"
-CLIENT_KEY_FILE = "client.key"
+from corral.pki_layout import (
+    CA_CERT_FILE,
+    CLIENT_CERT_FILE,
+    CLIENT_KEY_FILE,
+    SERVER_CERT_FILE,
+    SERVER_KEY_FILE,
+)
 
 
 class TLSConfigError(Exception):
@@ -96,7 +97,7 @@ def server_context(pki_dir: Path) -> ssl.SSLContext:
     """The server's context from PKI_DIR/{ca.crt,server.crt,server.key}."""
     context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     context.verify_mode = ssl.CERT_REQUIRED
-    _load(context, pki_dir / "ca.crt", pki_dir / "server.crt", pki_dir / "server.key")
+    _load(context, pki_dir / CA_CERT_FILE, pki_dir / SERVER_CERT_FILE, pki_dir / SERVER_KEY_FILE)
     return context
 
 

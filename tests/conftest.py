@@ -22,7 +22,7 @@ from typing import IO, Any
 import pytest
 import trio
 
-from corral import pki
+from corral import pki, pki_layout
 from corral.address import Address, TCPAddress, UnixAddress
 from corral.client.client import Client
 from corral.shim import libc
@@ -132,7 +132,7 @@ async def managed_jobs(state_dir: Path, **options: Any) -> AsyncIterator[JobMana
 
 
 def identity(pki_dir: Path, name: str) -> Path:
-    return pki_dir / pki.CLIENTS_DIR / name
+    return pki_dir / pki_layout.CLIENTS_DIR / name
 
 
 def make_server(pki_dir: Path, directory: Path, **config: Any) -> Server:

@@ -400,6 +400,18 @@ def test_sigterm_ends_an_attached_session_with_the_terminal_restored(
     assert_cooked(child)
     child.close()  # type: ignore[attr-defined]
     assert child.exitstatus == 128 + signal.SIGTERM  # type: ignore[attr-defined]
+    # The job lives on, detached; an interactive bash ignores SIGTERM, so
+    # corrald's shutdown would wait out its grace: end it here.
+    ids = run_corral(daemon, pki_dir, "ps", "-q", "--state", "running").split()
+    assert len(ids) == 1
+    run_corral(daemon, pki_dir, "stop", "--grace", "0", *ids)
+
+
+def run_corral(daemon: Daemon, pki_dir: Path, *args: str) -> str:
+    command = corral(daemon, pki_dir, *args)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 async def test_a_run_i_client_that_dies_gives_its_job_eof(

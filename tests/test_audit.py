@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trio
 
-from corral import pki
+from corral import pki_layout
 from corral.client.client import connect
 from corral.client.errors import AuthenticationError, ServerError
 from corral.supervisor.audit import AUDIT_FILE, AuditLog
@@ -49,7 +49,7 @@ async def exercise(daemon: Daemon, pki_dir: Path) -> tuple[str, str]:
     """A peer without a certificate, then admin and alice at work: every
     operation, a refused start and a missing job among them. Returns
     alice's job's id and the admin's."""
-    context = ssl.create_default_context(cafile=pki_dir / pki.CA_CERT_FILE)
+    context = ssl.create_default_context(cafile=pki_dir / pki_layout.CA_CERT_FILE)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     with pytest.raises(AuthenticationError):
         async with connect(daemon.tcp, context):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from corral import pki
+from corral import pki, pki_layout
 from corral.client import cli
 from corral.client.client import Client, connect
 from corral.client.errors import ServerError
@@ -100,8 +100,10 @@ def test_certificate_from_another_ca(corrald: Daemon, pki_dir: Path, tmp_path: P
     other = tmp_path / "other"
     pki.init_pki(other)
     # Trust the real server, present a client certificate it cannot verify.
-    stranger = other / pki.CLIENTS_DIR / "admin"
-    (stranger / pki.CA_CERT_FILE).write_bytes((pki_dir / pki.CA_CERT_FILE).read_bytes())
+    stranger = other / pki_layout.CLIENTS_DIR / "admin"
+    (stranger / pki_layout.CA_CERT_FILE).write_bytes(
+        (pki_dir / pki_layout.CA_CERT_FILE).read_bytes()
+    )
     result = corral("--addr", corrald.tcp, "--identity", str(stranger), "info")
     assert result.returncode == 77
     assert "rejected our client certificate: it is not signed by a CA this corrald trusts" in (
@@ -208,8 +210,10 @@ def test_json_errors_of_the_handshake_carry_snake_case_codes(
         not_tls = corral("--json", "--addr", address, "--identity", bob, "info")
     other = tmp_path / "other"
     pki.init_pki(other)
-    stranger = other / pki.CLIENTS_DIR / "admin"
-    (stranger / pki.CA_CERT_FILE).write_bytes((pki_dir / pki.CA_CERT_FILE).read_bytes())
+    stranger = other / pki_layout.CLIENTS_DIR / "admin"
+    (stranger / pki_layout.CA_CERT_FILE).write_bytes(
+        (pki_dir / pki_layout.CA_CERT_FILE).read_bytes()
+    )
     refused = corral("--json", "--addr", corrald.tcp, "--identity", str(stranger), "info")
     codes = [json.loads(result.stdout)["error"]["code"] for result in (not_tls, refused)]
     assert codes == ["tls_failed", "unauthenticated"]
@@ -221,14 +225,14 @@ def test_a_key_readable_by_others_gets_a_warning(
 ) -> None:
     exposed = tmp_path / "bob"
     shutil.copytree(identity(pki_dir, "bob"), exposed)
-    (exposed / pki.CLIENT_KEY_FILE).chmod(0o644)
+    (exposed / pki_layout.CLIENT_KEY_FILE).chmod(0o644)
     result = corral("--addr", corrald.tcp, "--identity", str(exposed), "info")
     assert result.returncode == 0  # said, as ssh would, but not refused
     assert result.stderr == (
         f"corral: warning: {exposed}/client.key is readable by others (mode 0644): anyone "
         f"who reads it can act as this identity; `chmod 600 {exposed}/client.key`\n"
     )
-    (exposed / pki.CLIENT_KEY_FILE).chmod(0o600)
+    (exposed / pki_layout.CLIENT_KEY_FILE).chmod(0o600)
     assert corral("--addr", corrald.tcp, "--identity", str(exposed), "info").stderr == ""
 
 
@@ -431,17 +435,20 @@ def test_corrald_that_cannot_listen_leaves_no_socket_behind(
 def test_certs_renew_reissues_the_server_and_a_client(tmp_path: Path) -> None:
     directory = tmp_path / "pki"
     assert corral("certs", "init", str(directory)).returncode == 0
-    before = (directory / pki.SERVER_CERT_FILE).read_bytes()
+    before = (directory / pki_layout.SERVER_CERT_FILE).read_bytes()
     server = corral("certs", "renew", "--pki", str(directory), "--server")
     assert server.returncode == 0, server.stderr
     assert (
         server.stdout
-        == f"renewed corrald's certificate and key: {directory / pki.SERVER_CERT_FILE}\n"
+        == f"renewed corrald's certificate and key: {directory / pki_layout.SERVER_CERT_FILE}\n"
     )
-    assert (directory / pki.SERVER_CERT_FILE).read_bytes() != before
+    assert (directory / pki_layout.SERVER_CERT_FILE).read_bytes() != before
     alice = corral("certs", "renew", "--pki", str(directory), "alice")
     assert alice.returncode == 0, alice.stderr
-    assert alice.stdout == f"renewed identity alice in {directory / pki.CLIENTS_DIR / 'alice'}\n"
+    assert (
+        alice.stdout
+        == f"renewed identity alice in {directory / pki_layout.CLIENTS_DIR / 'alice'}\n"
+    )
     missing = corral("certs", "renew", "--pki", str(directory), "carol")
     assert missing.returncode == 78
     assert missing.stderr.startswith("corral: error: no client carol: ")

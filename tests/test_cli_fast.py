@@ -14,12 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corral import pki, tls
-from corral.client.cert_dates import validity
+from corral import pki, pki_layout
+from corral.cert_dates import serial_number, validity
 
 from .conftest import Daemon, identity
 
@@ -63,14 +64,6 @@ def test_one_shot_commands_import_neither_trio_nor_cryptography(
     assert probe(corrald, pki_dir, "--json", "ps")[1] == "imported: []"
 
 
-def test_the_client_reads_the_identity_files_pki_writes() -> None:
-    assert (tls.CA_CERT_FILE, tls.CLIENT_CERT_FILE, tls.CLIENT_KEY_FILE) == (
-        pki.CA_CERT_FILE,
-        pki.CLIENT_CERT_FILE,
-        pki.CLIENT_KEY_FILE,
-    )
-
-
 def _pem(not_before: datetime, not_after: datetime) -> bytes:
     ca_key, ca_cert = pki.make_ca()
     _, cert = pki.make_client_cert(
@@ -101,13 +94,19 @@ def test_certificate_dates_read_as_cryptography_reads_them(
 
 
 def test_the_dates_are_the_first_certificates_of_a_file(pki_dir: Path) -> None:
-    from cryptography import x509  # noqa: PLC0415 - what the client no longer needs
-
-    pem = (identity(pki_dir, "bob") / pki.CLIENT_CERT_FILE).read_bytes()
+    pem = (identity(pki_dir, "bob") / pki_layout.CLIENT_CERT_FILE).read_bytes()
     cert = x509.load_pem_x509_certificate(pem)
     later = _pem(datetime(2030, 1, 1, tzinfo=UTC), datetime(2031, 1, 1, tzinfo=UTC))
     dates = (cert.not_valid_before_utc, cert.not_valid_after_utc)
     assert validity(b"a comment\n" + pem + later) == dates
+
+
+def test_serial_numbers_read_as_cryptography_reads_them() -> None:
+    # Random 159-bit serials: about half have their top bit set, which DER
+    # writes with a leading zero byte to keep the number positive.
+    for _ in range(16):
+        pem = _pem(datetime(2024, 1, 1, tzinfo=UTC), datetime(2025, 1, 1, tzinfo=UTC))
+        assert serial_number(pem) == x509.load_pem_x509_certificate(pem).serial_number
 
 
 BEGIN, END = b"-----BEGIN CERTIFICATE-----\n", b"\n-----END CERTIFICATE-----\n"
@@ -145,3 +144,5 @@ def test_a_truncated_certificate_is_a_value_error() -> None:
 def test_any_der_is_read_or_refused_with_a_value_error(der: bytes) -> None:
     with contextlib.suppress(ValueError):
         validity(_armoured(der))
+    with contextlib.suppress(ValueError):
+        serial_number(_armoured(der))

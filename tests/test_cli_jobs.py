@@ -15,7 +15,7 @@ from corral.client.client import connect
 from corral.client.errors import ServerError
 from corral.job import State
 from corral.protocol import ErrorCode
-from corral.shim.credentials import oom_score_pinned
+from corral.shim.oom import oom_score_pinned
 from corral.store import read_status
 from corral.supervisor.policy import builtin_user_caps, builtin_user_quota
 from corral.units import short_size

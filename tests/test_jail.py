@@ -30,7 +30,7 @@ from corral.job import (
 )
 from corral.protocol import ErrorCode
 from corral.shim.cgroup import detect_flavour
-from corral.shim.credentials import oom_score_pinned
+from corral.shim.oom import oom_score_pinned
 from corral.store import OUTPUT_FILE
 from corral.worker.manager import JobManager
 

@@ -31,7 +31,13 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "corral.ipc_fds": ("trio", "corral.supervisor", "corral.worker", "corral.client"),
 }  # fmt: skip
 # Modules that may import nothing but the standard library.
-STANDARD_LIBRARY_ONLY = ("corral.units", "corral.pidlock", "corral.errors")
+STANDARD_LIBRARY_ONLY = (
+    "corral.units",
+    "corral.pidlock",
+    "corral.errors",
+    "corral.cert_dates",
+    "corral.pki_layout",
+)
 
 
 def module_name(path: Path) -> str:

@@ -16,7 +16,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from corral import pki
+from corral import pki_layout
 from corral.client.client import connect
 from corral.client.errors import AuthenticationError
 
@@ -59,7 +59,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 async def test_a_scrape_before_and_after_a_job(daemon: tuple[Daemon, str], pki_dir: Path) -> None:
     corrald, url = daemon
     before = await scrape(url)
-    context = ssl.create_default_context(cafile=pki_dir / pki.CA_CERT_FILE)
+    context = ssl.create_default_context(cafile=pki_dir / pki_layout.CA_CERT_FILE)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     with pytest.raises(AuthenticationError):
         async with connect(corrald.tcp, context):

@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corral import pki
+from corral import pki, pki_layout
 
 ExtT = TypeVar("ExtT", bound=x509.ExtensionType)
 
@@ -631,26 +631,30 @@ def test_init_creates_missing_parent_directories(tmp_path: Path) -> None:
 def test_renew_gives_the_server_and_a_client_new_keys_for_the_same_names(tmp_path: Path) -> None:
     directory = tmp_path / "pki"
     pki.init_pki(directory, ["corral.example.com"])
-    server_before = x509.load_pem_x509_certificate((directory / pki.SERVER_CERT_FILE).read_bytes())
-    alice = directory / pki.CLIENTS_DIR / "alice"
-    alice_before = x509.load_pem_x509_certificate((alice / pki.CLIENT_CERT_FILE).read_bytes())
-    key_before = (directory / pki.SERVER_KEY_FILE).read_bytes()
+    server_before = x509.load_pem_x509_certificate(
+        (directory / pki_layout.SERVER_CERT_FILE).read_bytes()
+    )
+    alice = directory / pki_layout.CLIENTS_DIR / "alice"
+    alice_before = x509.load_pem_x509_certificate(
+        (alice / pki_layout.CLIENT_CERT_FILE).read_bytes()
+    )
+    key_before = (directory / pki_layout.SERVER_KEY_FILE).read_bytes()
 
     pki.renew_server(directory)
     assert pki.renew_client(directory, "alice") == alice
 
-    server = x509.load_pem_x509_certificate((directory / pki.SERVER_CERT_FILE).read_bytes())
+    server = x509.load_pem_x509_certificate((directory / pki_layout.SERVER_CERT_FILE).read_bytes())
     san = x509.SubjectAlternativeName
     assert server.serial_number != server_before.serial_number
-    assert (directory / pki.SERVER_KEY_FILE).read_bytes() != key_before
+    assert (directory / pki_layout.SERVER_KEY_FILE).read_bytes() != key_before
     assert (
         server.extensions.get_extension_for_class(san).value
         == server_before.extensions.get_extension_for_class(san).value
     )
     assert server.not_valid_after_utc - server.not_valid_before_utc == pki.LEAF_LIFETIME
-    renewed = x509.load_pem_x509_certificate((alice / pki.CLIENT_CERT_FILE).read_bytes())
+    renewed = x509.load_pem_x509_certificate((alice / pki_layout.CLIENT_CERT_FILE).read_bytes())
     assert renewed.subject == alice_before.subject  # CN alice, OU user
     assert renewed.serial_number != alice_before.serial_number
-    assert stat.S_IMODE((alice / pki.CLIENT_KEY_FILE).stat().st_mode) == 0o600
+    assert stat.S_IMODE((alice / pki_layout.CLIENT_KEY_FILE).stat().st_mode) == 0o600
     with pytest.raises(pki.PKIError, match="no client carol"):
         pki.renew_client(directory, "carol")

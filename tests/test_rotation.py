@@ -18,7 +18,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from corral import pki
+from corral import pki, pki_layout
 from corral.client.client import connect
 from corral.supervisor.certificates import WARN_BEFORE, ServerCertificate
 from corral.tls import client_context
@@ -59,8 +59,8 @@ def renew_server(pki_dir: Path, not_after: datetime.datetime | None = None) -> i
     """A new server key and certificate from the CA in place; its serial."""
     ca_key, ca_cert = pki.load_ca(pki_dir)
     key, cert = pki.make_server_cert(ca_key, ca_cert, [], not_after=not_after)
-    pki.write_private_key(pki_dir / pki.SERVER_KEY_FILE, key, force=True)
-    pki.write_certificate(pki_dir / pki.SERVER_CERT_FILE, cert)
+    pki.write_private_key(pki_dir / pki_layout.SERVER_KEY_FILE, key, force=True)
+    pki.write_certificate(pki_dir / pki_layout.SERVER_CERT_FILE, cert)
     return int(cert.serial_number)
 
 
@@ -122,7 +122,7 @@ async def test_wrong_files_on_sighup_are_refused_and_the_old_kept(
 ) -> None:
     admin = identity(own_pki, "admin")
     old = await trio.to_thread.run_sync(served_serial, daemon, admin)
-    cert_file = own_pki / pki.SERVER_CERT_FILE
+    cert_file = own_pki / pki_layout.SERVER_CERT_FILE
     if damage == "garbage":
         cert_file.write_text("not a certificate\n")
     elif damage == "expired":
@@ -146,7 +146,7 @@ async def test_a_ca_bundle_accepts_clients_of_either_ca(
     carol = tmp_path / "carol"
     pki.write_identity(carol, old_ca, key, cert)  # she trusts the server's CA, the old one
     bundle = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (old_ca, new_ca))
-    (own_pki / pki.CA_CERT_FILE).write_bytes(bundle)
+    (own_pki / pki_layout.CA_CERT_FILE).write_bytes(bundle)
     await hang_up(daemon, "SIGHUP: new handshakes use")
     async with connect(daemon.tcp, carol) as client:
         assert (await client.info()).identity.name == "carol"

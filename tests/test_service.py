@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corral import pki
+from corral import pki, pki_layout
 
 from .conftest import CORRALD, running_corrald
 
@@ -78,8 +78,8 @@ def expired_server(pki_dir: Path, tmp_path: Path) -> Path:
     ca_key, ca_cert = pki.load_ca(own)
     ended = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
     key, cert = pki.make_server_cert(ca_key, ca_cert, [], not_after=ended)
-    pki.write_private_key(own / pki.SERVER_KEY_FILE, key, force=True)
-    pki.write_certificate(own / pki.SERVER_CERT_FILE, cert)
+    pki.write_private_key(own / pki_layout.SERVER_KEY_FILE, key, force=True)
+    pki.write_certificate(own / pki_layout.SERVER_CERT_FILE, cert)
     return own
 
 

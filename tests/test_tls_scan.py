@@ -59,7 +59,7 @@ from sslyze.mozilla_tls_profile.tls_config_checker import (
 )
 from sslyze.server_connectivity import check_connectivity_to_server
 
-from corral import pki
+from corral import pki, pki_layout
 from corral.address import TCPAddress
 from corral.client.client import connect
 from corral.supervisor.server import Server
@@ -106,15 +106,15 @@ def run_scan(address: TCPAddress, pki_dir: Path, commands: set[ScanCommand]) -> 
     client = identity(pki_dir, "alice")
     extra = ScanCommandsExtraArguments()
     if ScanCommand.CERTIFICATE_INFO in commands:
-        dev_ca = CertificateInfoExtraArgument(custom_ca_file=pki_dir / pki.CA_CERT_FILE)
+        dev_ca = CertificateInfoExtraArgument(custom_ca_file=pki_dir / pki_layout.CA_CERT_FILE)
         extra = ScanCommandsExtraArguments(certificate_info=dev_ca)
     request = ServerScanRequest(
         server_location=ServerNetworkLocation(SERVER_NAME, address.port, ip_address=address.host),
         network_configuration=ServerNetworkConfiguration(
             tls_server_name_indication=SERVER_NAME,
             tls_client_auth_credentials=ClientAuthenticationCredentials(
-                certificate_chain_path=client / pki.CLIENT_CERT_FILE,
-                key_path=client / pki.CLIENT_KEY_FILE,
+                certificate_chain_path=client / pki_layout.CLIENT_CERT_FILE,
+                key_path=client / pki_layout.CLIENT_KEY_FILE,
             ),
         ),
         scan_commands=commands,

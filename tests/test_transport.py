@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corral import pki
+from corral import pki, pki_layout
 from corral.address import Address, TCPAddress, UnixAddress
 from corral.client.client import connect
 from corral.client.errors import (
@@ -266,7 +266,7 @@ async def test_certificates_without_an_identity_are_refused(  # noqa: PLR0917 - 
 async def test_no_client_certificate_is_refused_in_the_handshake(
     server: Server, pki_dir: Path, server_log: pytest.LogCaptureFixture
 ) -> None:
-    context = ssl.create_default_context(cafile=pki_dir / pki.CA_CERT_FILE)
+    context = ssl.create_default_context(cafile=pki_dir / pki_layout.CA_CERT_FILE)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     with pytest.raises(AuthenticationError) as caught:
         async with connect(tcp(server), context) as client:
@@ -614,7 +614,7 @@ async def send_garbage(
     The server's hello timeout is short, so a garbage prefix that promises
     more bytes ends with a timeout goodbye instead of a wait. After a hello
     the server may rightly wait for more: we stop listening after a quiet
-    half second (TLS cannot half-close to tell it we are done).
+    quarter second (TLS cannot half-close to tell it we are done).
     """
     server = make_server(pki_dir, directory, handshake_timeout=0.25)
     if hello_first:
@@ -632,7 +632,7 @@ async def send_garbage(
                 with contextlib.suppress(trio.BrokenResourceError):
                     await stream.send_all(garbage)
                     while True:
-                        with trio.move_on_after(0.5):
+                        with trio.move_on_after(0.25):
                             chunk = await stream.receive_some(65536)
                             if not chunk:
                                 break
@@ -674,7 +674,7 @@ garbage = st.one_of(
 )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(garbage=garbage, over_tls=st.booleans(), hello_first=st.booleans())
 def test_server_answers_garbage_with_an_error_or_a_close(
     pki_dir: Path, garbage: bytes, over_tls: bool, hello_first: bool

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import corral
 from corral.address import Address, AddressError, TCPAddress, parse_address
-from corral.client.cert_dates import validity
+from corral.cert_dates import validity
 from corral.client.errors import (
     AuthenticationError,
     ConfigError,
@@ -26,6 +26,7 @@ from corral.client.errors import (
     ServerError,
     TLSError,
 )
+from corral.pki_layout import CLIENT_CERT_FILE, CLIENTS_DIR
 from corral.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -36,7 +37,7 @@ from corral.protocol import (
     ProtocolError,
     Welcome,
 )
-from corral.tls import CLIENT_CERT_FILE, TLSConfigError, client_context
+from corral.tls import TLSConfigError, client_context
 
 # Long enough for a loaded server on a slow link; short enough that a
 # script pointed at the wrong port does not hang.
@@ -71,7 +72,7 @@ def resolve(
 def identity_context(directory: Path) -> ssl.SSLContext:
     """The TLS context for an identity directory, after checking our own certificate."""
     shown = os.fspath(directory)
-    if (directory / "clients").is_dir() and not (directory / CLIENT_CERT_FILE).exists():
+    if (directory / CLIENTS_DIR).is_dir() and not (directory / CLIENT_CERT_FILE).exists():
         example = f"{shown}/clients/admin"
         raise ConfigError(f"identity {shown} is a PKI directory; use a client's, e.g. {example}")
     try:

@@ -11,7 +11,7 @@ from typing import Any
 
 from corral.client.connecting import CONNECT_TIMEOUT
 from corral.client.errors import ConfigError
-from corral.tls import CLIENT_KEY_FILE
+from corral.pki_layout import CLIENT_KEY_FILE
 
 DEFAULT_ADDR = "127.0.0.1:7443"
 

@@ -15,7 +15,6 @@ from typing import Any
 
 from corral.errors import ErrorCode
 from corral.job import ROOT_USERS, ResolvedSpec
-from corral.shim import libc
 from corral.shim.sandbox import StartFailure
 from corral.shim.userns import Account
 
@@ -82,13 +81,4 @@ def credentials(spec: ResolvedSpec) -> Credentials:
     )  # fmt: skip
 
 
-def oom_score_pinned() -> bool:
-    """Whether jobs' OOM score is a floor they cannot lower: init writes it
-    with corrald's capabilities, and the kernel makes a score written with
-    CAP_SYS_RESOURCE the minimum (oom_score_adj_min) for the process and
-    its children. Hosts that take the capability from root (some
-    container and VM sandboxes do) leave it a default the job may lower."""
-    return libc.has_capability(libc.CAP_SYS_RESOURCE)
-
-
-__all__ = ["Credentials", "credentials", "oom_score_pinned"]
+__all__ = ["Credentials", "credentials"]

@@ -47,6 +47,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 from corral import ipc, ipc_fds, ipc_input
 from corral.shim import libc, masks, mounts, proctitle, seccomp, terminal, userns
 from corral.shim.mounts import remount_each
+from corral.shim.oom import COMMAND_OOM_SCORE_ADJ
 
 # remount_each is the mounts' fallback before Linux 5.12; tests run it here.
 __all__ = ["INIT_SIGNALS", "WAIT_STATUS", "InitConfig", "remount_each", "run_init"]
@@ -57,8 +58,6 @@ INIT_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})
 FORWARDED = frozenset({signal.SIGTERM, signal.SIGINT})
 DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 WAIT_STATUS = struct.Struct("=i")
-# The command is the one the OOM killer should pick, never init.
-COMMAND_OOM_SCORE_ADJ = b"1000"
 EXIT_SETUP_FAILED = 125
 NAMESPACES = libc.CLONE_NEWNS | libc.CLONE_NEWNET | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC
 

@@ -21,9 +21,8 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-
-from corral.pki import SERVER_CERT_FILE
+from corral.cert_dates import serial_number, validity
+from corral.pki_layout import SERVER_CERT_FILE
 from corral.tls import TLSConfigError, server_context
 
 log = logging.getLogger(__name__)
@@ -70,17 +69,17 @@ def load(pki_dir: Path) -> tuple[ssl.SSLContext, ServerCertificate]:
     context = server_context(pki_dir)
     path = pki_dir / SERVER_CERT_FILE
     try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        pem = path.read_bytes()
+        not_before, not_after = validity(pem)
+        serial = serial_number(pem)
     except (OSError, ValueError) as exc:
         raise TLSConfigError(f"cannot read the certificate {path}: {exc}") from None
     now = datetime.datetime.now(datetime.UTC)
-    if cert.not_valid_before_utc > now:
-        raise TLSConfigError(
-            f"{path} is not valid until {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
-        )
-    if cert.not_valid_after_utc <= now:
-        raise TLSConfigError(f"{path} expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
-    return context, ServerCertificate(cert.serial_number, cert.not_valid_after_utc)
+    if not_before > now:
+        raise TLSConfigError(f"{path} is not valid until {not_before:%Y-%m-%d %H:%M} UTC")
+    if not_after <= now:
+        raise TLSConfigError(f"{path} expired at {not_after:%Y-%m-%d %H:%M} UTC")
+    return context, ServerCertificate(serial, not_after)
 
 
 def say_if_expiring(certificate: ServerCertificate) -> None:

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING
 import trio
 
 import corral
-from corral import pki
+from corral import pki_layout
 from corral.address import Address, TCPAddress, UnixAddress, parse_address
 from corral.directories import make_directories
 from corral.errors import OperationError
 from corral.pidlock import LockHeld, take_lock
 from corral.shim.cgroup import Flavour
-from corral.shim.credentials import oom_score_pinned
+from corral.shim.oom import oom_score_pinned
 from corral.streams import CLOSE_TIMEOUT
 from corral.supervisor import certificates, preflight
 from corral.supervisor.certificates import ServerCertificate
@@ -149,7 +149,7 @@ def banner(server: Server, pki_dir: Path) -> str:
         f"corrald {corral.__version__} listening on {listening}",
         f"state {server.config.state_dir}, PKI {pki_dir}, cgroup {server.cgroup}{parent}",
     ]
-    admin = pki_dir / pki.CLIENTS_DIR / "admin"
+    admin = pki_dir / pki_layout.CLIENTS_DIR / "admin"
     tcp = [a for a in server.addresses if isinstance(a, TCPAddress)]
     unix = [a for a in server.addresses if isinstance(a, UnixAddress)]
     address = tcp[0] if tcp else (unix[0] if unix else None)

@@ -17,10 +17,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from corral import pki
+from corral import pki_layout
 from corral.identity import ROLES
 from corral.shim.cgroup import CgroupError, Flavour, check_host, detect_flavour
-from corral.shim.credentials import oom_score_pinned
+from corral.shim.oom import oom_score_pinned
 from corral.supervisor import certificates
 from corral.supervisor.policy import Policy, PolicyError, load_policy
 from corral.tls import TLSConfigError
@@ -72,7 +72,10 @@ def check_uid_range(uids: UidRange) -> None:
 
 
 def prepare_pki(pki_dir: Path, *, create: bool, server_names: Sequence[str]) -> None:
-    if create and not (pki_dir / pki.CA_CERT_FILE).exists():
+    if create and not (pki_dir / pki_layout.CA_CERT_FILE).exists():
+        # The PKI code (and the cryptography package) only for the first start.
+        from corral import pki  # noqa: PLC0415
+
         try:
             pki.init_pki(pki_dir, server_names)
         except pki.PKIError as exc:
@@ -82,7 +85,7 @@ def prepare_pki(pki_dir: Path, *, create: bool, server_names: Sequence[str]) -> 
                 f"or replace it with `corral certs init {pki_dir} --force`"
             ) from None
         log.info("created a development PKI in %s", pki_dir)
-    elif not (pki_dir / pki.CA_CERT_FILE).exists():
+    elif not (pki_dir / pki_layout.CA_CERT_FILE).exists():
         raise StartupError(
             f"no PKI in {pki_dir}: run `corral certs init {pki_dir}`, "
             "or start corrald with --init-pki"
@@ -121,7 +124,7 @@ def check(args: argparse.Namespace) -> list[str]:
     else:
         raise StartupError(f"state directory {state_dir}: {state_dir.parent} does not exist")
     pki_dir = (args.pki or state_dir / "pki").absolute()
-    if args.init_pki and not (pki_dir / pki.CA_CERT_FILE).exists():
+    if args.init_pki and not (pki_dir / pki_layout.CA_CERT_FILE).exists():
         said.append(f"PKI {pki_dir}: a development one is created at start")
     else:
         prepare_pki(pki_dir, create=False, server_names=())

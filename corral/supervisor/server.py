@@ -43,7 +43,7 @@ from corral.errors import OperationError
 from corral.identity import Identity
 from corral.protocol import Connection, Error, ErrorCode, Role
 from corral.shim.cgroup import Flavour, detect_flavour
-from corral.shim.credentials import oom_score_pinned
+from corral.shim.oom import oom_score_pinned
 from corral.streams import CLOSE_TIMEOUT, GONE, close_stream
 from corral.supervisor.attach import AttachOperations
 from corral.supervisor.audit import MAX_SIZE as AUDIT_MAX_SIZE
