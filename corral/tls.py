@@ -12,7 +12,6 @@ X25519, P-256 or P-384 only (see GROUPS).
 from __future__ import annotations
 
 import _ssl
-import ctypes
 import ssl
 from pathlib import Path
 
@@ -38,7 +37,6 @@ def _tls13_only(context: ssl.SSLContext) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.maximum_version = ssl.TLSVersion.TLSv1_3
     context.verify_flags |= ssl.VERIFY_X509_STRICT
-    _limit_groups(context)
     return context
 
 
@@ -65,6 +63,8 @@ def _limit_groups(context: ssl.SSLContext) -> None:
     if set_groups is not None:  # Python 3.15+
         set_groups(GROUPS)
         return
+    import ctypes  # noqa: PLC0415 - corrald's alone
+
     libssl = ctypes.CDLL(_ssl.__file__)
     get_options = libssl.SSL_CTX_get_options
     get_options.restype = ctypes.c_uint64
@@ -96,6 +96,10 @@ def _load(context: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> None:
 def server_context(pki_dir: Path) -> ssl.SSLContext:
     """The server's context from PKI_DIR/{ca.crt,server.crt,server.key}."""
     context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    # The server's choice is what counts: a client offering more groups
+    # still gets one of these. (The client leaves OpenSSL's list, which
+    # starts with X25519, and so does not load libssl through ctypes.)
+    _limit_groups(context)
     context.verify_mode = ssl.CERT_REQUIRED
     _load(context, pki_dir / CA_CERT_FILE, pki_dir / SERVER_CERT_FILE, pki_dir / SERVER_KEY_FILE)
     return context

@@ -40,6 +40,7 @@ from corral.shim.cgroup import (
     orphans,
     slice_name,
 )
+from corral.shim.shim import WARM_NICENESS
 from corral.store import OUTPUT_FILE
 from corral.supervisor.heartbeat import live_tasks
 from corral.worker import spawner_pool
@@ -759,6 +760,29 @@ async def test_a_start_takes_the_sandbox_built_ahead_for_it(tmp_path: Path) -> N
         await until(lambda: jobs.warm_ids and jobs.warm_ids[0] != ahead, SANDBOX_READY)
         await jobs.stop(job.id, grace=0)
     assert orphans(FLAVOUR, parent=PARENT) == [], "a sandbox outlived its manager"
+
+
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.cgroup
+async def test_a_sandbox_is_built_ahead_at_a_low_priority_and_its_job_runs_at_the_usual(
+    tmp_path: Path,
+) -> None:
+    # Built for the next start, a sandbox yields the CPU to what is urgent
+    # now; the job that takes it must not inherit that.
+    async with open_job_manager(tmp_path / "state", cgroup_parent=PARENT, warm=1) as jobs:
+        await until(lambda: jobs.warm_ids and sandbox_init(jobs.warm_ids[0]), SANDBOX_READY)
+        init = sandbox_init(jobs.warm_ids[0])
+        assert init is not None
+        spawner = jobs.spawner_pid
+        assert spawner is not None
+        usual = niceness(spawner)
+        assert niceness(init) == niceness(parent_of(init)) == usual + WARM_NICENESS
+        status, job_dir = await run(jobs, "sh", "-c", "cut -d' ' -f19 /proc/self/stat")
+        assert status.exit_code == 0, status.reason
+        assert int(output(job_dir)) == usual
 
 
 @pytest.mark.cgroup
