@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import Daemon, identity
+from .conftest import Daemon, identity, running_corrald
 
 EXAMPLES_DIR = Path(__file__).parent.parent / "examples"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.py"))
@@ -21,6 +24,19 @@ EXAMPLES = sorted(EXAMPLES_DIR.glob("*.py"))
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="jobs need root")
 JOBS = [pytest.mark.jobs, NEEDS_ROOT]
 NO_JOBS = {"info.py"}
+
+
+@pytest.fixture(scope="module")
+def corrald(pki_dir: Path) -> Iterator[Daemon]:
+    """One corrald for the whole module: every example ends and removes the
+    jobs it starts (test_example_runs_and_leaves_no_job checks it), so they
+    do not meet, and the suite starts one corrald instead of twenty."""
+    directory = Path(tempfile.mkdtemp(prefix="corral-"))
+    try:
+        with running_corrald(pki_dir, directory) as daemon:
+            yield daemon
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def run_example(
