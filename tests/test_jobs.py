@@ -40,7 +40,7 @@ from corral.shim.cgroup import (
     orphans,
     slice_name,
 )
-from corral.shim.shim import WARM_NICENESS
+from corral.shim.launch import WARM_NICENESS
 from corral.store import OUTPUT_FILE
 from corral.supervisor.heartbeat import live_tasks
 from corral.worker import spawner_pool
@@ -479,10 +479,12 @@ async def test_job_is_in_its_cgroup_with_its_limits_and_the_cgroup_goes(
     said = output(job.directory).decode().splitlines()
     assert said
     assert all(line.endswith(":/") for line in said), said
+    # Once cat has gone (it may still be exiting after its output): init and
+    # the command, each where the host says.
+    await until(lambda: len(cgroup.procs()) == 2)
     own = f"/{PARENT}/{job.spec.slice}/{job.id}"
     for pid in cgroup.procs():
         assert own in Path(f"/proc/{pid}/cgroup").read_text()
-    await until(lambda: len(cgroup.procs()) == 2)  # init and the command (cat has gone)
     status = await jobs.stop(job.id, grace=1, by="test")
     assert status.state is State.STOPPED
     assert not any(path.exists() for path in paths)

@@ -44,7 +44,7 @@ from typing import NoReturn
 
 from corral import ipc, ipc_fds
 from corral.job import is_job_id
-from corral.shim.shim import run_shim
+from corral.shim.launch import run_shim
 
 # How long a closing spawner waits for its warm shims to take their sandboxes down.
 CLOSE_TIMEOUT = 10.0
