@@ -14,10 +14,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import pytest
 import trio
@@ -34,6 +34,8 @@ from corral.worker.cgroup_parent import default_parent, remove_if_empty
 from corral.worker.manager import JobManager, open_job_manager
 
 STRICT_SKIPS = "CORRAL_STRICT_SKIPS"
+T = TypeVar("T")
+
 # Jobs started by tests get cgroups under a parent of their own, never a
 # real corrald's.
 TEST_CGROUP_PARENT = f"corral-test-{os.getpid()}"
@@ -82,6 +84,18 @@ async def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
     with trio.fail_after(timeout):
         while not condition():
             await trio.sleep(0.005)
+
+
+async def until_async(
+    ask: Callable[[], Awaitable[T]], condition: Callable[[T], object], timeout: float = 10.0
+) -> T:
+    """Ask corrald until its answer meets the condition (what it does in its
+    own time, such as ending a session whose connection closed, cannot be
+    awaited); return that answer."""
+    with trio.fail_after(timeout):
+        while not condition(answer := await ask()):
+            await trio.sleep(0.01)
+    return answer
 
 
 def open_fds() -> int:

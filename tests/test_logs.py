@@ -34,6 +34,7 @@ from .conftest import (
     open_fds,
     running_corrald,
     until,
+    until_async,
 )
 from .test_cli import CORRAL
 
@@ -466,14 +467,6 @@ async def _follow_then_leave(corrald: Daemon, pki_dir: Path) -> None:
         # The stream's reader is gone; the session's socket closes a moment later.
         await until(lambda: len(os.listdir(f"/proc/{corrald.process.pid}/fd")) == fds)
         await admin.stop(job.id, grace=0)
-
-
-async def until_async(ask: Any, condition: Any, timeout: float = 10.0) -> None:
-    """Ask corrald until its answer meets the condition (what it does
-    asynchronously, after a stream is cancelled, cannot be awaited)."""
-    with trio.fail_after(timeout):
-        while not condition(await ask()):
-            await trio.sleep(0.01)
 
 
 async def test_output_still_unread_when_the_job_ends_is_all_delivered(

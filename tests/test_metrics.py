@@ -20,7 +20,7 @@ from corral import pki_layout
 from corral.client.client import connect
 from corral.client.errors import AuthenticationError
 
-from .conftest import Daemon, identity, running_corrald, start_corrald
+from .conftest import Daemon, identity, running_corrald, start_corrald, until_async
 
 pytestmark = [pytest.mark.jobs, pytest.mark.skipif(os.geteuid() != 0, reason="jobs need root")]
 
@@ -75,9 +75,9 @@ async def test_a_scrape_before_and_after_a_job(daemon: tuple[Daemon, str], pki_d
         during = await scrape(url)
     # corrald ends alice's session once it sees her connection close: in its
     # own time, which only the gauge tells.
-    with trio.fail_after(10):
-        while value(after := await scrape(url), "corral_sessions_open") != 0:
-            await trio.sleep(0.005)
+    after = await until_async(
+        lambda: scrape(url), lambda scraped: value(scraped, "corral_sessions_open") == 0
+    )
 
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)

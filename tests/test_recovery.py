@@ -31,9 +31,9 @@ from .conftest import (
     running_corrald,
     start_corrald,
     until,
+    until_async,
 )
 from .test_cli import CORRAL
-from .test_logs import until_async
 
 pytestmark = [
     pytest.mark.jobs,

@@ -27,9 +27,8 @@ import trio
 
 from corral.client.client import connect
 
-from .conftest import Daemon, identity, until
+from .conftest import Daemon, identity, until, until_async
 from .test_cli import CORRAL
-from .test_logs import until_async
 
 pytestmark = [
     pytest.mark.jobs,
